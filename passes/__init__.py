@@ -1,0 +1,1 @@
+"""FX passes: capture (torch.export → matmul sites) and lowering (sites → ``qcompile::*`` ops)."""

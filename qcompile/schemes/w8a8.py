@@ -1,0 +1,87 @@
+"""W8A8 int8: int8 weights per output channel, int8 activations quantized per token at run time.
+
+Weights are stored exactly as symmetric ``int8`` (see :mod:`qcompile.schemes.integer`):
+``qweight int8 [N, K]``, ``scales float32 [N, 1]``, no zeros; 8 + 32/K bits per weight.
+
+At run time each row (token) of the activation gets its own scale::
+
+    x_scale[m] = absmax(x[m, :]) / 127        x_q = clamp(round(x / x_scale), -127, 127)
+    y[m, n]    = (sum_k x_q[m, k] * q[n, k]) * x_scale[m] * scales[n] + bias[n]
+
+The integer dot product is exact (int32 accumulation), as VNNI / IMMA kernels compute it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme
+from qcompile.schemes.integer import IntWeightOnly
+
+_WEIGHTS = IntWeightOnly(bits=8, group_size=None, symmetric=True)
+_ALIASES = {"w8a8": True, "w8a8-int8": True}
+
+
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` float → ``(int8 [M, K], float32 [M, 1])`` symmetric per-row quantization."""
+    x = x.to(torch.float32)
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(x / scale), -127, 127).to(torch.int8), scale
+
+
+def int8_matmul_exact(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] int8 @ b_t [N, K].T`` with exact int32 accumulation, returned as float32."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b_t.t()).to(torch.float32)
+    return (a.to(torch.float64) @ b_t.to(torch.float64).t()).to(torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class W8A8Int(Scheme):
+    """int8 weights (per channel) × int8 activations (dynamic, per token)."""
+
+    version: int = 1
+    family = "w8a8-int8"
+    quantizes_activations = True
+
+    @property
+    def name(self) -> str:
+        return "w8a8"
+
+    @classmethod
+    def from_name(cls, name: str):
+        return cls() if name in _ALIASES else None
+
+    def padded_in_features(self, in_features):
+        return in_features
+
+    def pack_shapes(self, out_features, in_features):
+        return _WEIGHTS.pack_shapes(out_features, in_features)
+
+    def packed_nbytes(self, out_features, in_features):
+        return _WEIGHTS.packed_nbytes(out_features, in_features)
+
+    def quantize(self, weight):
+        return _WEIGHTS.quantize(weight)
+
+    def dequantize(self, q: QuantizedWeight):
+        return _WEIGHTS.dequantize(q)
+
+    def pack(self, q):
+        return _WEIGHTS.pack(q)
+
+    def unpack(self, packed: PackedWeight, in_features):
+        return _WEIGHTS.unpack(packed, in_features)
+
+    def reference_linear(self, x, qweight, scales, zeros, bias):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        x_q, x_scale = quantize_per_token_int8(x2)
+        acc = int8_matmul_exact(x_q, qweight)
+        y = acc * x_scale * scales.reshape(1, -1)
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*lead, -1)

@@ -38,6 +38,27 @@ class KernelEntry:
 
 _KERNELS: list[KernelEntry] = []
 _NOTIFIED: set[tuple] = set()
+_BUILTIN_MODULES = ("qcompile.codegen.cpp", "qcompile.codegen.triton")
+_builtin_loaded = False
+
+
+def load_builtin_kernels() -> None:
+    """Import the built-in kernel packages once; each calls :func:`register_kernel` for what it has.
+
+    A package that fails to import (no compiler, no triton) is reported once and skipped: the reference
+    path keeps serving its calls.
+    """
+    global _builtin_loaded
+    if _builtin_loaded:
+        return
+    _builtin_loaded = True
+    import importlib
+
+    for module in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(module).register()
+        except Exception as error:  # noqa: BLE001 - a broken kernel package must not break the op
+            warnings.warn(f"qcompile: kernels from {module} are unavailable ({error}); using the reference path")
 
 
 def register_kernel(entry: KernelEntry) -> None:
@@ -57,6 +78,7 @@ def registered_kernels() -> list[KernelEntry]:
 
 def select_kernel(scheme: Scheme, x, qweight, scales, zeros) -> tuple[KernelEntry | None, str]:
     """The first kernel row that supports the call, or ``(None, reasons)``."""
+    load_builtin_kernels()
     reasons = []
     for entry in _KERNELS:
         if entry.device_type != x.device.type:

@@ -1,0 +1,252 @@
+"""Tuned launch configs: a small search per key on a real GPU, one fixed config under the interpreter.
+
+``triton.autotune`` is not used: it fails in the interpreter with more than one config, cannot be exported
+into a ``.qpt`` artifact, and re-tunes in every process. Instead :func:`choose_config` times the candidate
+configs on the first call for a key and keeps the winner
+
+* in memory, and
+* on disk, in ``$QCOMPILE_CACHE_DIR`` or ``~/.cache/qcompile/triton/tuned-configs.json`` (written atomically),
+
+keyed by ``kernel | M bucket | N | K | group size | device name | triton version``. The table can be exported
+as plain JSON (:func:`export_tuned_configs`) and loaded back (:func:`load_tuned_configs`), so an artifact can
+carry the configs it was tuned with. Under ``TRITON_INTERPRET=1``, and while a CUDA graph is being captured,
+the kernel's default config is used and nothing is timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from qcompile.codegen.triton.common import device_name, interpreting, m_bucket, triton_version
+
+FORMAT_VERSION = 1
+CACHE_FILE = "tuned-configs.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for field in ("block_m", "block_n", "block_k"):
+            value = getattr(self, field)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{field} must be a power of two, got {value}")
+        if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1 or self.group_m < 1:
+            raise ValueError(f"KernelConfig fields must be positive: {self}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KernelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"tuned config has unknown fields {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**{k: int(v) for k, v in data.items()})
+
+
+def tune_key(kernel: str, m: int, n: int, k: int, group_size: int, device: torch.device) -> str:
+    return f"{kernel}|m{m_bucket(m)}|n{n}|k{k}|g{group_size}|{device_name(device)}|triton-{triton_version()}"
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get("QCOMPILE_CACHE_DIR")
+    if root:
+        return Path(root) / "triton" / CACHE_FILE
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qcompile" / "triton" / CACHE_FILE
+
+
+class TunedConfigs:
+    """Tuned configs by key, mirrored to one JSON file."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._configs: dict[str, KernelConfig] = {}
+        self._loaded_file = False
+        self._lock = threading.Lock()
+
+    def _load_file(self) -> None:
+        if self._loaded_file or self.path is None:
+            return
+        self._loaded_file = True
+        try:
+            data = json.loads(self.path.read_text())
+            self._configs.update(_parse(data, str(self.path)))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as error:
+            warnings.warn(f"qcompile: ignoring the tuned-config cache {self.path} ({error}); it will be rewritten")
+
+    def get(self, key: str) -> KernelConfig | None:
+        with self._lock:
+            self._load_file()
+            return self._configs.get(key)
+
+    def put(self, key: str, config: KernelConfig) -> None:
+        with self._lock:
+            self._load_file()
+            self._configs[key] = config
+            self._write()
+
+    def update(self, configs: dict[str, KernelConfig], persist: bool) -> None:
+        with self._lock:
+            self._load_file()
+            self._configs.update(configs)
+            if persist:
+                self._write()
+
+    def export(self) -> dict:
+        with self._lock:
+            self._load_file()
+            return {"format": FORMAT_VERSION, "configs": {k: c.to_dict() for k, c in sorted(self._configs.items())}}
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"format": FORMAT_VERSION, "configs": {k: c.to_dict() for k, c in sorted(self._configs.items())}}
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tuned-", suffix=".json")
+            with os.fdopen(fd, "w") as handle:
+                json.dump(payload, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except OSError as error:
+            warnings.warn(f"qcompile: could not write the tuned-config cache {self.path} ({error})")
+
+
+def _parse(data: dict, where: str) -> dict[str, KernelConfig]:
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{where}: expected {{'format': {FORMAT_VERSION}, 'configs': {{...}}}}")
+    configs = data.get("configs", {})
+    if not isinstance(configs, dict):
+        raise ValueError(f"{where}: 'configs' must map keys to configs")
+    return {str(key): KernelConfig.from_dict(value) for key, value in configs.items()}
+
+
+STORE = TunedConfigs(default_cache_path())
+
+
+def export_tuned_configs() -> dict:
+    """Every tuned config known to this process (memory and disk cache), as a JSON-able dict."""
+    return STORE.export()
+
+
+def load_tuned_configs(data: dict, persist: bool = False) -> int:
+    """Adopt configs from :func:`export_tuned_configs` output (e.g. from a ``.qpt``); returns how many."""
+    configs = _parse(data, "tuned configs")
+    STORE.update(configs, persist=persist)
+    return len(configs)
+
+
+def choose_config(
+    key: str,
+    candidates: Sequence[KernelConfig],
+    default: KernelConfig,
+    launch: Callable[[KernelConfig], object],
+    device: torch.device,
+) -> KernelConfig:
+    """The tuned config for ``key``; on a GPU the first call times ``launch(config)`` for every candidate."""
+    if interpreting() or device.type != "cuda":
+        return default
+    cached = STORE.get(key)
+    if cached is not None:
+        return cached
+    if torch.cuda.is_current_stream_capturing() or not candidates:
+        return default
+    from triton.testing import do_bench
+
+    timings = []
+    for config in candidates:
+        try:
+            timings.append((do_bench(lambda: launch(config), warmup=5, rep=20), config))
+        except Exception:  # noqa: BLE001 - a config that does not fit (shared memory, registers) is skipped
+            continue
+    best = min(timings, key=lambda t: t[0])[1] if timings else default
+    STORE.put(key, best)
+    return best
+
+
+# -- config generators shared by the kernel families -----------------------------------------------------------
+def _fits_sum(block_m: int, block_n: int, block_k: int) -> bool:
+    """The GEMV path broadcasts ``[BLOCK_M, BLOCK_K, BLOCK_N]`` products; keep that within registers."""
+    return block_m * block_n * block_k <= 16384
+
+
+def standard_candidates(path: str, m: int, k: int) -> list[KernelConfig]:
+    """Candidate configs for a real GPU, by path (``gemv``, ``splitk``, ``gemm``) and M bucket."""
+    bucket = m_bucket(m)
+    if path == "gemv":
+        block_m = bucket
+        out = [
+            KernelConfig(block_m, bn, bk, split_k=sk, num_warps=4, num_stages=2)
+            for bn in (32, 64, 128)
+            for bk in (64, 128, 256)
+            for sk in (1, 4, 8)
+            if _fits_sum(block_m, bn, bk // 2) and k >= bk * sk
+        ]
+        return out or [KernelConfig(block_m, 32, 64, split_k=1, num_warps=4, num_stages=2)]
+    if path == "splitk":
+        return [
+            KernelConfig(16, bn, bk, split_k=sk, num_warps=4, num_stages=4)
+            for bn in (64, 128)
+            for bk in (64, 128)
+            for sk in (2, 4, 8)
+            if k >= bk * sk
+        ] or [KernelConfig(16, 64, 64, split_k=1, num_warps=4, num_stages=4)]
+    if path != "gemm":
+        raise ValueError(f"unknown kernel path {path!r}; expected 'gemv', 'splitk' or 'gemm'")
+    if bucket <= 64:
+        block_m = max(16, bucket)
+        return [
+            KernelConfig(block_m, 64, 128, num_warps=4, num_stages=4),
+            KernelConfig(block_m, 128, 64, num_warps=4, num_stages=4),
+            KernelConfig(block_m, 128, 128, num_warps=4, num_stages=3),
+            KernelConfig(block_m, 256, 64, num_warps=8, num_stages=3),
+            KernelConfig(block_m, 64, 128, split_k=2, num_warps=4, num_stages=4),
+            KernelConfig(block_m, 128, 64, split_k=2, num_warps=4, num_stages=4),
+        ]
+    return [
+        KernelConfig(64, 128, 64, num_warps=4, num_stages=4),
+        KernelConfig(64, 256, 64, num_warps=8, num_stages=3),
+        KernelConfig(128, 64, 64, num_warps=4, num_stages=4),
+        KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+        KernelConfig(128, 128, 128, num_warps=8, num_stages=3),
+        KernelConfig(128, 256, 64, num_warps=8, num_stages=3),
+    ]
+
+
+def standard_default(path: str, m: int) -> KernelConfig:
+    """The config used without tuning: small tiles under the interpreter (split-K exercised), sane ones on a GPU."""
+    bucket = m_bucket(m)
+    small = interpreting()
+    if path == "gemv":
+        return KernelConfig(bucket, 32 if small else 64, 64 if small else 128, split_k=2 if small else 4, num_stages=2)
+    if path == "splitk":
+        return KernelConfig(16, 32 if small else 64, 32 if small else 64, split_k=2 if small else 4, num_stages=4)
+    if path != "gemm":
+        raise ValueError(f"unknown kernel path {path!r}; expected 'gemv', 'splitk' or 'gemm'")
+    if small:
+        return KernelConfig(16, 32, 32, num_stages=1)
+    return KernelConfig(min(128, max(16, bucket)), 128, 64, num_warps=8 if bucket >= 128 else 4, num_stages=3)

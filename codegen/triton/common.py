@@ -1,0 +1,112 @@
+"""Helpers shared by the Triton kernel families: interpreter detection, M buckets, dtypes, activation views.
+
+Nothing here launches a kernel. The kernel modules (``int4``, ``w8a16``, ``w8a8``) import triton at module
+level; this module does too, so import it only after checking :func:`triton_missing`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+#: activation dtypes the kernels take; everything else runs the reference path
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: largest M that the GEMV (``tl.sum``) path serves; larger M up to ``SPLITK_MAX_M`` use split-K ``tl.dot``
+GEMV_MAX_M = 4
+SPLITK_MAX_M = 16
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_missing() -> str | None:
+    """``None`` when triton can be imported, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - a broken install is a reason, not a crash
+        return f"triton fails to import ({error})"
+    return None
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def device_name(device: torch.device) -> str:
+    """The name tuned configs are keyed by: the CUDA device name, or ``"interpreter"`` on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "interpreter"
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def m_bucket(m: int) -> int:
+    """Round M up to a power of two (capped at 4096): tuned configs are shared within a bucket."""
+    bucket = 1
+    while bucket < m and bucket < 4096:
+        bucket *= 2
+    return bucket
+
+
+def path_for_m(m: int) -> str:
+    """The default kernel path for ``m`` activation rows: ``gemv``, ``splitk`` or ``gemm``."""
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    if m <= SPLITK_MAX_M:
+        return "splitk"
+    return "gemm"
+
+
+def next_power_of_2(value: int) -> int:
+    out = 1
+    while out < value:
+        out *= 2
+    return out
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., K]`` → ``[M, K]`` with unit stride along K (copies only when it must)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def dot_dtype(x_dtype: torch.dtype):
+    """The ``tl`` dtype the weight tile is dequantized to before ``tl.dot``.
+
+    The interpreter computes bf16/fp16 dots wrongly, so it gets fp32 (the reference math); on a GPU
+    the activation dtype itself (fp32 activations use TF32 tensor cores).
+    """
+    import triton.language as tl
+
+    if interpreting():
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x_dtype]
+
+
+def check_activation(x: torch.Tensor, where: str) -> None:
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{where}: activations must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{where}: the activation has no features")
+
+
+def output_buffers(m: int, n: int, x: torch.Tensor, split_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(buffer the kernel writes, final output)``: split-K adds fp32 partial sums atomically into zeros."""
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if split_k == 1:
+        return out, out
+    return torch.zeros((m, n), device=x.device, dtype=torch.float32), out

@@ -1,0 +1,165 @@
+"""W4A16: ``int4-gN`` (asymmetric and ``-sym``) weights dequantized in registers right before ``tl.dot``.
+
+Reads the canonical packed layout (``qcompile.schemes.integer`` / ``packing``) directly::
+
+    qweight uint8 [N, K_padded / 2]   element 2j in the low nibble of byte j, element 2j+1 in the high nibble
+    scales  float32 [N, G]            G = K_padded / group_size
+    zeros   float32 [N, G]            asymmetric: w = (u - zero) * scale;  symmetric (no zeros): w = (u - 8) * scale
+
+Each K tile is handled as two half tiles: the even columns of ``x`` meet the low nibbles, the odd columns the high
+nibbles, so one byte load feeds two dots and no interleave/reshape is needed. Columns ``K .. K_padded`` are masked
+(``K = x.shape[-1]``).
+
+Order of this file: autotune key, config generators, the kernel, the launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.codegen.triton import autotune, common
+from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices
+from qcompile.schemes import IntWeightOnly, as_scheme
+
+KERNEL_NAME = "int4"
+
+
+# -- autotune key -------------------------------------------------------------------------------------------------
+def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.device) -> str:
+    return autotune.tune_key(f"{KERNEL_NAME}-{path}", m, n, k, group_size, device)
+
+
+# -- config generators --------------------------------------------------------------------------------------------
+def candidate_configs(path: str, m: int, k: int) -> list[autotune.KernelConfig]:
+    """Two dots of ``BLOCK_K / 2`` per tile: dot paths need ``BLOCK_K >= 32``."""
+    return [c for c in autotune.standard_candidates(path, m, k) if path == "gemv" or c.block_k >= 32]
+
+
+def default_config(path: str, m: int) -> autotune.KernelConfig:
+    return autotune.standard_default(path, m)
+
+
+def aligned_block_k(block_k: int, group_size: int, use_dot: bool) -> tuple[int, bool]:
+    """``(BLOCK_K, group aligned)``: shrink BLOCK_K to divide the group so each tile reads one scale per column."""
+    smallest = 32 if use_dot else 2
+    candidate = block_k
+    while candidate >= smallest:
+        if group_size % candidate == 0:
+            return candidate, True
+        candidate //= 2
+    return block_k, False
+
+
+# -- kernel -------------------------------------------------------------------------------------------------------
+@triton.jit
+def int4_linear_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
+    GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """``out[M, N] = x[M, K] @ dequant(qweight).T + bias``.
+
+    Shapes and dtypes: ``x`` fp16/bf16/fp32 ``[M, K]`` (unit stride along K); ``qweight`` uint8 ``[N, K_padded/2]``;
+    ``scales``/``zeros`` fp32 ``[N, K_padded/GROUP_SIZE]`` (``zeros`` unused when ``SYMMETRIC``); ``bias`` ``[N]``;
+    ``out`` ``[M, N]`` in x's dtype, or fp32 zeros when ``ATOMIC`` (split-K partial sums are added atomically).
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
+    Constraints: ``BLOCK_K`` even; with ``USE_DOT`` ``BLOCK_M, BLOCK_N >= 16`` and ``BLOCK_K >= 32``;
+    ``GROUP_ALIGNED`` requires ``GROUP_SIZE % BLOCK_K == 0`` (one scale per column per tile), otherwise scales are
+    gathered per element. ``USE_DOT=False`` is the GEMV form (``tl.sum`` over a broadcast product), for tiny M.
+    """
+    pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_K // 2)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    w_cols = qweight_ptr + offs_n[None, :] * stride_qn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_even = k0 + 2 * offs_h
+        mask_even = k_even < K
+        x_even = tl.load(x_rows + k_even[None, :], mask=mask_m[:, None] & mask_even[None, :], other=0.0)
+        x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=mask_m[:, None] & (k_even + 1 < K)[None, :], other=0.0)
+        w_mask = mask_even[:, None] & mask_n[None, :]
+        packed = tl.load(w_cols + (k0 // 2 + offs_h)[:, None], mask=w_mask, other=0)
+        low = (packed & 0xF).to(tl.float32)
+        high = ((packed >> 4) & 0xF).to(tl.float32)
+        if GROUP_ALIGNED:
+            group = k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)[None, :]
+            if SYMMETRIC:
+                zero = 8.0
+            else:
+                zero = tl.load(zeros_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)[None, :]
+        else:
+            meta = offs_n[None, :] * stride_sn + (k_even // GROUP_SIZE)[:, None]
+            scale = tl.load(scales_ptr + meta, mask=w_mask, other=0.0)
+            if SYMMETRIC:
+                zero = 8.0
+            else:
+                zero = tl.load(zeros_ptr + meta, mask=w_mask, other=0.0)
+        w_even = (low - zero) * scale
+        w_odd = (high - zero) * scale
+        if USE_DOT:
+            acc += tl.dot(x_even.to(DOT_DTYPE), w_even.to(DOT_DTYPE))
+            acc += tl.dot(x_odd.to(DOT_DTYPE), w_odd.to(DOT_DTYPE))
+        else:
+            acc += tl.sum(x_even.to(tl.float32)[:, :, None] * w_even[None, :, :], axis=1)
+            acc += tl.sum(x_odd.to(tl.float32)[:, :, None] * w_odd[None, :, :], axis=1)
+    acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+
+
+# -- launcher -----------------------------------------------------------------------------------------------------
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme,
+    *,
+    path: str | None = None,
+    config: autotune.KernelConfig | None = None,
+) -> torch.Tensor:
+    """``qcompile::linear`` for ``int4-gN`` schemes. ``path`` (``gemv``/``splitk``/``gemm``) defaults by M."""
+    scheme = as_scheme(scheme)
+    if not (isinstance(scheme, IntWeightOnly) and scheme.bits == 4):
+        raise ValueError(f"int4_linear serves int4 weight-only schemes, got {scheme.name}")
+    common.check_activation(x, f"int4_linear({scheme.name})")
+    k = x.shape[-1]
+    scheme.check_packed(qweight, scales, zeros, k)
+    x2 = common.as_rows(x)
+    m, n = x2.shape[0], scales.shape[0]
+    group_size = scheme.group_size_for(k)
+    path = path or common.path_for_m(m)
+    use_dot = path != "gemv"
+    scales, qweight = scales.contiguous(), qweight.contiguous()
+    zeros = zeros.contiguous() if zeros is not None else None
+
+    def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
+        block_k, aligned = aligned_block_k(cfg.block_k, group_size, use_dot)
+        buffer, out = common.output_buffers(m, n, x2, cfg.split_k)
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+        int4_linear_kernel[grid](
+            x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias, buffer,
+            m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), buffer.stride(0),
+            GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
+            USE_DOT=use_dot, DOT_DTYPE=common.dot_dtype(x.dtype), ATOMIC=cfg.split_k > 1,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if buffer is not out:
+            out.copy_(buffer)
+        return out
+
+    if config is None:
+        key = tune_key(path, m, n, k, group_size, x.device)
+        config = autotune.choose_config(key, candidate_configs(path, m, k), default_config(path, m), launch, x.device)
+    return launch(config).reshape(*x.shape[:-1], n)

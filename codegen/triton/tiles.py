@@ -1,0 +1,55 @@
+"""``@triton.jit`` helpers every kernel family shares: tile order, split-K ranges, the store epilogue.
+
+Plain pointer arithmetic only (no ``tl.make_block_ptr``), so the kernels run on triton 3.6 and 3.7 and under
+``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_indices(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program 0-axis id, in groups of ``GROUP_M`` row tiles (L2 reuse of weight tiles)."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def split_k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
+    """``[k_begin, k_end)`` of program 1-axis id: whole ``BLOCK_K`` tiles, the last split may be short or empty."""
+    tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_begin = tl.program_id(1) * tiles * BLOCK_K
+    k_end = tl.minimum(k_begin + tiles * BLOCK_K, K)
+    return k_begin, k_end
+
+
+@triton.jit
+def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC: tl.constexpr):
+    """Write the fp32 ``acc [BLOCK_M, BLOCK_N]``: cast and store, or add atomically into an fp32 split-K buffer."""
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_bias(bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``bias[offs_n]`` as fp32 ``[1, BLOCK_N]``, added by split 0 only (zeros elsewhere or without bias)."""
+    if HAS_BIAS:
+        first_split = tl.program_id(1) == 0
+        bias = tl.load(bias_ptr + offs_n, mask=(offs_n < N) & first_split, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    return bias[None, :]

@@ -1,0 +1,131 @@
+"""W8A16: 8-bit weights per output channel, float activations — ``int8`` and ``fp8`` (weight-only).
+
+Reads the canonical packed layouts (``qcompile.schemes.integer``, ``qcompile.schemes.fp8``) directly::
+
+    int8: qweight int8 [N, K]            w = q * scales[n]          scales float32 [N, 1], no zeros
+    fp8:  qweight float8_e4m3fn [N, K]   w = float(q) * scales[n]   scales float32 [N, 1], no zeros
+
+Both codes convert exactly to bf16/fp16, so the tile is cast right before ``tl.dot`` and the per-channel scale is
+applied once, in the epilogue. Grouped or asymmetric int8 (``int8-g128``, ``int8-asym``) is not served here.
+
+Order of this file: autotune key, config generators, the kernel, the launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.codegen.triton import autotune, common
+from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices
+from qcompile.schemes import FP8, IntWeightOnly, as_scheme
+
+
+def serves(scheme) -> str | None:
+    """``None`` when this family serves ``scheme``, else why not."""
+    if isinstance(scheme, FP8) and not scheme.activations:
+        return None
+    if isinstance(scheme, IntWeightOnly) and scheme.bits == 8:
+        if scheme.group_size is not None or not scheme.symmetric:
+            return "only per-channel symmetric int8 has a Triton W8A16 kernel"
+        return None
+    return f"{scheme.name} is not an 8-bit weight-only scheme"
+
+
+# -- autotune key -------------------------------------------------------------------------------------------------
+def tune_key(scheme_name: str, path: str, m: int, n: int, k: int, device: torch.device) -> str:
+    return autotune.tune_key(f"w8a16-{scheme_name}-{path}", m, n, k, k, device)
+
+
+# -- config generators --------------------------------------------------------------------------------------------
+def candidate_configs(path: str, m: int, k: int) -> list[autotune.KernelConfig]:
+    return [c for c in autotune.standard_candidates(path, m, k) if path == "gemv" or c.block_k >= 16]
+
+
+def default_config(path: str, m: int) -> autotune.KernelConfig:
+    return autotune.standard_default(path, m)
+
+
+# -- kernel -------------------------------------------------------------------------------------------------------
+@triton.jit
+def w8a16_linear_kernel(
+    x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr,
+    M, N, K, SPLIT_K, stride_xm, stride_qn, stride_om,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """``out[M, N] = (x[M, K] @ float(qweight).T) * scales[N] + bias``.
+
+    Shapes and dtypes: ``x`` fp16/bf16/fp32 ``[M, K]`` (unit stride along K); ``qweight`` int8 or float8_e4m3fn
+    ``[N, K]``; ``scales`` fp32 ``[N]`` (the ``[N, 1]`` tensor); ``bias`` ``[N]``; ``out`` ``[M, N]`` in x's dtype,
+    or fp32 zeros when ``ATOMIC`` (split-K). Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
+    Constraints: with ``USE_DOT`` every block is ``>= 16``; ``USE_DOT=False`` is the GEMV form for tiny M.
+    """
+    pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    w_cols = qweight_ptr + offs_n[None, :] * stride_qn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if USE_DOT:
+            acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE))
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
+    acc = acc * scale[None, :] + load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+
+
+# -- launcher -----------------------------------------------------------------------------------------------------
+def w8a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme,
+    *,
+    path: str | None = None,
+    config: autotune.KernelConfig | None = None,
+) -> torch.Tensor:
+    """``qcompile::linear`` for ``int8`` and ``fp8`` (weight-only). ``path`` defaults by M."""
+    scheme = as_scheme(scheme)
+    reason = serves(scheme)
+    if reason is not None:
+        raise ValueError(f"w8a16_linear: {reason}")
+    common.check_activation(x, f"w8a16_linear({scheme.name})")
+    k = x.shape[-1]
+    scheme.check_packed(qweight, scales, zeros, k)
+    x2 = common.as_rows(x)
+    m, n = x2.shape[0], scales.shape[0]
+    path = path or common.path_for_m(m)
+    qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()
+
+    def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
+        buffer, out = common.output_buffers(m, n, x2, cfg.split_k)
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+        w8a16_linear_kernel[grid](
+            x2, qweight, scales, scales if bias is None else bias, buffer,
+            m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), buffer.stride(0),
+            HAS_BIAS=bias is not None, USE_DOT=path != "gemv", DOT_DTYPE=common.dot_dtype(x.dtype),
+            ATOMIC=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if buffer is not out:
+            out.copy_(buffer)
+        return out
+
+    if config is None:
+        key = tune_key(scheme.name, path, m, n, k, x.device)
+        config = autotune.choose_config(key, candidate_configs(path, m, k), default_config(path, m), launch, x.device)
+    return launch(config).reshape(*x.shape[:-1], n)

@@ -1,0 +1,198 @@
+"""W8A8: 8-bit weights per channel × 8-bit activations quantized per row at run time — ``w8a8`` and ``fp8-w8a8``.
+
+Reads the canonical packed layouts (``qcompile.schemes.w8a8``, ``qcompile.schemes.fp8``) directly::
+
+    w8a8:      qweight int8 [N, K], scales float32 [N, 1]             x_scale[m] = absmax(x[m]) / 127
+    fp8-w8a8:  qweight float8_e4m3fn [N, K], scales float32 [N, 1]    x_scale[m] = absmax(x[m]) / 448
+    y[m, n] = (sum_k x_q[m, k] * q[n, k]) * x_scale[m] * scales[n] + bias[n]
+
+Two kernels: ``quantize_rows_kernel`` (one program per row: absmax, then round/clamp, as the reference does) and
+``w8a8_linear_kernel``, whose ``tl.dot`` takes the 8-bit tiles as they are: int8 × int8 with exact int32
+accumulation, or e4m3 × e4m3 with fp32 accumulation (sm_89+). No split-K: the int32 sums must stay exact.
+
+Under ``TRITON_INTERPRET=1`` both dots work (triton 3.7.1), but the interpreter's fp32 → e4m3 cast rounds wrongly
+when the mantissa carries into the next binade (125.9 → 64); there values are first rounded to the e4m3 grid in
+fp32 (``ROUND_FP8_IN_FP32``), so the cast only meets exact values. GPUs use the hardware conversion.
+
+Order of this file: autotune key, config generators, the kernels, the launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.codegen.triton import autotune, common
+from qcompile.codegen.triton.tiles import load_bias, store_tile, tile_indices
+from qcompile.schemes import FP8, W8A8Int, as_scheme
+
+INT8_MAX = 127.0
+E4M3_MAX = 448.0
+QUANTIZE_BLOCK = 1024
+
+
+def serves(scheme) -> str | None:
+    if isinstance(scheme, W8A8Int) or (isinstance(scheme, FP8) and scheme.activations):
+        return None
+    return f"{scheme.name} does not quantize activations"
+
+
+# -- autotune key -------------------------------------------------------------------------------------------------
+def tune_key(scheme_name: str, m: int, n: int, k: int, device: torch.device) -> str:
+    return autotune.tune_key(f"w8a8-{scheme_name}-gemm", m, n, k, k, device)
+
+
+# -- config generators --------------------------------------------------------------------------------------------
+def candidate_configs(m: int, k: int) -> list[autotune.KernelConfig]:
+    """8-bit ``tl.dot`` wants ``BLOCK_K >= 32``; no split-K (exact integer sums)."""
+    return [c for c in autotune.standard_candidates("gemm", m, k) if c.split_k == 1 and c.block_k >= 32]
+
+
+def default_config(m: int) -> autotune.KernelConfig:
+    return autotune.standard_default("gemm", m)
+
+
+# -- kernels ------------------------------------------------------------------------------------------------------
+@triton.jit
+def round_half_even(v):
+    """``torch.round`` in fp32: nearest integer, ties to even (exact for ``|v| < 2**23``)."""
+    low = tl.floor(v)
+    frac = v - low
+    odd = (low - 2.0 * tl.floor(low * 0.5)) != 0.0
+    up = (frac > 0.5) | ((frac == 0.5) & odd)
+    return tl.where(up, low + 1.0, low)
+
+
+@triton.jit
+def round_to_e4m3_grid(v):
+    """Nearest float8 e4m3 value (ties to even) of fp32 ``v`` with ``|v| <= 448``, still in fp32."""
+    magnitude = tl.abs(v)
+    exponent = tl.floor(tl.log2(tl.maximum(magnitude, 1e-30)))
+    exponent = tl.where(tl.exp2(exponent) > magnitude, exponent - 1.0, exponent)
+    exponent = tl.where(tl.exp2(exponent + 1.0) <= magnitude, exponent + 1.0, exponent)
+    quantum = tl.exp2(tl.maximum(exponent, -6.0) - 3.0)  # 3 mantissa bits; subnormals below 2**-6
+    return round_half_even(v / quantum) * quantum
+
+
+@triton.jit
+def quantize_rows_kernel(
+    x_ptr, q_ptr, x_scale_ptr, K, stride_xm, stride_qm,
+    QMAX: tl.constexpr, TO_FP8: tl.constexpr, ROUND_FP8_IN_FP32: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Per-row symmetric quantization: ``x_scale[m] = absmax(x[m]) / QMAX`` (1 when the row is zero).
+
+    ``x`` fp16/bf16/fp32 ``[M, K]``; ``q`` int8 (``round`` half-even, clamp to ±127) or float8_e4m3fn (clamp to
+    ±448, round to nearest) ``[M, K]``; ``x_scale`` fp32 ``[M]``. Grid: ``(M,)``.
+    """
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        absmax = tl.maximum(absmax, tl.abs(x))
+    scale = tl.max(absmax, axis=0) / QMAX
+    scale = tl.where(scale > 0.0, scale, 1.0)
+    tl.store(x_scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        mask = k0 + offs < K
+        v = tl.math.div_rn(tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32), scale)
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        if TO_FP8:
+            if ROUND_FP8_IN_FP32:
+                v = round_to_e4m3_grid(v)
+        else:
+            v = round_half_even(v)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def w8a8_linear_kernel(
+    xq_ptr, x_scale_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_qn, stride_om,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """``out[M, N] = (xq[M, K] @ qweight.T) * x_scale[M] * scales[N] + bias``.
+
+    ``xq``/``qweight``: both int8 (``ACC_DTYPE`` int32, exact) or both float8_e4m3fn (``ACC_DTYPE`` fp32);
+    ``x_scale`` fp32 ``[M]``; ``scales`` fp32 ``[N]``; ``bias`` ``[N]``; ``out`` ``[M, N]`` float.
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. Constraints: blocks ``>= 16``, ``BLOCK_K >= 32``.
+    """
+    pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = xq_ptr + offs_m[:, None] * stride_xm
+    w_cols = qweight_ptr + offs_n[None, :] * stride_qn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        a = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_cols + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(a, b, out_dtype=ACC_DTYPE)
+    x_scale = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)
+    scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * x_scale[:, None] * scale[None, :] + load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
+    store_tile(out_ptr, y, offs_m, offs_n, M, N, stride_om, False)
+
+
+# -- launchers ----------------------------------------------------------------------------------------------------
+def quantize_rows(x2: torch.Tensor, to_fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` → ``(int8 or float8_e4m3fn [M, K], float32 [M])``, as ``quantize_per_token_int8`` /
+    ``quantize_rowwise_fp8`` compute it."""
+    m, k = x2.shape
+    q = torch.empty((m, k), device=x2.device, dtype=torch.float8_e4m3fn if to_fp8 else torch.int8)
+    x_scale = torch.empty((m,), device=x2.device, dtype=torch.float32)
+    if m:
+        quantize_rows_kernel[(m,)](
+            x2, q, x_scale, k, x2.stride(0), q.stride(0),
+            QMAX=E4M3_MAX if to_fp8 else INT8_MAX, TO_FP8=to_fp8, ROUND_FP8_IN_FP32=common.interpreting(),
+            BLOCK_K=min(QUANTIZE_BLOCK, common.next_power_of_2(k)),
+        )  # fmt: skip
+    return q, x_scale
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme,
+    *,
+    config: autotune.KernelConfig | None = None,
+) -> torch.Tensor:
+    """``qcompile::linear`` for ``w8a8`` and ``fp8-w8a8``."""
+    scheme = as_scheme(scheme)
+    reason = serves(scheme)
+    if reason is not None:
+        raise ValueError(f"w8a8_linear: {reason}")
+    common.check_activation(x, f"w8a8_linear({scheme.name})")
+    k = x.shape[-1]
+    scheme.check_packed(qweight, scales, zeros, k)
+    x2 = common.as_rows(x)
+    m, n = x2.shape[0], scales.shape[0]
+    to_fp8 = isinstance(scheme, FP8)
+    x_q, x_scale = quantize_rows(x2, to_fp8)
+    qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()
+
+    def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        w8a8_linear_kernel[(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)](
+            x_q, x_scale, qweight, scales, scales if bias is None else bias, out,
+            m, n, k, x_q.stride(0), qweight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, ACC_DTYPE=tl.float32 if to_fp8 else tl.int32,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return out
+
+    if config is None:
+        key = tune_key(scheme.name, m, n, k, x.device)
+        config = autotune.choose_config(key, candidate_configs(m, k), default_config(m), launch, x.device)
+    return launch(config).reshape(*x.shape[:-1], n)

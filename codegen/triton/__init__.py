@@ -1,5 +1,29 @@
-"""triton kernels for ``qcompile::linear`` (registered in ``qcompile.runtime.dispatch``)."""
+"""Triton kernels for ``qcompile::linear``, with the dequantization fused into the GEMM prologue.
+
+| module      | job                                                                          |
+|-------------|------------------------------------------------------------------------------|
+| `int4`      | W4A16 (`int4-gN`, symmetric and asymmetric)                                   |
+| `w8a16`     | W8A16 (`int8` per channel) and FP8 weight-only (`fp8`)                         |
+| `w8a8`      | W8A8 (`w8a8` int8, `fp8-w8a8`): per-row activation quantization + 8-bit GEMM   |
+| `paths`     | the path table (GEMV / split-K / GEMM by M) registered in the dispatch table   |
+| `autotune`  | tuned configs: per-key search on a GPU, on-disk cache, JSON export/import      |
+| `tiles`     | ``@triton.jit`` helpers shared by the kernels                                 |
+| `common`    | interpreter detection, M buckets, dtypes                                      |
+
+See ``docs/gpu-kernels.md``.
+"""
+
+from __future__ import annotations
 
 
 def register() -> None:
-    """Register this package's kernels; none yet."""
+    """Add the Triton rows to ``qcompile.runtime.dispatch``; nothing when triton cannot be imported."""
+    from qcompile.codegen.triton.common import triton_missing
+
+    if triton_missing() is not None:
+        return
+    from qcompile.codegen.triton.paths import kernel_entries
+    from qcompile.runtime.dispatch import register_kernel
+
+    for entry in kernel_entries():
+        register_kernel(entry)

@@ -1,5 +1,44 @@
-"""cpp kernels for ``qcompile::linear`` (registered in ``qcompile.runtime.dispatch``)."""
+"""C++ kernels for ``qcompile::linear`` on CPUs (registered in ``qcompile.runtime.dispatch``).
+
+``register()`` compiles the sources of this package once (cached on disk, see ``build.py``), then adds:
+
+| kernel        | schemes                                  | activations        |
+|---------------|------------------------------------------|--------------------|
+| `cpp-w8a16`   | `int8`, `int8-gN`, `int8-asym`           | float32, bfloat16  |
+| `cpp-w4a16`   | `int4`, `int4-gN`, symmetric or not      | float32, bfloat16  |
+| `cpp-w8a8`    | `w8a8`                                   | float32, bfloat16  |
+
+Other schemes (int3, int2, nf4, fp8) get a reason from ``supports`` and run the reference path.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from qcompile.runtime.dispatch import KernelEntry, register_kernel
+
+PRIORITY = 10
 
 
 def register() -> None:
-    """Register this package's kernels; none yet."""
+    """Build or load the library and register the CPU kernel rows; without a compiler, register nothing."""
+    from qcompile.codegen.cpp import build, kernels, library
+
+    try:
+        library.load()
+    except build.CompilerError as error:
+        warnings.warn(f"qcompile: C++ CPU kernels are unavailable, CPU calls use the reference path ({error})")
+        return
+
+    def only_bits(bits):
+        def supports(scheme, x, qweight, scales, zeros):
+            reason = kernels.weight_only_supports(scheme, x, qweight, scales, zeros)
+            if reason is None and scheme.bits != bits:
+                return f"{scheme.name} is served by another row"
+            return reason
+
+        return supports
+
+    register_kernel(KernelEntry("cpp-w8a16", "cpu", only_bits(8), kernels.weight_only_run, PRIORITY))
+    register_kernel(KernelEntry("cpp-w4a16", "cpu", only_bits(4), kernels.weight_only_run, PRIORITY))
+    register_kernel(KernelEntry("cpp-w8a8", "cpu", kernels.w8a8_supports, kernels.w8a8_run, PRIORITY))

@@ -1,0 +1,129 @@
+"""``qcompile::linear`` kernel rows for CPUs: W8A16 / W4A16 (weight-only) and W8A8, backed by the C++ library.
+
+Each row is a ``supports`` predicate (``None`` when the kernel serves the call, else the reason) and a ``run``
+function that hands raw pointers of contiguous tensors to the library (see ``qc_abi.h``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from qcompile.codegen.cpp import library
+from qcompile.schemes import IntWeightOnly, W8A8Int
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+#: from this many tokens on, weight-only calls dequantize the weight in slices and use torch's float GEMM
+GEMM_MIN_TOKENS = 16
+#: bytes of float32 weight dequantized per slice in the GEMM path (fits in L2/L3 next to the activations)
+GEMM_SLICE_BYTES = 2 << 20
+
+
+def _pointer(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _activation_reason(x: torch.Tensor) -> str | None:
+    if x.dtype not in ACTIVATION_DTYPES:
+        return f"activations are {x.dtype}; the C++ kernels take float32 or bfloat16"
+    return None
+
+
+def _check(rc: int, what: str, m: int, k: int, n: int) -> None:
+    if rc != 0:
+        raise MemoryError(f"qcompile cpp kernel {what}: no memory for scratch buffers (M={m}, K={k}, N={n})")
+
+
+def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.to(torch.float32).contiguous()
+
+
+# -- weight-only: int8 and int4 -------------------------------------------------------------------------
+
+
+def weight_only_supports(scheme, x, qweight, scales, zeros) -> str | None:
+    if not isinstance(scheme, IntWeightOnly):
+        return f"{scheme.name} is not an integer weight-only scheme"
+    if scheme.bits not in (4, 8):
+        return f"{scheme.bits}-bit weights have no C++ kernel (int4 and int8 do)"
+    return _activation_reason(x)
+
+
+def _zero_const(scheme: IntWeightOnly) -> float:
+    return 2.0 ** (scheme.bits - 1) if scheme.symmetric and scheme.bits < 8 else 0.0
+
+
+def weight_only_run(scheme, x, qweight, scales, zeros, bias):
+    """W8A16 / W4A16: ``x [..., K]`` float32/bfloat16 → ``[..., N]`` in ``x.dtype`` (see ``weight_only.h``)."""
+    k = x.shape[-1]
+    n = scales.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    kp, group = scheme.padded_in_features(k), scheme.group_size_for(k)
+    bias32 = _bias32(bias)
+    threads = torch.get_num_threads()
+    if m >= GEMM_MIN_TOKENS:
+        y = _weight_only_gemm(scheme, x2, qweight, scales, zeros, bias32, kp, group, threads)
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    y = torch.empty((m, n), dtype=x.dtype)
+    rc = library.kernel("qc_linear_wo")(
+        _pointer(x2), int(x.dtype == torch.bfloat16), m, k, _pointer(qweight), scheme.bits, n, kp,
+        _pointer(scales), _pointer(zeros), _zero_const(scheme), group, _pointer(bias32), _pointer(y),
+        int(y.dtype == torch.bfloat16), threads,
+    )  # fmt: skip
+    _check(rc, scheme.name, m, k, n)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _weight_only_gemm(scheme, x2, qweight, scales, zeros, bias32, kp, group, threads) -> torch.Tensor:
+    """Many tokens: dequantize slices of N rows once (float32, C++) and multiply with torch's GEMM."""
+    m, k = x2.shape
+    n = scales.shape[0]
+    x32 = x2.to(torch.float32)
+    y_t = torch.empty((n, m), dtype=torch.float32)  # y transposed: every slice of rows is contiguous
+    rows = max(1, min(n, GEMM_SLICE_BYTES // (4 * k)))
+    weight = torch.empty((rows, k), dtype=torch.float32)
+    dequant = library.kernel("qc_dequant_wo")
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        rc = dequant(
+            _pointer(qweight), scheme.bits, n, kp, k, _pointer(scales), _pointer(zeros), _zero_const(scheme),
+            group, n0, n1, _pointer(weight), threads,
+        )  # fmt: skip
+        _check(rc, f"{scheme.name} dequantize", m, k, n)
+        torch.mm(weight[: n1 - n0], x32.t(), out=y_t[n0:n1])
+    y = y_t.t()
+    return y + bias32 if bias32 is not None else y
+
+
+# -- W8A8 -----------------------------------------------------------------------------------------------
+
+
+def w8a8_supports(scheme, x, qweight, scales, zeros) -> str | None:
+    if not isinstance(scheme, W8A8Int):
+        return f"{scheme.name} is not w8a8"
+    return _activation_reason(x)
+
+
+def w8a8_run(scheme, x, qweight, scales, zeros, bias):
+    """W8A8: per-token dynamic int8 activations × int8 weights, exact int32 sums (see ``w8a8.h``)."""
+    k = x.shape[-1]
+    n = scales.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    bias32 = _bias32(bias)
+    rc = library.kernel("qc_linear_w8a8")(
+        _pointer(x2), int(x.dtype == torch.bfloat16), m, k, _pointer(qweight), n, _pointer(scales),
+        _pointer(bias32), _pointer(y), int(y.dtype == torch.bfloat16), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(rc, scheme.name, m, k, n)
+    return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,29 @@
+// Scalar "vectors" of one lane: the portable variant, and the reference the wider ones are checked against.
+
+constexpr int W = 1;  // float lanes per vector
+typedef float vf;
+
+static inline vf vf_zero() { return 0.0f; }
+static inline vf vf_load(const float* p) { return *p; }
+static inline vf vf_bcast(float v) { return v; }
+static inline vf vf_fma(vf a, vf b, vf c) { return a * b + c; }
+static inline float vf_hsum(vf a) { return a; }
+
+// W packed bytes -> 2W codes: lo = low nibbles (elements 2j), hi = high nibbles (elements 2j+1).
+static inline void u4_block(const uint8_t* p, vf& lo, vf& hi) {
+    lo = (float)(p[0] & 15);
+    hi = (float)(p[0] >> 4);
+}
+
+// W signed int8 codes -> float.
+static inline vf s8_block(const int8_t* p) { return (float)p[0]; }
+
+// -- int8 x int8 dot products (W8A8) --------------------------------------------------------------------
+constexpr int I8_BLOCK = 1;          // bytes of K per step
+constexpr int32_t I8_OFFSET = 0;     // the dot product of a block returns sum(w * x) + I8_OFFSET * sum(x)
+typedef int32_t vi;
+typedef int8_t vw;
+static inline vi vi_zero() { return 0; }
+static inline vw w8_prepare(const int8_t* p) { return *p; }
+static inline vi vi_dot(vi acc, vw w, const int8_t* x) { return acc + (int32_t)w * (int32_t)x[0]; }
+static inline int32_t vi_hsum(vi a) { return a; }

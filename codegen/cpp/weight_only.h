@@ -1,0 +1,180 @@
+// Weight-only kernels (W8A16, W4A16): y[m, n] = sum_k x[m, k] * w[n, k] + bias[n],
+// w[n, k] = (u[n, k] - zero[n, g]) * scale[n, g] with g = k / group_size.
+//
+// Shapes and dtypes: x float32 or bfloat16 [M, K]; qweight int8 [N, Kp] (bits 8) or uint8 [N, Kp/2] (bits 4,
+// element 2j in the low nibble, 2j+1 in the high one); scales / zeros float32 [N, Kp/group_size] (zeros NULL:
+// zero_const for every group, 8 for symmetric int4, 0 for symmetric int8); bias float32 [N] or NULL.
+// Constraints: Kp % group_size == 0, K <= Kp (padding columns meet zero activations), any M, N.
+//
+// Per group the kernel accumulates sum_k u * x in float32 and applies the group once:
+//     y = sum_g scale_g * (sum_{k in g} u_k x_k  -  zero_g * sum_{k in g} x_k)
+// The per-group activation sums are computed once per call, so the inner loop is unpack + convert + FMA.
+// 4-bit blocks of 2W codes unpack into W low nibbles (even elements) and W high nibbles (odd elements):
+// the activation copy is permuted once per call to match (within each group, per block of 2W: the
+// even-indexed values, then the odd-indexed ones). Whatever is left of a group after its whole blocks runs
+// scalar in natural order. Rows of x are processed in tiles of up to 4 so each unpacked weight block
+// serves 4 tokens. Threads split N; each output is computed by one thread, so results do not depend on the
+// thread count.
+
+// x -> float32 [M, Kp] (zero padded, 4-bit blocks permuted), xsum [M, G] per-group sums.
+static void wo_prepare(const void* x, int x_bf16, int64_t M, int64_t K, int64_t Kp, int64_t gs, int bits,
+                       float* xp, float* xsum) {
+    const int64_t G = Kp / gs;
+    for (int64_t m = 0; m < M; m++) {
+        float* row = xp + m * Kp;
+        for (int64_t k = 0; k < K; k++) row[k] = load_activation(x, x_bf16, m * K + k);
+        for (int64_t k = K; k < Kp; k++) row[k] = 0.0f;
+        for (int64_t g = 0; g < G; g++) {
+            float s = 0.0f;
+            for (int64_t k = g * gs; k < (g + 1) * gs; k++) s += row[k];
+            xsum[m * G + g] = s;
+        }
+        if (bits != 4 || W == 1) continue;
+        float tmp[2 * W];
+        for (int64_t g = 0; g < G; g++) {
+            for (int64_t b = 0; b < gs / (2 * W); b++) {
+                float* block = row + g * gs + b * 2 * W;
+                for (int i = 0; i < W; i++) {
+                    tmp[i] = block[2 * i];
+                    tmp[W + i] = block[2 * i + 1];
+                }
+                memcpy(block, tmp, sizeof(tmp));
+            }
+        }
+    }
+}
+
+// One weight row against MT activation rows; out[m] = sum_k x[m, k] * w[k] (no bias).
+template <int MT, int BITS>
+static inline void wo_tile(const float* xp, int64_t Kp, const uint8_t* wrow, const float* srow,
+                           const float* zrow, float zero_const, int64_t gs, int64_t G, const float* xsum,
+                           float* out) {
+    constexpr int64_t BLOCK = BITS == 4 ? 2 * W : W;
+    const int64_t blocks = gs / BLOCK;
+    vf total[MT];
+    float correction[MT];
+    for (int m = 0; m < MT; m++) {
+        total[m] = vf_zero();
+        correction[m] = 0.0f;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t k0 = g * gs;
+        vf acc[MT];
+        float tail[MT];
+        for (int m = 0; m < MT; m++) {
+            acc[m] = vf_zero();
+            tail[m] = 0.0f;
+        }
+        if (BITS == 4) {
+            const uint8_t* p = wrow + k0 / 2;
+            for (int64_t b = 0; b < blocks; b++) {
+                vf lo, hi;
+                u4_block(p + b * W, lo, hi);
+                const float* xb = xp + k0 + b * 2 * W;
+                for (int m = 0; m < MT; m++) {
+                    acc[m] = vf_fma(lo, vf_load(xb + m * Kp), acc[m]);
+                    acc[m] = vf_fma(hi, vf_load(xb + m * Kp + W), acc[m]);
+                }
+            }
+            for (int64_t k = k0 + blocks * BLOCK; k < k0 + gs; k++) {
+                const float u = (float)((wrow[k >> 1] >> ((k & 1) * 4)) & 15);
+                for (int m = 0; m < MT; m++) tail[m] += u * xp[m * Kp + k];
+            }
+        } else {
+            const int8_t* p = (const int8_t*)wrow;
+            for (int64_t b = 0; b < blocks; b++) {
+                const vf w = s8_block(p + k0 + b * W);
+                const float* xb = xp + k0 + b * W;
+                for (int m = 0; m < MT; m++) acc[m] = vf_fma(w, vf_load(xb + m * Kp), acc[m]);
+            }
+            for (int64_t k = k0 + blocks * BLOCK; k < k0 + gs; k++) {
+                const float u = (float)p[k];
+                for (int m = 0; m < MT; m++) tail[m] += u * xp[m * Kp + k];
+            }
+        }
+        const float s = srow[g];
+        const float z = zrow ? zrow[g] : zero_const;
+        const vf vs = vf_bcast(s);
+        for (int m = 0; m < MT; m++) {
+            total[m] = vf_fma(acc[m], vs, total[m]);
+            correction[m] += s * (tail[m] - z * xsum[m * G + g]);
+        }
+    }
+    for (int m = 0; m < MT; m++) out[m] = vf_hsum(total[m]) + correction[m];
+}
+
+template <int BITS>
+static void wo_rows(const float* xp, const float* xsum, int64_t M, int64_t Kp, const uint8_t* qweight,
+                    int64_t N, const float* scales, const float* zeros, float zero_const, int64_t gs,
+                    const float* bias, void* y, int y_bf16, int threads) {
+    const int64_t G = Kp / gs;
+    const int64_t row_bytes = BITS == 4 ? Kp / 2 : Kp;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t* wrow = qweight + n * row_bytes;
+        const float* srow = scales + n * G;
+        const float* zrow = zeros ? zeros + n * G : nullptr;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t mt = min_i64(4, M - m0);
+            const float* xt = xp + m0 * Kp;
+            const float* st = xsum + m0 * G;
+            float out[4];
+            switch (mt) {
+                case 4: wo_tile<4, BITS>(xt, Kp, wrow, srow, zrow, zero_const, gs, G, st, out); break;
+                case 3: wo_tile<3, BITS>(xt, Kp, wrow, srow, zrow, zero_const, gs, G, st, out); break;
+                case 2: wo_tile<2, BITS>(xt, Kp, wrow, srow, zrow, zero_const, gs, G, st, out); break;
+                default: wo_tile<1, BITS>(xt, Kp, wrow, srow, zrow, zero_const, gs, G, st, out); break;
+            }
+            const float b = bias ? bias[n] : 0.0f;
+            for (int64_t i = 0; i < mt; i++) store_output(y, y_bf16, (m0 + i) * N + n, out[i] + b);
+        }
+    }
+}
+
+static int linear_wo(const void* x, int x_bf16, int64_t M, int64_t K, const void* qweight, int bits, int64_t N,
+                     int64_t Kp, const float* scales, const float* zeros, float zero_const, int64_t gs,
+                     const float* bias, void* y, int y_bf16, int threads) {
+    const int64_t G = Kp / gs;
+    float* xp = (float*)scratch_alloc((size_t)(M * Kp) * sizeof(float));
+    float* xsum = (float*)scratch_alloc((size_t)(M * G) * sizeof(float));
+    if (!xp || !xsum) {
+        free(xp);
+        free(xsum);
+        return 1;
+    }
+    wo_prepare(x, x_bf16, M, K, Kp, gs, bits, xp, xsum);
+    const uint8_t* w = (const uint8_t*)qweight;
+    if (bits == 4)
+        wo_rows<4>(xp, xsum, M, Kp, w, N, scales, zeros, zero_const, gs, bias, y, y_bf16, threads);
+    else
+        wo_rows<8>(xp, xsum, M, Kp, w, N, scales, zeros, zero_const, gs, bias, y, y_bf16, threads);
+    free(xp);
+    free(xsum);
+    return 0;
+}
+
+// Rows n0..n1 of the weight as float32 [n1 - n0, K]; same arithmetic as the reference ((u - zero) * scale).
+static int dequant_wo(const void* qweight, int bits, int64_t N, int64_t Kp, int64_t K, const float* scales,
+                      const float* zeros, float zero_const, int64_t gs, int64_t n0, int64_t n1, float* out,
+                      int threads) {
+    (void)N;
+    const int64_t G = Kp / gs;
+    const int64_t row_bytes = bits == 4 ? Kp / 2 : Kp;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t* wrow = (const uint8_t*)qweight + n * row_bytes;
+        float* o = out + (n - n0) * K;
+        for (int64_t g = 0; g < G; g++) {
+            const float s = scales[n * G + g];
+            const float z = zeros ? zeros[n * G + g] : zero_const;
+            const int64_t k0 = g * gs, k1 = min_i64(k0 + gs, K);
+            if (bits == 4) {
+                for (int64_t k = k0; k < k1; k++) o[k] = ((float)((wrow[k >> 1] >> ((k & 1) * 4)) & 15) - z) * s;
+            } else {
+                const int8_t* q = (const int8_t*)wrow;
+                for (int64_t k = k0; k < k1; k++) o[k] = ((float)q[k] - z) * s;
+            }
+        }
+    }
+    return 0;
+}

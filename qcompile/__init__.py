@@ -1,6 +1,20 @@
-"""qcompile: a PyTorch 2 quantization compiler."""
+"""qcompile: a PyTorch 2 quantization compiler.
+
+    import qcompile
+    qcompile.quantize(model, {"default": "int4-g128", "overrides": [{"targets": ["*.down_proj"], "scheme": "int8"}]})
+    program = qcompile.compile(model, (input_ids,), "int8")          # torch.export path
+    compiled = torch.compile(model, backend="qcompile", options={"recipe": "int4-g32"}, dynamic=True)
+"""
 
 __version__ = "0.1.0"
 
 from qcompile import runtime  # noqa: F401,E402  (registers torch.ops.qcompile.*)
-from qcompile.schemes import Scheme, parse_scheme  # noqa: E402
+from qcompile.api import QuantizedProgram, compile, quantize  # noqa: E402
+from qcompile.plan import Plan, Site, make_plan  # noqa: E402
+from qcompile.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
+from qcompile.schemes import Scheme, SchemeError, parse_scheme  # noqa: E402
+
+__all__ = [
+    "Plan", "QuantizedProgram", "Recipe", "RecipeError", "Scheme", "SchemeError", "Site", "compile",
+    "load_recipe", "make_plan", "parse_scheme", "quantize",
+]  # fmt: skip

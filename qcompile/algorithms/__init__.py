@@ -1,0 +1,51 @@
+"""Quantization algorithms: float weight (+ calibration statistics) → a scheme's canonical form.
+
+Each algorithm is a function ``(scheme, weight [N, K] float32, stats, options: dict) -> QuantizedWeight``
+registered in ``ALGORITHMS`` under the name recipes use. ``rtn`` (round to nearest) needs no statistics;
+algorithms whose ``needs_calibration`` is true get the statistics the calibration pass collected for
+their site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+from qcompile.schemes import QuantizedWeight, Scheme
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    name: str
+    run: Callable[..., QuantizedWeight]
+    needs_calibration: bool = False
+
+
+def _rtn(scheme: Scheme, weight, stats=None, options=None) -> QuantizedWeight:
+    return scheme.quantize(weight)
+
+
+ALGORITHMS: dict[str, Algorithm] = {"rtn": Algorithm("rtn", _rtn)}
+# name → module that registers it on import (kept lazy: they pull in heavier code)
+_LAZY = {
+    "gptq": "qcompile.algorithms.gptq",
+    "awq": "qcompile.algorithms.awq",
+    "hqq": "qcompile.algorithms.hqq",
+    "smoothquant": "qcompile.algorithms.smoothquant",
+}
+
+
+def register_algorithm(algorithm: Algorithm) -> None:
+    ALGORITHMS[algorithm.name] = algorithm
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in ALGORITHMS and name in _LAZY:
+        try:
+            importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as error:
+            raise NotImplementedError(f"algorithm {name!r} is not available in this build ({error})") from None
+    if name not in ALGORITHMS:
+        raise KeyError(f"unknown algorithm {name!r}; known: {', '.join(sorted({*ALGORITHMS, *_LAZY}))}")
+    return ALGORITHMS[name]

@@ -1,0 +1,206 @@
+"""Capture: ``torch.export`` a module (non-strict, dynamic batch/sequence) and find its matmul sites.
+
+A *site* is a matmul whose weight operand is a parameter or buffer (a ``get_attr`` node in the unlifted
+graph): ``aten.linear`` (``nn.Linear``, ``F.linear``), ``aten.matmul`` / ``aten.mm`` with a ``[K, N]``
+weight or its transpose, and ``aten.addmm`` (transformers' GPT-2 ``Conv1D``). Each site is named by the
+module that owns its weight (``model.layers.0.mlp.down_proj``), or by the weight's own path when it is
+not a module's ``weight``. A weight used by several matmuls is one site with several nodes; a weight
+also used by something else (a tied embedding) records that use in ``Site.tied_to``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+from qcompile.plan import Site
+
+aten = torch.ops.aten
+# ATen ops (torch.export) and their torch-level spellings (Dynamo graphs)
+LINEAR_OPS = (aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear)
+MATMUL_OPS = (aten.matmul.default, aten.mm.default, torch.matmul, torch.mm, operator.matmul)
+ADDMM_OPS = (aten.addmm.default, torch.addmm)
+TRANSPOSE_OPS = (aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default, torch.t)
+TRANSPOSE_METHODS = ("t", "transpose", "permute")
+LINEAR_MODULE_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear")
+HEAD_NAMES = ("lm_head", "embed_out", "output")
+_DYNAMO_PREFIX = re.compile(r"^L\['[^']+'\](?:\[\d+\])?\.?")
+
+
+@dataclasses.dataclass
+class SiteUse:
+    """One matmul node that uses a site's weight, and how to read it as ``x @ W.T + bias``."""
+
+    node: fx.Node
+    activation: fx.Node
+    bias: fx.Node | None
+    transposed: bool  # weight tensor is stored [K, N]
+    reader: fx.Node | None = None  # the node that reads the weight attribute (the matmul or a transpose)
+
+
+@dataclasses.dataclass
+class SiteMatch:
+    site: Site
+    weight_node: fx.Node
+    uses: list[SiteUse]
+
+
+def _dynamic_auto(value):
+    if isinstance(value, torch.Tensor):
+        return {i: torch.export.Dim.AUTO for i in range(value.dim())}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_dynamic_auto(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _dynamic_auto(v) for k, v in value.items()}
+    return None
+
+
+def capture(model: torch.nn.Module, example_args=(), example_kwargs=None, dynamic_shapes=None):
+    """``torch.export`` ``model`` (non-strict). Every tensor dimension is ``Dim.AUTO`` unless
+    ``dynamic_shapes`` says otherwise, so batch and sequence stay dynamic where the model allows."""
+    example_args = tuple(example_args) if isinstance(example_args, (list, tuple)) else (example_args,)
+    example_kwargs = dict(example_kwargs or {})
+    if dynamic_shapes is None:
+        if example_kwargs:
+            dynamic_shapes = {**_dynamic_auto(dict(zip(_arg_names(model, len(example_args)), example_args))),
+                              **_dynamic_auto(example_kwargs)}  # fmt: skip
+        else:
+            dynamic_shapes = _dynamic_auto(example_args)
+    with torch.no_grad():
+        return torch.export.export(model, example_args, example_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _arg_names(model, count):
+    import inspect
+
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
+    return [p.name for p in params[:count]]
+
+
+def _module_entry(node: fx.Node) -> tuple[str, str]:
+    """``(module path, class name)`` of the innermost module that ran ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    path = _DYNAMO_PREFIX.sub("", str(path))  # Dynamo writes L['self'].model.layers.0…
+    path = re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
+    name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return path, name.rsplit(".", 1)[-1]
+
+
+def _module_of(node: fx.Node) -> str:
+    return _module_entry(node)[0]
+
+
+def _weight_operand(node: fx.Node, arg) -> tuple[fx.Node | None, bool]:
+    """``(get_attr node, read_through_transpose)`` when ``arg`` is a weight (or its 2-D transpose)."""
+    if not isinstance(arg, fx.Node):
+        return None, False
+    if arg.op == "get_attr":
+        return arg, False
+    is_transpose = (arg.op == "call_function" and arg.target in TRANSPOSE_OPS) or (
+        arg.op == "call_method" and arg.target in TRANSPOSE_METHODS
+    )
+    if is_transpose:
+        source = arg.args[0]
+        if isinstance(source, fx.Node) and source.op == "get_attr":
+            if arg.target in (aten.transpose.int, "transpose") and sorted(int(d) % 2 for d in arg.args[1:3]) != [0, 1]:
+                return None, False
+            if arg.target in (aten.permute.default, "permute") and list(arg.args[1:] if len(arg.args) > 2 else arg.args[1]) not in ([1, 0], [-1, -2]):
+                return None, False
+            return source, True
+    return None, False
+
+
+def _site_use(node: fx.Node) -> tuple[fx.Node, SiteUse] | None:
+    """Recognise a matmul node whose weight is a graph attribute."""
+    if node.op != "call_function":
+        return None
+    if node.target in LINEAR_OPS:
+        weight, flipped = _weight_operand(node, node.args[1])
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if weight is None or flipped or (bias is not None and not isinstance(bias, fx.Node)):
+            return None
+        return weight, SiteUse(node, node.args[0], bias, transposed=False)
+    if node.target in MATMUL_OPS:
+        weight, flipped = _weight_operand(node, node.args[1])
+        if weight is None:
+            return None
+        return weight, SiteUse(node, node.args[0], None, transposed=not flipped)
+    if node.target in ADDMM_OPS and not node.kwargs:
+        weight, flipped = _weight_operand(node, node.args[2])
+        bias = node.args[0]
+        if weight is None or not isinstance(bias, fx.Node) or bias.op != "get_attr":
+            return None
+        return weight, SiteUse(node, node.args[1], bias, transposed=not flipped)
+    return None
+
+
+def _site_name(node: fx.Node, weight_target: str) -> str:
+    module_name, module_type = _module_entry(node)
+    if module_name and (weight_target == f"{module_name}.weight" or module_type in LINEAR_MODULE_TYPES):
+        return module_name
+    if weight_target.endswith(".weight"):
+        return weight_target[: -len(".weight")]
+    return weight_target
+
+
+def find_sites(gm: fx.GraphModule) -> list[SiteMatch]:
+    """All matmul sites of an unlifted graph module (``ExportedProgram.module()``), in graph order."""
+    matches: dict[fx.Node, SiteMatch] = {}
+    for node in gm.graph.nodes:
+        found = _site_use(node)
+        if found is None:
+            continue
+        weight_node, use = found
+        use.reader = node if node in weight_node.users else next(
+            (u for u in weight_node.users if u in node.all_input_nodes), node
+        )
+        tensor = _fetch(gm, weight_node.target)
+        if tensor is None or tensor.dim() != 2 or not tensor.dtype.is_floating_point:
+            continue
+        if weight_node not in matches:
+            n, k = tensor.shape if not use.transposed else tensor.shape[::-1]
+            name = _site_name(node, weight_node.target)
+            site = Site(
+                name=name,
+                weight_name=weight_node.target,
+                out_features=int(n),
+                in_features=int(k),
+                kind=_op_name(node.target),
+                transposed=use.transposed,
+                has_bias=use.bias is not None,
+                head=name.split(".")[-1] in HEAD_NAMES,
+                weight_dtype=str(tensor.dtype).replace("torch.", ""),
+                weight_bytes=tensor.numel() * tensor.element_size(),
+            )
+            matches[weight_node] = SiteMatch(site, weight_node, [])
+        match = matches[weight_node]
+        if use.transposed != match.site.transposed:
+            continue  # the same tensor read both ways: leave the second reading in float
+        match.uses.append(use)
+    for match in matches.values():
+        others = [u for u in match.weight_node.users if all(u is not use.reader for use in match.uses)]
+        if others:
+            tied = tuple(sorted({_module_of(u) or str(u.target) for u in others}))
+            match.site = dataclasses.replace(match.site, tied_to=tied)
+    return list(matches.values())
+
+
+def _op_name(target) -> str:
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet or target, "__name__", str(target))
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None

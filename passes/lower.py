@@ -1,0 +1,76 @@
+"""Lowering: every planned matmul site becomes a ``torch.ops.qcompile.linear`` call.
+
+The packed tensors are registered as buffers next to where the float weight lived
+(``<site>.qweight``, ``<site>.scales``, ``<site>.zeros``); the float weight is deleted once nothing reads
+it any more, so a lowered module holds no float copy of a quantized weight (a tied embedding keeps
+its own float table). The pass keeps ``meta["val"]``, ends with dead-code elimination, ``lint`` and
+``recompile``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from qcompile.passes.capture import SiteMatch
+from qcompile.schemes import PackedWeight
+
+QUANTIZED_LINEAR = torch.ops.qcompile.linear.default
+
+
+def buffer_prefix(site) -> str:
+    """Where a site's packed tensors live: ``model.layers.0.mlp.up_proj`` → ``…up_proj.qweight``."""
+    if site.weight_name == f"{site.name}.weight":
+        return site.name
+    return site.weight_name.replace(".", "_") if "." not in site.name else site.name + "_q"
+
+
+def _set_buffer(gm: fx.GraphModule, path: str, tensor: torch.Tensor) -> None:
+    owner_path, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if attr in owner._buffers or attr in owner._parameters or hasattr(owner, attr):
+        delattr(owner, attr)
+    owner.register_buffer(attr, tensor)
+
+
+def _delete_attr(gm: fx.GraphModule, path: str) -> None:
+    owner_path, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if hasattr(owner, attr):
+        delattr(owner, attr)
+
+
+def lower(gm: fx.GraphModule, matches: list[SiteMatch], packed: dict[str, PackedWeight], schemes: dict[str, str]):
+    """Rewrite the sites named in ``packed`` (site name → packed tensors, ``schemes``: site → scheme name).
+
+    Returns the number of matmul nodes rewritten.
+    """
+    graph = gm.graph
+    rewritten = 0
+    for match in matches:
+        site = match.site
+        if site.name not in packed:
+            continue
+        prefix = buffer_prefix(site)
+        attrs = {}
+        for key, tensor in packed[site.name].tensors().items():
+            _set_buffer(gm, f"{prefix}.{key}", tensor)
+            attrs[key] = f"{prefix}.{key}"
+        for use in match.uses:
+            with graph.inserting_before(use.node):
+                nodes = {key: graph.get_attr(path) for key, path in attrs.items()}
+                args = (use.activation, nodes["qweight"], nodes["scales"], nodes.get("zeros"), use.bias, schemes[site.name])
+                new = graph.call_function(QUANTIZED_LINEAR, args)
+            new.meta.update({k: v for k, v in use.node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+            new.meta["qcompile_site"] = site.name
+            use.node.replace_all_uses_with(new)
+            graph.erase_node(use.node)
+            rewritten += 1
+    graph.eliminate_dead_code()
+    live = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for match in matches:
+        if match.site.name in packed and match.weight_node.target not in live:
+            _delete_attr(gm, match.weight_node.target)
+    graph.lint()
+    gm.recompile()
+    return rewritten

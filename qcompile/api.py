@@ -1,0 +1,77 @@
+"""Public entry points: :func:`quantize` (eager, in place) and :func:`compile` (the export path)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from qcompile import eager
+from qcompile.passes.capture import capture, find_sites, _fetch
+from qcompile.passes.lower import lower
+from qcompile.plan import Plan, make_plan
+from qcompile.progress import progress
+from qcompile.quantize import quantize_entry
+from qcompile.calibration import statistics_for
+
+
+def quantize(model: torch.nn.Module, recipe=None, calibration=None, *, progress_bar: bool = True, verbose: bool = False):
+    """Quantize ``model`` in place: every ``nn.Linear`` / GPT-2 ``Conv1D`` the recipe plans becomes a
+    :class:`qcompile.nn.QuantizedLinear`. Returns ``model``; its plan is ``model.qcompile_plan``."""
+    sites = eager.linear_sites(model)
+    plan = make_plan(recipe, [s for s, _ in sites])
+    if verbose:
+        print(plan.table())
+    stats = statistics_for(model, plan, calibration)
+    eager.swap_modules(model, plan, dict(sites), stats, progress_bar=progress_bar)
+    model.qcompile_plan = plan
+    return model
+
+
+class QuantizedProgram(torch.nn.Module):
+    """A lowered graph module plus what it was built from: the plan and the capture inputs."""
+
+    def __init__(self, module: torch.fx.GraphModule, plan: Plan, example_args=(), example_kwargs=None,
+                 dynamic_shapes=None, timings: dict | None = None):  # fmt: skip
+        super().__init__()
+        self.module = module
+        self.plan = plan
+        self.example_args = example_args
+        self.example_kwargs = example_kwargs or {}
+        self.dynamic_shapes = dynamic_shapes
+        self.timings = timings or {}
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def compile(model: torch.nn.Module, example_args=(), recipe=None, *, example_kwargs=None, dynamic_shapes=None,
+            calibration=None, progress_bar: bool = True, verbose: bool = False) -> QuantizedProgram:  # fmt: skip
+    """Capture ``model`` with ``torch.export``, plan, quantize and lower it; returns a callable
+    :class:`QuantizedProgram` that takes the same inputs as ``model`` (batch and sequence may vary)."""
+    timings = {}
+    start = time.perf_counter()
+    model_was_training = model.training
+    model.eval()
+    stats = None
+    exported = capture(model, example_args, example_kwargs, dynamic_shapes)
+    timings["capture_s"] = time.perf_counter() - start
+    gm = exported.module()
+    matches = find_sites(gm)
+    plan = make_plan(recipe, [m.site for m in matches])
+    if verbose:
+        print(plan.table())
+    stats = statistics_for(model, plan, calibration)
+    start = time.perf_counter()
+    packed, schemes = {}, {}
+    by_name = {m.site.name: m for m in matches}
+    for entry in progress(plan.quantized(), "quantize", enabled=progress_bar):
+        weight = _fetch(gm, by_name[entry.site.name].weight_node.target)
+        packed[entry.site.name] = quantize_entry(entry, weight, None if stats is None else stats.get(entry.site.name))
+        schemes[entry.site.name] = entry.scheme
+    timings["quantize_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lower(gm, matches, packed, schemes)
+    timings["lower_s"] = time.perf_counter() - start
+    model.train(model_was_training)
+    return QuantizedProgram(gm, plan, example_args, example_kwargs, dynamic_shapes, timings)

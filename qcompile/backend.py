@@ -1,0 +1,116 @@
+"""``torch.compile(model, backend="qcompile", options={"recipe": ...})``.
+
+Registered through the ``torch_dynamo_backends`` entry point, so no ``import qcompile`` is needed.
+Dynamo hands the backend a graph whose parameters are inputs; the backend turns the planned weights
+into ``qcompile::linear`` calls with packed buffers and runs the rest of the graph as it is (or through
+inductor with ``options={"inductor": True}``). Packed weights are cached per parameter (and its version),
+so a recompilation (new shapes, a graph break) never quantizes the same weight twice. Pass
+``dynamic=True`` to ``torch.compile`` for one compilation across batch sizes and sequence lengths.
+
+Options: ``recipe`` (dict, path, Recipe or scheme name), ``inductor`` (bool), ``verbose`` (print the
+plan table), ``progress`` (bool).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import weakref
+
+import torch
+import torch.fx as fx
+
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z_0-9]*)")
+_OPTIONS = ("recipe", "inductor", "verbose", "progress")
+_PACKED_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+
+
+def _source_path(name: str) -> str:
+    """``L['self']._modules['model']._parameters['weight']`` → ``model.weight``."""
+    rest = re.sub(r"^L\['[^']+'\](?:\[\d+\])?", "", name)
+    parts = [a or b for a, b in _SOURCE_PART.findall(rest)]
+    return ".".join(parts)
+
+
+def _lift_parameters(gm: fx.GraphModule, example_inputs) -> list[int]:
+    """Turn placeholders that are module parameters/buffers into ``get_attr`` nodes on ``gm``.
+
+    Returns the indices of the inputs that remain graph inputs.
+    """
+    kept = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        grapharg = node.meta.get("grapharg")
+        source = grapharg.source.name if grapharg is not None else ""
+        value = example_inputs[index] if index < len(example_inputs) else None
+        is_state = isinstance(value, torch.Tensor) and ("_parameters[" in source or "_buffers[" in source)
+        if not is_state:
+            kept.append(index)
+            continue
+        path = _source_path(source) or node.name
+        owner_path, _, attr = path.rpartition(".")
+        owner = gm
+        for part in owner_path.split(".") if owner_path else []:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        if not hasattr(owner, attr):
+            owner.register_buffer(attr, value, persistent=False)
+        with gm.graph.inserting_before(node):
+            attr_node = gm.graph.get_attr(path)
+        attr_node.meta.update(node.meta)
+        node.replace_all_uses_with(attr_node)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return kept
+
+
+def _cached_quantize(entry, weight):
+    from qcompile.quantize import quantize_entry
+
+    key = (weight._version, entry.scheme, entry.algorithm, entry.options, entry.site.transposed)
+    per_weight = _PACKED_CACHE.setdefault(weight, {})
+    if key not in per_weight:
+        per_weight.clear()
+        per_weight[key] = quantize_entry(entry, weight)
+    return per_weight[key]
+
+
+def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
+    """The Dynamo backend (see module docstring)."""
+    from qcompile.passes.capture import _fetch, find_sites
+    from qcompile.passes.lower import lower
+    from qcompile.plan import make_plan
+    from qcompile.progress import progress
+
+    options = dict(options or kwargs.get("config") or {})
+    for key in options:
+        if key not in _OPTIONS:
+            raise ValueError(f"qcompile backend: unknown option {key!r}; known options: {', '.join(_OPTIONS)}")
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Dynamo keeps reading the graph it handed over
+    kept = _lift_parameters(gm, example_inputs)
+    matches = find_sites(gm)
+    plan = make_plan(options.get("recipe"), [m.site for m in matches])
+    if options.get("verbose"):
+        print(plan.table())
+    packed, schemes = {}, {}
+    by_name = {m.site.name: m for m in matches}
+    for entry in progress(plan.quantized(), "quantize", enabled=options.get("progress", False)):
+        weight = _fetch(gm, by_name[entry.site.name].weight_node.target)
+        packed[entry.site.name] = _cached_quantize(entry, weight)
+        schemes[entry.site.name] = entry.scheme
+    lower(gm, matches, packed, schemes)
+    gm.qcompile_plan = plan
+    inputs = [example_inputs[i] for i in kept]
+    if options.get("inductor"):
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, inputs)
+    else:
+        compiled = gm.forward
+
+    def run(*args):
+        return compiled(*[args[i] for i in kept])
+
+    run.qcompile_plan = plan
+    return run

@@ -16,17 +16,21 @@ the kernel's default config is used and nothing is timed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import os
 import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from qcompile.codegen.triton.common import device_name, interpreting, m_bucket, triton_version
+
+log = logging.getLogger("qcompile")
 
 FORMAT_VERSION = 1
 CACHE_FILE = "tuned-configs.json"
@@ -141,7 +145,7 @@ def _parse(data: dict, where: str) -> dict[str, KernelConfig]:
         raise ValueError(f"{where}: expected {{'format': {FORMAT_VERSION}, 'configs': {{...}}}}")
     configs = data.get("configs", {})
     if not isinstance(configs, dict):
-        raise ValueError(f"{where}: 'configs' must map keys to configs")
+        raise TypeError(f"{where}: 'configs' must map keys to configs")
     return {str(key): KernelConfig.from_dict(value) for key, value in configs.items()}
 
 
@@ -180,9 +184,9 @@ def choose_config(
     timings = []
     for config in candidates:
         try:
-            timings.append((do_bench(lambda: launch(config), warmup=5, rep=20), config))
-        except Exception:  # noqa: BLE001 - a config that does not fit (shared memory, registers) is skipped
-            continue
+            timings.append((do_bench(functools.partial(launch, config), warmup=5, rep=20), config))
+        except Exception as error:  # noqa: BLE001 - a config that does not fit (shared memory, registers) is skipped
+            log.debug("qcompile: tuning %s skips %s (%s)", key, config, error)
     best = min(timings, key=lambda t: t[0])[1] if timings else default
     STORE.put(key, best)
     return best

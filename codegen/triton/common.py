@@ -24,13 +24,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_missing() -> str | None:
     """``None`` when triton can be imported, else why not."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     try:
-        import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as error:  # noqa: BLE001 - a broken install is a reason, not a crash
         return f"triton fails to import ({error})"

@@ -1,0 +1,221 @@
+"""Triton kernels against the plain-PyTorch reference of ``qcompile::linear``.
+
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` on small CPU tensors (set here before triton is
+imported); tests marked ``gpu`` run the registered op on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from qcompile.codegen.triton import autotune, common, int4, paths, w8a8, w8a16  # noqa: E402
+from qcompile.runtime.ops import reference_linear  # noqa: E402
+from qcompile.schemes import parse_scheme  # noqa: E402
+
+INTERPRETED = common.interpreting()
+DEVICE = "cpu" if INTERPRETED else "cuda"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+if INTERPRETED and type(int4.int4_linear_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("triton kernels were created before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+
+def packed(scheme_name: str, n: int, k: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=generator)
+    scheme = parse_scheme(scheme_name)
+    p = scheme.pack(scheme.quantize(weight))
+    move = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return move(p.qweight), move(p.scales), move(p.zeros)
+
+
+def activation(m: int, k: int, dtype: torch.dtype, seed: int = 1, lead: tuple = ()) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*lead, m, k, generator=generator).to(dtype).to(DEVICE)
+
+
+def assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name: str, tolerance: float):
+    """Relative error (max |y - ref| / max |ref|), the reference computed in fp32 from the same activation."""
+    ref = reference_linear(x.float(), qweight, scales, zeros, None if bias is None else bias.float(), scheme_name)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    error = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    assert error < tolerance, f"{scheme_name}: relative error {error:.2e} >= {tolerance:.0e}"
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
+# (M, K, N): aligned, ragged K (padding in the last group), ragged N, M above one tile
+SHAPES = [(1, 64, 32), (3, 90, 48), (17, 96, 48)]
+
+
+@pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g32-sym", "int4-g64", "int4", "int4-g8"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_int4_default_path(scheme_name, m, k, n):
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    x = activation(m, k, torch.float32)
+    bias = torch.randn(n).to(DEVICE)
+    y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name)
+    assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 1e-5)
+
+
+@pytest.mark.parametrize("path", ["gemv", "splitk", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g64-sym"])
+def test_int4_every_path(path, dtype, with_bias, scheme_name):
+    m, k, n = 3, 90, 48
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    x = activation(m, k, dtype)
+    bias = torch.randn(n).to(dtype).to(DEVICE) if with_bias else None
+    y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path=path)
+    assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance_for(dtype))
+
+
+def test_int4_batched_activation_and_tuned_config():
+    qweight, scales, zeros = packed("int4-g32", 48, 64)
+    x = activation(3, 64, torch.float32, lead=(2,))
+    config = autotune.KernelConfig(16, 16, 64, split_k=1)
+    y = int4.int4_linear(x, qweight, scales, zeros, None, "int4-g32", path="gemm", config=config)
+    assert y.shape == (2, 3, 48)
+    assert_matches_reference(y, x, qweight, scales, zeros, None, "int4-g32", 1e-5)
+
+
+@pytest.mark.parametrize("scheme_name", ["int8", "fp8"])
+@pytest.mark.parametrize("path", ["gemv", "splitk", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (17, 90, 48)])
+def test_w8a16(scheme_name, path, dtype, m, k, n):
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    x = activation(m, k, dtype)
+    bias = torch.randn(n).to(DEVICE) if m > 1 else None
+    y = w8a16.w8a16_linear(x, qweight, scales, zeros, bias, scheme_name, path=path)
+    assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance_for(dtype))
+
+
+@pytest.mark.parametrize("scheme_name", ["w8a8", "fp8-w8a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_w8a8(scheme_name, dtype, m, k, n):
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    x = activation(m, k, dtype)
+    bias = torch.randn(n).to(DEVICE) if m != 1 else None
+    y = w8a8.w8a8_linear(x, qweight, scales, zeros, bias, scheme_name)
+    assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("to_fp8", [False, True])
+def test_activation_quantization_is_bit_exact(to_fp8):
+    from qcompile.schemes.fp8 import quantize_rowwise_fp8
+    from qcompile.schemes.w8a8 import quantize_per_token_int8
+
+    x = activation(4, 300, torch.float32) * 50
+    x[1] = 0.0  # a zero row keeps scale 1
+    x[2, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 125.9, 127.99, 1e-4]).to(DEVICE)  # ties, binade carries
+    q, x_scale = w8a8.quantize_rows(x, to_fp8)
+    ref_q, ref_scale = (quantize_rowwise_fp8 if to_fp8 else quantize_per_token_int8)(x)
+    assert torch.equal(x_scale, ref_scale.reshape(-1))
+    assert torch.equal(q.float(), ref_q.float())
+
+
+# -- the path table, tuning and cache: pure Python -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "scheme_name,m,capability,expected",
+    [
+        ("int4-g128", 1, (9, 0), "triton-int4-gemv"),
+        ("int4-g128-sym", 16, (9, 0), "triton-int4-splitk"),
+        ("int4", 2048, (8, 0), "triton-int4-gemm"),
+        ("int8", 4, (9, 0), "triton-w8a16-gemv"),
+        ("fp8", 64, (9, 0), "triton-w8a16-gemm"),
+        ("fp8", 64, (8, 0), None),
+        ("w8a8", 1, (8, 0), "triton-w8a8-gemm"),
+        ("fp8-w8a8", 256, (8, 9), "triton-w8a8-gemm"),
+        ("fp8-w8a8", 256, (8, 6), None),
+        ("int8-g128", 1, (9, 0), None),
+        ("nf4-g64", 1, (9, 0), None),
+    ],
+)
+def test_path_table(scheme_name, m, capability, expected):
+    assert paths.select_path(parse_scheme(scheme_name), m, capability=capability) == expected
+
+
+def test_path_reasons_name_the_problem():
+    row = paths.PATHS[0]
+    assert "CUDA" in paths.path_reason(row, parse_scheme("int4-g128"), 1, "cpu", (0, 0), torch.float32)
+    assert "M=8" in paths.path_reason(row, parse_scheme("int4-g128"), 8, "cuda", (9, 0), torch.float16)
+    assert "8.9" in paths.path_reason(paths.PATHS[-1], parse_scheme("fp8-w8a8"), 8, "cuda", (8, 0), torch.float16)
+
+
+def test_register_adds_cuda_rows_only():
+    from qcompile.runtime import dispatch
+
+    dispatch.load_builtin_kernels()
+    rows = [k for k in dispatch.registered_kernels() if k.name.startswith("triton-")]
+    assert {k.name for k in rows} == {p.name for p in paths.PATHS}
+    assert all(k.device_type == "cuda" for k in rows)
+
+
+def test_aligned_block_k():
+    assert int4.aligned_block_k(128, 128, True) == (128, True)
+    assert int4.aligned_block_k(128, 96, True) == (32, True)
+    assert int4.aligned_block_k(64, 8, True) == (64, False)
+    assert int4.aligned_block_k(64, 8, False) == (8, True)
+
+
+def test_tuned_configs_round_trip(tmp_path):
+    store = autotune.TunedConfigs(tmp_path / "tuned.json")
+    config = autotune.KernelConfig(64, 128, 64, split_k=1, num_warps=8, num_stages=3)
+    store.put("int4-gemm|m64|n4096|k4096|g128|H100|triton-3.7.1", config)
+    exported = autotune.TunedConfigs(tmp_path / "tuned.json").export()  # read back from disk
+    assert exported["configs"]["int4-gemm|m64|n4096|k4096|g128|H100|triton-3.7.1"] == config.to_dict()
+    fresh = autotune.TunedConfigs(None)
+    fresh.update(autotune._parse(exported, "test"), persist=False)
+    assert fresh.get("int4-gemm|m64|n4096|k4096|g128|H100|triton-3.7.1") == config
+    with pytest.raises(ValueError, match="unknown fields"):
+        autotune.KernelConfig.from_dict({"block_m": 16, "blocks": 2})
+    with pytest.raises(ValueError, match="power of two"):
+        autotune.KernelConfig(48, 64, 64)
+
+
+def test_choose_config_without_gpu_uses_default():
+    default = autotune.KernelConfig(16, 32, 32)
+    chosen = autotune.choose_config("k", [autotune.KernelConfig(64, 64, 64)], default, None, torch.device("cpu"))
+    assert chosen == default
+
+
+def test_candidate_configs_respect_kernel_constraints():
+    for path in ("gemv", "splitk", "gemm"):
+        for m in (1, 4, 16, 64, 2048):
+            if common.path_for_m(m) != path and path != "gemm":
+                continue
+            for config in int4.candidate_configs(path, m, 4096):
+                assert path == "gemv" or (config.block_k >= 32 and config.block_m >= 16)
+    assert all(c.split_k == 1 for c in w8a8.candidate_configs(16, 4096))
+
+
+# -- on a GPU: the registered op ------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme_name", ["int4-g128", "int4-g128-sym", "int4", "int8", "fp8", "w8a8", "fp8-w8a8"])
+@pytest.mark.parametrize("m", [1, 8, 64, 300])
+def test_op_on_gpu(scheme_name, m):
+    from qcompile.runtime import dispatch
+
+    k, n = 1000, 384  # ragged against the group size and the tiles
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    x = activation(m, k, torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    kernel, reason = dispatch.select_kernel(parse_scheme(scheme_name), x, qweight, scales, zeros)
+    if kernel is None:
+        pytest.skip(reason)
+    y = torch.ops.qcompile.linear(x, qweight, scales, zeros, bias, scheme_name)
+    assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 2e-2)

@@ -9,8 +9,8 @@ configs on the first call for a key and keeps the winner
 
 keyed by ``kernel | M bucket | N | K | group size | device name | triton version``. The table can be exported
 as plain JSON (:func:`export_tuned_configs`) and loaded back (:func:`load_tuned_configs`), so an artifact can
-carry the configs it was tuned with. Under ``TRITON_INTERPRET=1``, and while a CUDA graph is being captured,
-the kernel's default config is used and nothing is timed.
+carry the configs it was tuned with. Under ``TRITON_INTERPRET=1``, while a CUDA graph is being captured, and with
+``QCOMPILE_TRITON_TUNE=0``, a key without a cached config gets the kernel's default config and nothing is timed.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ log = logging.getLogger("qcompile")
 
 FORMAT_VERSION = 1
 CACHE_FILE = "tuned-configs.json"
+#: ``QCOMPILE_TRITON_TUNE=0`` skips the search: keys without a cached config use the kernel's default config
+TUNE_ENV = "QCOMPILE_TRITON_TUNE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +179,7 @@ def choose_config(
     cached = STORE.get(key)
     if cached is not None:
         return cached
-    if torch.cuda.is_current_stream_capturing() or not candidates:
+    if torch.cuda.is_current_stream_capturing() or not candidates or os.environ.get(TUNE_ENV) == "0":
         return default
     from triton.testing import do_bench
 
@@ -199,14 +201,18 @@ def _fits_sum(block_m: int, block_n: int, block_k: int) -> bool:
 
 
 def standard_candidates(path: str, m: int, k: int) -> list[KernelConfig]:
-    """Candidate configs for a real GPU, by path (``gemv``, ``splitk``, ``gemm``) and M bucket."""
+    """Candidate configs for a real GPU, by path (``gemv``, ``splitk``, ``gemm``) and M bucket.
+
+    Block sizes, warps and stages are compile-time constants (each distinct one is a compile on first tuning);
+    ``split_k`` is a run-time argument, so trying several splits per tile shape is cheap.
+    """
     bucket = m_bucket(m)
     if path == "gemv":
         block_m = bucket
         out = [
             KernelConfig(block_m, bn, bk, split_k=sk, num_warps=4, num_stages=2)
             for bn in (32, 64, 128)
-            for bk in (64, 128, 256)
+            for bk in (128, 256)
             for sk in (1, 4, 8)
             if _fits_sum(block_m, bn, bk // 2) and k >= bk * sk
         ]

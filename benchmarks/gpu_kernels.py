@@ -1,0 +1,190 @@
+"""qcompile Triton kernels vs cuBLAS bf16, tinygemm int4, inductor int8 and ``torch._scaled_mm`` on Llama-8B shapes.
+
+    python benchmarks/gpu_kernels.py              # correctness + the full table (first run tunes: a few minutes)
+    python benchmarks/gpu_kernels.py --no-tune    # untuned keys use default configs (QCOMPILE_TRITON_TUNE=0)
+    python benchmarks/gpu_kernels.py --m 1 16 --schemes int4-g128
+
+Prints (1) the relative error of every scheme vs the reference op and (2) per (scheme, K×N, M): time of the
+qcompile kernel, of cuBLAS bf16 ``F.linear`` and of the scheme's PyTorch peer, the speedups, and the achieved
+weight bandwidth against a measured device-to-device copy. Times come from ``triton.testing.do_bench`` (L2 flushed
+between runs) or, with ``--graphs``, from CUDA-graph replays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N): attention out/qkv, MLP up/gate, MLP down
+M_VALUES = (1, 16, 64, 256, 2048)
+SCHEMES = ("int4-g128", "int8", "w8a8", "fp8-w8a8", "fp8")
+PEER = {"int4-g128": "tinygemm", "int8": "inductor-int8", "w8a8": "inductor-int8", "fp8-w8a8": "scaled_mm",
+        "fp8": "scaled_mm"}  # fmt: skip
+
+
+def bench(fn, graphs: bool) -> float:
+    """Milliseconds per call."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    fn()  # tune / compile outside the timed region
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=50) if graphs else do_bench(fn, warmup=10, rep=50)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50)
+    return 2 * src.numel() / ms / 1e6
+
+
+def quantized(scheme_name: str, weight: torch.Tensor):
+    from qcompile.schemes import parse_scheme
+
+    scheme = parse_scheme(scheme_name)
+    packed = scheme.pack(scheme.quantize(weight.float()))
+    return packed.qweight, packed.scales, packed.zeros, packed.nbytes
+
+
+# -- peers --------------------------------------------------------------------------------------------------------
+def tinygemm(weight: torch.Tensor, group_size: int = 128):
+    """``aten._weight_int4pack_mm`` with an asymmetric int4 g128 weight (tinygemm: w = (q - 8) * scale + zero)."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scales = ((hi - lo) / 15).clamp_min(1e-6)
+    q = torch.clamp(torch.round((groups - lo[..., None]) / scales[..., None]), 0, 15).to(torch.int32).reshape(n, k)
+    zeros = lo + 8 * scales
+    packed_uint8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(packed_uint8, 8)
+    scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+    return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
+
+
+def inductor_int8(weight: torch.Tensor):
+    """gpt-fast style int8 weight-only linear compiled by inductor: ``F.linear(x, q.to(x.dtype)) * scales``."""
+    scales = weight.float().abs().amax(1).clamp_min(1e-8) / 127
+    q = torch.round(weight.float() / scales[:, None]).to(torch.int8)
+    scales = scales.to(torch.bfloat16)
+    return torch.compile(lambda x: F.linear(x, q.to(x.dtype)) * scales, dynamic=False)
+
+
+def scaled_mm_rowwise(weight: torch.Tensor):
+    """``torch._scaled_mm`` fp8 e4m3 rowwise; the activation is quantized outside the timed call."""
+    from qcompile.schemes.fp8 import quantize_rowwise_fp8
+
+    w_fp8, w_scale = quantize_rowwise_fp8(weight)
+    w_scale = w_scale.reshape(1, -1).contiguous()
+    cache = {}
+
+    def run(x):
+        if x.shape not in cache:
+            cache[x.shape] = quantize_rowwise_fp8(x)
+        x_fp8, x_scale = cache[x.shape]
+        return torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+
+    return run
+
+
+PEERS = {"tinygemm": tinygemm, "inductor-int8": inductor_int8, "scaled_mm": scaled_mm_rowwise}
+
+
+# -- the two reports ----------------------------------------------------------------------------------------------
+def correctness(schemes, device_name: str) -> None:
+    from qcompile.runtime import dispatch
+    from qcompile.runtime.ops import reference_linear
+    from qcompile.schemes import parse_scheme
+
+    print(f"\n## correctness on {device_name}: max |y - ref| / max |ref|, bf16 activations, K=N=4096")
+    weight = torch.randn(4096, 4096, device="cuda") * 0.02
+    for scheme_name in schemes:
+        qweight, scales, zeros, _ = quantized(scheme_name, weight)
+        errors = []
+        for m in (1, 16, 256):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+            y = torch.ops.qcompile.linear(x, qweight, scales, zeros, None, scheme_name).float()
+            ref = reference_linear(x.float(), qweight, scales, zeros, None, scheme_name)
+            errors.append(f"M={m}: {((y - ref).abs().max() / ref.abs().max()).item():.1e}")
+        kernel, reason = dispatch.select_kernel(parse_scheme(scheme_name), x, qweight, scales, zeros)
+        used = kernel.name if kernel is not None else f"reference ({reason})"
+        print(f"{scheme_name:>10}  " + "  ".join(errors) + f"  [M=256: {used}]")
+
+
+def timing_table(schemes, m_values, graphs: bool, copy_gbs: float) -> None:
+    print(f"\n## time per call (µs); speedup = other / qcompile; weight GB/s vs copy {copy_gbs:.0f} GB/s")
+    header = f"{'scheme':>10} {'K x N':>12} {'M':>5} {'qcompile':>9} {'bf16':>9} {'x bf16':>7} {'peer':>14} "
+    print(header + f"{'peer us':>9} {'x peer':>7} {'GB/s':>7} {'% copy':>7}")
+    for k, n in SHAPES:
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        peers = {}
+        for scheme_name in schemes:
+            qweight, scales, zeros, nbytes = quantized(scheme_name, weight)
+            peer_name = PEER.get(scheme_name)
+            if peer_name and peer_name not in peers:
+                try:
+                    peers[peer_name] = PEERS[peer_name](weight)
+                except Exception as error:  # noqa: BLE001 - a missing peer is reported, not fatal
+                    peers[peer_name] = f"n/a ({type(error).__name__})"
+            for m in m_values:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ours = bench(
+                    functools.partial(torch.ops.qcompile.linear, x, qweight, scales, zeros, None, scheme_name), graphs
+                )
+                dense = bench(functools.partial(F.linear, x, weight), graphs)
+                peer = peers.get(peer_name)
+                if callable(peer):
+                    try:
+                        peer_ms = bench(functools.partial(peer, x), graphs)
+                        peer_cols = f"{peer_ms * 1e3:9.1f} {peer_ms / ours:7.2f}"
+                    except Exception as error:  # noqa: BLE001
+                        peer_cols = f"{'n/a':>9} {type(error).__name__[:7]:>7}"
+                else:
+                    peer_cols = f"{'n/a':>9} {'':>7}"
+                gbs = nbytes / ours / 1e6
+                print(
+                    f"{scheme_name:>10} {f'{k}x{n}':>12} {m:5d} {ours * 1e3:9.1f} {dense * 1e3:9.1f} "
+                    f"{dense / ours:7.2f} {peer_name or '-':>14} {peer_cols} {gbs:7.0f} {100 * gbs / copy_gbs:6.0f}%",
+                    flush=True,
+                )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    parser.add_argument("--m", nargs="+", type=int, default=list(M_VALUES))
+    parser.add_argument("--graphs", action="store_true", help="time CUDA-graph replays instead of launches")
+    parser.add_argument("--no-tune", action="store_true", help="use each kernel's default config")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/gpu_kernels.py needs a CUDA GPU and none is visible; nothing was measured.", file=sys.stderr)
+        return 2
+    import qcompile  # noqa: F401  (registers torch.ops.qcompile.linear)
+    from qcompile.codegen.triton import autotune
+    from qcompile.runtime import dispatch
+
+    if args.no_tune:
+        os.environ[autotune.TUNE_ENV] = "0"
+    dispatch.load_builtin_kernels()
+    torch.manual_seed(0)
+    started = time.time()
+    name = torch.cuda.get_device_name()
+    import triton
+
+    print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}")
+    correctness(args.schemes, name)
+    timing_table(args.schemes, args.m, args.graphs, copy_bandwidth())
+    print(f"\ndone in {time.time() - started:.0f} s; tuned configs cached in {autotune.default_cache_path()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ typedef __m256 vf;
 static inline vf vf_zero() { return _mm256_setzero_ps(); }
 static inline vf vf_load(const float* p) { return _mm256_loadu_ps(p); }
 static inline vf vf_bcast(float v) { return _mm256_set1_ps(v); }
+static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float vf_hsum(vf a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

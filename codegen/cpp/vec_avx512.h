@@ -6,6 +6,7 @@ typedef __m512 vf;
 static inline vf vf_zero() { return _mm512_setzero_ps(); }
 static inline vf vf_load(const float* p) { return _mm512_loadu_ps(p); }
 static inline vf vf_bcast(float v) { return _mm512_set1_ps(v); }
+static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vf_hsum(vf a) { return _mm512_reduce_add_ps(a); }
 

@@ -6,6 +6,7 @@ typedef float vf;
 static inline vf vf_zero() { return 0.0f; }
 static inline vf vf_load(const float* p) { return *p; }
 static inline vf vf_bcast(float v) { return v; }
+static inline vf vf_add(vf a, vf b) { return a + b; }
 static inline vf vf_fma(vf a, vf b, vf c) { return a * b + c; }
 static inline float vf_hsum(vf a) { return a; }
 

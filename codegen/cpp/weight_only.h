@@ -45,11 +45,13 @@ static void wo_prepare(const void* x, int x_bf16, int64_t M, int64_t K, int64_t 
 }
 
 // One weight row against MT activation rows; out[m] = sum_k x[m, k] * w[k] (no bias).
+// FMA latency exceeds its throughput, so each token keeps ACC independent accumulators (more when MT is small).
 template <int MT, int BITS>
 static inline void wo_tile(const float* xp, int64_t Kp, const uint8_t* wrow, const float* srow,
                            const float* zrow, float zero_const, int64_t gs, int64_t G, const float* xsum,
                            float* out) {
     constexpr int64_t BLOCK = BITS == 4 ? 2 * W : W;
+    constexpr int ACC = MT == 1 ? 4 : (MT == 2 ? 2 : 1);  // independent accumulator pairs per token
     const int64_t blocks = gs / BLOCK;
     vf total[MT];
     float correction[MT];
@@ -59,21 +61,32 @@ static inline void wo_tile(const float* xp, int64_t Kp, const uint8_t* wrow, con
     }
     for (int64_t g = 0; g < G; g++) {
         const int64_t k0 = g * gs;
-        vf acc[MT];
+        vf acc[ACC][MT][2];
         float tail[MT];
-        for (int m = 0; m < MT; m++) {
-            acc[m] = vf_zero();
-            tail[m] = 0.0f;
-        }
+        for (int a = 0; a < ACC; a++)
+            for (int m = 0; m < MT; m++) acc[a][m][0] = acc[a][m][1] = vf_zero();
+        for (int m = 0; m < MT; m++) tail[m] = 0.0f;
+        int64_t b = 0;
         if (BITS == 4) {
             const uint8_t* p = wrow + k0 / 2;
-            for (int64_t b = 0; b < blocks; b++) {
+            for (; b + ACC <= blocks; b += ACC) {
+                for (int a = 0; a < ACC; a++) {
+                    vf lo, hi;
+                    u4_block(p + (b + a) * W, lo, hi);
+                    const float* xb = xp + k0 + (b + a) * 2 * W;
+                    for (int m = 0; m < MT; m++) {
+                        acc[a][m][0] = vf_fma(lo, vf_load(xb + m * Kp), acc[a][m][0]);
+                        acc[a][m][1] = vf_fma(hi, vf_load(xb + m * Kp + W), acc[a][m][1]);
+                    }
+                }
+            }
+            for (; b < blocks; b++) {
                 vf lo, hi;
                 u4_block(p + b * W, lo, hi);
                 const float* xb = xp + k0 + b * 2 * W;
                 for (int m = 0; m < MT; m++) {
-                    acc[m] = vf_fma(lo, vf_load(xb + m * Kp), acc[m]);
-                    acc[m] = vf_fma(hi, vf_load(xb + m * Kp + W), acc[m]);
+                    acc[0][m][0] = vf_fma(lo, vf_load(xb + m * Kp), acc[0][m][0]);
+                    acc[0][m][1] = vf_fma(hi, vf_load(xb + m * Kp + W), acc[0][m][1]);
                 }
             }
             for (int64_t k = k0 + blocks * BLOCK; k < k0 + gs; k++) {
@@ -81,22 +94,36 @@ static inline void wo_tile(const float* xp, int64_t Kp, const uint8_t* wrow, con
                 for (int m = 0; m < MT; m++) tail[m] += u * xp[m * Kp + k];
             }
         } else {
-            const int8_t* p = (const int8_t*)wrow;
-            for (int64_t b = 0; b < blocks; b++) {
-                const vf w = s8_block(p + k0 + b * W);
-                const float* xb = xp + k0 + b * W;
-                for (int m = 0; m < MT; m++) acc[m] = vf_fma(w, vf_load(xb + m * Kp), acc[m]);
+            const int8_t* p = (const int8_t*)wrow + k0;
+            for (; b + 2 * ACC <= blocks; b += 2 * ACC) {
+                for (int a = 0; a < 2 * ACC; a++) {
+                    const vf w = s8_block(p + (b + a) * W);
+                    const float* xb = xp + k0 + (b + a) * W;
+                    for (int m = 0; m < MT; m++)
+                        acc[a / 2][m][a % 2] = vf_fma(w, vf_load(xb + m * Kp), acc[a / 2][m][a % 2]);
+                }
             }
-            for (int64_t k = k0 + blocks * BLOCK; k < k0 + gs; k++) {
+            for (; b < blocks; b++) {
+                const vf w = s8_block(p + b * W);
+                const float* xb = xp + k0 + b * W;
+                for (int m = 0; m < MT; m++) acc[0][m][0] = vf_fma(w, vf_load(xb + m * Kp), acc[0][m][0]);
+            }
+            for (int64_t k = blocks * BLOCK; k < gs; k++) {
                 const float u = (float)p[k];
-                for (int m = 0; m < MT; m++) tail[m] += u * xp[m * Kp + k];
+                for (int m = 0; m < MT; m++) tail[m] += u * xp[m * Kp + k0 + k];
             }
         }
         const float s = srow[g];
         const float z = zrow ? zrow[g] : zero_const;
         const vf vs = vf_bcast(s);
         for (int m = 0; m < MT; m++) {
-            total[m] = vf_fma(acc[m], vs, total[m]);
+            vf lo = acc[0][m][0], hi = acc[0][m][1];
+            for (int a = 1; a < ACC; a++) {
+                lo = vf_add(lo, acc[a][m][0]);
+                hi = vf_add(hi, acc[a][m][1]);
+            }
+            const vf sum = vf_add(lo, hi);
+            total[m] = vf_fma(sum, vs, total[m]);
             correction[m] += s * (tail[m] - z * xsum[m * G + g]);
         }
     }

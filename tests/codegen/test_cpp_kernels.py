@@ -1,0 +1,181 @@
+"""C++ CPU kernels of ``qcompile::linear`` against the plain-PyTorch reference.
+
+Tolerances, measured over the shapes below (worst error / (|reference| + rms(reference))):
+* float32 weight-only: <= 6e-6. Sources: summation order (blocked FMAs vs the BLAS), and the per-group zero
+  correction ``scale * (sum u x - zero * sum x)`` that cancels a few bits. We allow 5e-5 (about 8x margin).
+* bfloat16 weight-only: <= 6e-3. The reference rounds every weight to bfloat16 before its matmul and rounds the
+  output; the kernel keeps float32 weights and rounds only the output (one bf16 ulp is 2**-8 = 3.9e-3). We
+  allow 1.6e-2, torch's own bfloat16 tolerance.
+* w8a8: bit-exact in both dtypes (same integer sums, same float operations in the same order).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from qcompile.codegen import cpp
+from qcompile.codegen.cpp import build, kernels, library
+from qcompile.runtime import dispatch, ops
+from qcompile.schemes import parse_scheme
+
+WEIGHT_ONLY = ["int8", "int8-g64", "int8-asym", "int4", "int4-g32", "int4-g128-sym", "int4-g24", "int4-g64-sym"]
+# (M, K, N): ragged everywhere; K=100 with g32/g64/g24 pads the last group; M=17 takes the dequantize + GEMM path.
+SHAPES = [(1, 100, 37), (3, 257, 64), (5, 130, 20), (17, 200, 33), (2, 1000, 16)]
+TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 1.6e-2}
+ISAS = library.available_isas()
+
+
+def _packed(name: str, n: int, k: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    scheme = parse_scheme(name)
+    weight = torch.randn(n, k, generator=generator)
+    return scheme, scheme.pack(scheme.quantize(weight))
+
+
+def _inputs(m: int, k: int, n: int, dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    bias = torch.randn(n, generator=generator)
+    return x, bias
+
+
+def _assert_matches_reference(y, x, packed, bias, name):
+    ref = ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias, name)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    if parse_scheme(name).quantizes_activations:
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+        return
+    tol = TOLERANCE[x.dtype]
+    rms = ref.float().pow(2).mean().sqrt().item()
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * rms)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", [*WEIGHT_ONLY, "w8a8"])
+def test_kernel_matches_reference(name, dtype, isa, monkeypatch):
+    monkeypatch.setenv(library.ISA_ENV, isa)
+    run = kernels.w8a8_run if name == "w8a8" else kernels.weight_only_run
+    for i, (m, k, n) in enumerate(SHAPES):
+        scheme, packed = _packed(name, n, k, seed=i)
+        x, bias = _inputs(m, k, n, dtype, seed=i)
+        bias = bias if i % 2 == 0 else None
+        y = run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
+        _assert_matches_reference(y, x, packed, bias, name)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g32", "w8a8"])
+def test_op_dispatches_to_cpp_kernel(name):
+    scheme, packed = _packed(name, 48, 96, seed=7)
+    x, bias = _inputs(3, 96, 48, torch.float32, seed=7)
+    x = x.reshape(1, 3, 96)
+    entry, reason = dispatch.select_kernel(scheme, x, packed.qweight, packed.scales, packed.zeros)
+    assert entry is not None and entry.name.startswith("cpp-"), reason
+    y = torch.ops.qcompile.linear(x, packed.qweight, packed.scales, packed.zeros, bias, name)
+    assert y.shape == (1, 3, 48)
+    _assert_matches_reference(y, x, packed, bias, name)
+
+
+@pytest.mark.parametrize("name, dtype", [("int3-g128", torch.float32), ("nf4-g64", torch.float32),
+                                         ("int4-g32", torch.float16)])  # fmt: skip
+def test_unsupported_calls_give_a_reason_and_fall_back(name, dtype):
+    scheme, packed = _packed(name, 16, 64, seed=3)
+    x = torch.randn(2, 64).to(dtype)
+    entry, reason = dispatch.select_kernel(scheme, x, packed.qweight, packed.scales, packed.zeros)
+    assert entry is None and "cpp-" in reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = torch.ops.qcompile.linear(x, packed.qweight, packed.scales, packed.zeros, None, name)
+    torch.testing.assert_close(y, ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, None, name))
+
+
+@pytest.mark.parametrize("name, m", [("int4-g32", 3), ("int8", 5), ("int4", 20), ("w8a8", 6)])
+def test_one_and_two_threads_agree_exactly(name, m):
+    scheme, packed = _packed(name, 301, 384, seed=5)
+    x, bias = _inputs(m, 384, 301, torch.float32, seed=5)
+    run = kernels.w8a8_run if name == "w8a8" else kernels.weight_only_run
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
+        torch.set_num_threads(2)
+        two = run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_isa_variants_agree_with_each_other(monkeypatch):
+    scheme, packed = _packed("int4-g64", 70, 320, seed=9)
+    x, _ = _inputs(2, 320, 70, torch.float32, seed=9)
+    results = []
+    for isa in ISAS:
+        monkeypatch.setenv(library.ISA_ENV, isa)
+        results.append(kernels.weight_only_run(scheme, x, packed.qweight, packed.scales, packed.zeros, None))
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_forcing_an_isa_is_checked(monkeypatch):
+    monkeypatch.setenv(library.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="QCOMPILE_CPU_ISA"):
+        library.active_isa()
+    missing = [isa for isa in library.ISAS if isa not in ISAS]
+    if missing:
+        monkeypatch.setenv(library.ISA_ENV, missing[0])
+        with pytest.raises(RuntimeError, match="cannot run it"):
+            library.active_isa()
+    monkeypatch.setenv(library.ISA_ENV, "scalar")
+    assert library.active_isa() == "scalar"
+
+
+def _probe(env: dict) -> list[str]:
+    code = "from qcompile.codegen.cpp import build, library; library.load(); print(build.builds_in_this_process); print(build.library_path())"  # noqa: E501
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_second_process_reuses_the_cached_library():
+    library.load()
+    path = build.library_path()
+    mtime = path.stat().st_mtime_ns
+    builds, reported = _probe(dict(os.environ))
+    assert builds == "0" and reported == str(path)
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_cold_build_into_a_fresh_cache(tmp_path):
+    env = dict(os.environ, QCOMPILE_CACHE_DIR=str(tmp_path))
+    builds, path = _probe(env)
+    assert builds == "1" and path.startswith(str(tmp_path))
+    builds_again, _ = _probe(env)
+    assert builds_again == "0"
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith("build-")]
+    assert leftovers == []  # temporary build folders are removed; only the renamed library stays
+
+
+def test_missing_compiler_is_reported(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.raises(build.CompilerError, match="no C\\+\\+ compiler"):
+        build.build()
+
+    def no_library():
+        raise build.CompilerError("no C++ compiler found")
+
+    monkeypatch.setattr(library, "load", no_library)
+    names = [k.name for k in dispatch.registered_kernels() if k.name.startswith("cpp-")]
+    try:
+        for name in names:
+            dispatch.unregister_kernel(name)
+        with pytest.warns(UserWarning, match="reference path"):
+            cpp.register()
+        assert not [k for k in dispatch.registered_kernels() if k.name.startswith("cpp-")]
+    finally:
+        monkeypatch.undo()
+        cpp.register()

@@ -1,0 +1,116 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, spreading each column's rounding
+error over the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+Inputs: the weight ``W [N, K]`` and ``H = 2/n · Σ x xᵀ`` (``[K, K]``, from :mod:`qcompile.algorithms.calibrate`).
+
+* damping: ``H += damp · mean(diag H) · I`` (option ``damp``, alias ``percdamp``, default 0.01);
+  input channels that never saw a non-zero activation ("dead") get ``H_jj = 1`` and ``W_:j = 0``.
+* ``Hinv`` is the upper Cholesky factor of ``H⁻¹``; columns are processed in blocks of ``block_size``
+  (default 128) with the error of a whole block applied lazily to the columns after it.
+* groups: scales/zeros per group of the scheme. With ``act_order`` (default on) columns are visited in
+  order of decreasing ``H_jj``, and groups are **static**: their scales/zeros are computed by
+  round-to-nearest on the original weight, in the original column order, before any update. The result
+  is therefore the plain canonical form (no ``g_idx``, no permutation at run time). Without
+  ``act_order``, groups may be dynamic (``static_groups: false``, the default then): each group's scales
+  are computed from the updated weight when GPTQ reaches its first column, as in the reference code.
+
+Options: ``damp``, ``block_size``, ``act_order``, ``static_groups``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.algorithms import Algorithm, register_algorithm
+from qcompile.algorithms.grid import code_range, fake_quantize, integer_scheme, offsets
+from qcompile.algorithms.options import check_options
+from qcompile.schemes import QuantizedWeight, Scheme
+from qcompile.schemes.base import pad_columns
+
+def _inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` in float64; zeroes the dead columns of ``weight`` in place."""
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    weight[:, dead] = 0
+    diag = torch.arange(h.shape[0])
+    h[diag, diag] += damp * torch.mean(torch.diag(h))
+    for attempt in range(6):  # near-singular H: raise the damping until the factorisation succeeds
+        factor, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            break
+        h[diag, diag] += damp * torch.mean(torch.diag(h)) * 10**attempt
+    else:
+        raise ValueError("GPTQ: the Hessian stays singular after damping; pass more calibration data")
+    inverse = torch.cholesky_inverse(factor)
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def gptq_quantize(scheme: Scheme, weight: torch.Tensor, hessian: torch.Tensor, options: dict | None = None):
+    """GPTQ of ``weight [N, K]`` given ``hessian [K, K]``; returns the scheme's :class:`QuantizedWeight`."""
+    options = check_options("gptq", options)
+    grid = integer_scheme(scheme, "gptq")
+    damp = float(options.get("damp", options.get("percdamp", 0.01)))
+    block_size = int(options.get("block_size", 128))
+    act_order = bool(options.get("act_order", True))
+    static_groups = bool(options.get("static_groups", act_order))
+    if act_order and not static_groups:
+        raise ValueError("GPTQ: act_order needs static_groups (kernels take no g_idx); drop static_groups: false")
+    n, k = weight.shape
+    kp = grid.padded_in_features(k)
+    group = grid.group_size_for(k)
+    lo, hi = code_range(grid)
+
+    w = pad_columns(weight.to(torch.float64), kp).clone()
+    h = torch.zeros(kp, kp, dtype=torch.float64)
+    h[:k, :k] = hessian.to(torch.float64)
+
+    column_group = torch.arange(kp) // group  # original column → its group
+    if static_groups:
+        scales, zeros = grid.compute_scales(w[:, :k].to(torch.float32))
+        scales, zero_points = scales.to(torch.float64), offsets(grid, zeros, scales).to(torch.float64)
+    else:
+        scales = torch.ones(n, kp // group, dtype=torch.float64)
+        zero_points = torch.zeros_like(scales)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(kp)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_hessian_factor(h, w, damp)
+
+    q = torch.zeros_like(w)
+    for start in range(0, kp, block_size):
+        end = min(start + block_size, kp)
+        w_block = w[:, start:end].clone()
+        err_block = torch.zeros_like(w_block)
+        hinv_block = hinv[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            g = int(column_group[perm[column]])
+            if not static_groups and column % group == 0:  # dynamic: params from the updated weight
+                span = torch.cat([w_block[:, i:], w[:, end:]], dim=1)[:, :group]
+                s, z = grid.compute_scales(span.to(torch.float32))
+                scales[:, g] = s[:, 0].to(torch.float64)
+                zero_points[:, g] = offsets(grid, z, s)[:, 0].to(torch.float64)
+            col = w_block[:, i]
+            q_col = fake_quantize(col, scales[:, g], zero_points[:, g], lo, hi)
+            q[:, column] = q_col
+            err = (col - q_col) / hinv_block[i, i]
+            w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
+            err_block[:, i] = err
+        w[:, end:] -= err_block @ hinv[start:end, end:]
+
+    if act_order:
+        q = q[:, torch.argsort(perm)]
+    zeros_out = None if grid.symmetric else zero_points.to(torch.float32)
+    return grid.quantize_with(q[:, :k].to(torch.float32), scales.to(torch.float32), zeros_out)
+
+
+def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> QuantizedWeight:
+    cached = stats.cached_result(scheme, weight, options)
+    if cached is not None:  # quantized during block-by-block calibration, on this very weight
+        return cached
+    if stats.hessian is None:
+        raise ValueError(f"site {stats.site}: GPTQ needs the input Hessian; the calibration statistics have none")
+    return gptq_quantize(scheme, weight, stats.hessian, options)
+
+
+register_algorithm(Algorithm("gptq", _run, needs_calibration=True))

@@ -1,0 +1,89 @@
+"""What calibration records for one site, accumulated batch by batch from the site's inputs ``x [..., K]``.
+
+| field        | shape       | meaning                                                     | used by           |
+|--------------|-------------|-------------------------------------------------------------|-------------------|
+| `hessian`    | `[K, K]`    | ``2/n · Σ x xᵀ`` over all ``n`` tokens (float64 accumulate) | GPTQ              |
+| `abs_mean`   | `[K]`       | mean ``|x_j|`` per input channel                             | AWQ               |
+| `abs_max`    | `[K]`       | max ``|x_j|`` per input channel                              | SmoothQuant       |
+| `inputs`     | `[S, K]`    | up to ``max_samples`` input rows, spread evenly over batches | AWQ's scale search |
+| `scale`      | `[K]`       | the per-input-channel factor folded into the weight (AWQ, SmoothQuant), else ``None`` | report |
+
+``note`` says what the pre-pass did to the site (scaled, or why not). ``result`` holds a quantization
+already computed during block-by-block calibration, keyed by scheme, options and a digest of the
+weight it was computed from, so it is reused only for that exact weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+
+from qcompile.schemes import QuantizedWeight, Scheme
+
+
+def weight_digest(weight: torch.Tensor) -> str:
+    """blake2b of the weight's float32 bytes (row-major ``[N, K]``)."""
+    data = weight.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclasses.dataclass
+class SiteStatistics:
+    site: str
+    in_features: int
+    want_hessian: bool = False
+    want_inputs: bool = False
+    max_samples: int = 512
+    tokens: int = 0
+    hessian: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    abs_max: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    note: str = ""
+    result: tuple[str, QuantizedWeight] | None = None
+
+    @property
+    def abs_mean(self) -> torch.Tensor | None:
+        return None if self.abs_sum is None else self.abs_sum / max(self.tokens, 1)
+
+    def reset(self) -> None:
+        """Forget the accumulated inputs (the weights before this site changed)."""
+        self.tokens, self.hessian, self.abs_sum, self.abs_max, self.inputs = 0, None, None, None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate one batch of inputs ``x [..., K]``."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        rows = x.shape[0]
+        if rows == 0:
+            return
+        absx = x.abs()
+        if self.abs_sum is None:
+            self.abs_sum, self.abs_max = absx.sum(0).double(), absx.amax(0)
+        else:
+            self.abs_sum += absx.sum(0).double()
+            self.abs_max = torch.maximum(self.abs_max, absx.amax(0))
+        if self.want_hessian:
+            xd = x.to(torch.float64)
+            batch = 2.0 * (xd.t() @ xd)
+            total = self.tokens + rows  # running mean of 2·x xᵀ, as the reference code keeps it
+            self.hessian = batch / total if self.hessian is None else self.hessian * (self.tokens / total) + batch / total
+        if self.want_inputs:
+            step = max(1, rows // max(1, self.max_samples // 8))
+            kept = x[::step][: self.max_samples]
+            self.inputs = kept if self.inputs is None else torch.cat([self.inputs, kept])[-self.max_samples :]
+        self.tokens += rows
+
+    def remember(self, scheme: Scheme, weight: torch.Tensor, options: dict, q: QuantizedWeight) -> None:
+        self.result = (self._key(scheme, weight, options), q)
+
+    def cached_result(self, scheme: Scheme, weight: torch.Tensor, options: dict) -> QuantizedWeight | None:
+        if self.result is None or self.result[0] != self._key(scheme, weight, options):
+            return None
+        return self.result[1]
+
+    @staticmethod
+    def _key(scheme: Scheme, weight: torch.Tensor, options: dict) -> str:
+        return f"{scheme.name}|{sorted(dict(options).items())}|{weight_digest(weight)}"

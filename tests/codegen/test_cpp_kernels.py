@@ -150,14 +150,17 @@ def test_second_process_reuses_the_cached_library():
     assert path.stat().st_mtime_ns == mtime
 
 
-def test_cold_build_into_a_fresh_cache(tmp_path):
-    env = dict(os.environ, QCOMPILE_CACHE_DIR=str(tmp_path))
-    builds, path = _probe(env)
-    assert builds == "1" and path.startswith(str(tmp_path))
-    builds_again, _ = _probe(env)
-    assert builds_again == "0"
+def test_cold_build_into_a_fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
+    before = build.builds_in_this_process
+    path = build.build()
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    assert build.builds_in_this_process == before + 1
+    mtime = path.stat().st_mtime_ns
+    assert build.build() == path and build.builds_in_this_process == before + 1
+    assert path.stat().st_mtime_ns == mtime
     leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith("build-")]
-    assert leftovers == []  # temporary build folders are removed; only the renamed library stays
+    assert leftovers == []  # the temporary build folder is removed; only the renamed library stays
 
 
 def test_missing_compiler_is_reported(monkeypatch):

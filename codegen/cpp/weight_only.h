@@ -195,8 +195,15 @@ static int dequant_wo(const void* qweight, int bits, int64_t N, int64_t Kp, int6
             const float s = scales[n * G + g];
             const float z = zeros ? zeros[n * G + g] : zero_const;
             const int64_t k0 = g * gs, k1 = min_i64(k0 + gs, K);
-            if (bits == 4) {
-                for (int64_t k = k0; k < k1; k++) o[k] = ((float)((wrow[k >> 1] >> ((k & 1) * 4)) & 15) - z) * s;
+            if (bits == 4) {  // whole bytes (k0 is even), then an odd last element
+                const uint8_t* __restrict p = wrow + k0 / 2;
+                float* __restrict ok = o + k0;
+                const int64_t pairs = (k1 - k0) / 2;
+                for (int64_t j = 0; j < pairs; j++) {
+                    ok[2 * j] = ((float)(p[j] & 15) - z) * s;
+                    ok[2 * j + 1] = ((float)(p[j] >> 4) - z) * s;
+                }
+                if ((k1 - k0) % 2) ok[2 * pairs] = ((float)(p[pairs] & 15) - z) * s;
             } else {
                 const int8_t* q = (const int8_t*)wrow;
                 for (int64_t k = k0; k < k1; k++) o[k] = ((float)q[k] - z) * s;

@@ -25,7 +25,7 @@ from qcompile.runtime import dispatch, ops
 from qcompile.schemes import parse_scheme
 
 WEIGHT_ONLY = ["int8", "int8-g64", "int8-asym", "int4", "int4-g32", "int4-g128-sym", "int4-g24", "int4-g64-sym"]
-# (M, K, N): ragged everywhere; K=100 with g32/g64/g24 pads the last group; M=17 takes the dequantize + GEMM path.
+# (M, K, N): ragged everywhere; K=100 with g32/g64/g24 pads the last group.
 SHAPES = [(1, 100, 37), (3, 257, 64), (5, 130, 20), (17, 200, 33), (2, 1000, 16)]
 TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 1.6e-2}
 ISAS = library.available_isas()
@@ -68,6 +68,17 @@ def test_kernel_matches_reference(name, dtype, isa, monkeypatch):
         bias = bias if i % 2 == 0 else None
         y = run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
         _assert_matches_reference(y, x, packed, bias, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["int8-asym", "int4-g24", "int4-g128-sym", "int4"])
+def test_dequantize_gemm_path_matches_reference(name, dtype, monkeypatch):
+    monkeypatch.setattr(kernels, "GEMM_MIN_TOKENS", 4)
+    monkeypatch.setattr(kernels, "GEMM_SLICE_BYTES", 4 * 100 * 7)  # several slices, the last one short
+    scheme, packed = _packed(name, 45, 100, seed=11)
+    x, bias = _inputs(6, 100, 45, dtype, seed=11)
+    y = kernels.weight_only_run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
+    _assert_matches_reference(y, x, packed, bias, name)
 
 
 @pytest.mark.parametrize("name", ["int8", "int4-g32", "w8a8"])

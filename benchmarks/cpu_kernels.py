@@ -66,7 +66,8 @@ def matmulnbits_session(qweight, scales, zeros, k: int, n: int, level: int):
         [node], "nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], initializers,
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
@@ -93,9 +94,12 @@ def prepare(k: int, n: int):
 def bench_shape(k: int, n: int, tokens: list[int], repeats: int, copy_gbs: float) -> None:
     data = prepare(k, n)
     w32, wbf = data["weight"], data["weight"].bfloat16()
+    int4_codes, int4_meta = data["torch_int4"]
     print(f"\n## K={k} N={n}  (isa {library.active_isa()}, {torch.get_num_threads()} threads; times in ms)")
-    header = ("M", "fp32 F.linear", "bf16 F.linear", "torch int8", "torch int4", "ORT nbits L1", "ORT nbits L4",
-              "ours int4 f32", "ours int4 bf16", "ours int8 f32", "ours int8 bf16", "ours w8a8 f32", "ours w8a8 bf16")  # fmt: skip
+    header = (
+        "M", "fp32 F.linear", "bf16 F.linear", "torch int8", "torch int4", "ORT nbits L1", "ORT nbits L4",
+        "ours int4 f32", "ours int4 bf16", "ours int8 f32", "ours int8 bf16", "ours w8a8 f32", "ours w8a8 bf16",
+    )  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     ratios = []
@@ -107,14 +111,13 @@ def bench_shape(k: int, n: int, tokens: list[int], repeats: int, copy_gbs: float
             "fp32": median_ms(lambda: F.linear(x32, w32), repeats),
             "bf16": median_ms(lambda: F.linear(xbf, wbf), repeats),
             "t8": median_ms(lambda: torch.ops.aten._weight_int8pack_mm(xbf, *data["torch_int8"]), repeats),
-            "t4": median_ms(
-                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xbf, data["torch_int4"][0], GROUP, data["torch_int4"][1]),
-                repeats,
-            ),
+            "t4": median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xbf, int4_codes, GROUP, int4_meta),
+                            repeats),
             "ort1": median_ms(lambda: data["ort"][1].run(None, {"A": x_np}), repeats),
             "ort4": median_ms(lambda: data["ort"][4].run(None, {"A": x_np}), repeats),
         }
-        for key, run in (("int4", kernels.weight_only_run), ("int8", kernels.weight_only_run), ("w8a8", kernels.w8a8_run)):
+        for key in ("int4", "int8", "w8a8"):
+            run = kernels.w8a8_run if key == "w8a8" else kernels.weight_only_run
             scheme, p = data[key]
             for suffix, x in (("f32", x32), ("bf16", xbf)):
                 t[f"{key} {suffix}"] = median_ms(lambda: run(scheme, x, p.qweight, p.scales, p.zeros, None), repeats)
@@ -124,16 +127,19 @@ def bench_shape(k: int, n: int, tokens: list[int], repeats: int, copy_gbs: float
         ratios.append((m, t))
     print("\nSpeed-ups (baseline time / ours; > 1 means ours is faster):")
     print("| M | int4 bf16 vs torch int4 | int4 f32 vs ORT L1 | int4 f32 vs ORT L4 | int8 bf16 vs torch int8 "
-          "| int8 f32 vs bf16 | w8a8 f32 vs bf16 F.linear | w8a8 f32 vs fp32 F.linear | int4 BW GB/s | int8 BW GB/s |")
+          "| int8 f32 vs bf16 | w8a8 f32 vs bf16 F.linear | w8a8 f32 vs fp32 F.linear "
+          "| int4 BW GB/s | int8 BW GB/s |")
     print("|" + "---|" * 10)
     p4, p8 = data["int4"][1], data["int8"][1]
     for m, t in ratios:
         bw4 = p4.nbytes / t["int4 f32"] / 1e6
         bw8 = p8.nbytes / t["int8 f32"] / 1e6
         print(
-            f"| {m} | {t['t4'] / t['int4 bf16']:.2f} | {t['ort1'] / t['int4 f32']:.2f} | {t['ort4'] / t['int4 f32']:.2f} "
-            f"| {t['t8'] / t['int8 bf16']:.2f} | {t['int8 bf16'] / t['int8 f32']:.2f} | {t['bf16'] / t['w8a8 f32']:.2f} "
-            f"| {t['fp32'] / t['w8a8 f32']:.2f} | {bw4:.1f} | {bw8:.1f} |"
+            f"| {m} | {t['t4'] / t['int4 bf16']:.2f} | {t['ort1'] / t['int4 f32']:.2f} "
+            f"| {t['ort4'] / t['int4 f32']:.2f} | {t['t8'] / t['int8 bf16']:.2f} "
+            f"| {t['int8 bf16'] / t['int8 f32']:.2f} "
+            f"| {t['bf16'] / t['w8a8 f32']:.2f} | {t['fp32'] / t['w8a8 f32']:.2f} "
+            f"| {bw4:.1f} | {bw8:.1f} |"
         )
     print(f"(copy bandwidth: {copy_gbs:.1f} GB/s read+write)")
 

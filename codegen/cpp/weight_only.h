@@ -13,7 +13,8 @@
 // the activation copy is permuted once per call to match (within each group, per block of 2W: the
 // even-indexed values, then the odd-indexed ones). Whatever is left of a group after its whole blocks runs
 // scalar in natural order. Rows of x are processed in tiles of up to 4 so each unpacked weight block
-// serves 4 tokens. Threads split N; each output is computed by one thread, so results do not depend on the
+// serves 4 tokens. Threads take chunks of 32 output rows (dynamic, so a preempted thread does not hold the
+// call up); each output is computed by one thread, so results do not depend on the
 // thread count.
 
 // x -> float32 [M, Kp] (zero padded, 4-bit blocks permuted), xsum [M, G] per-group sums.
@@ -136,7 +137,7 @@ static void wo_rows(const float* xp, const float* xsum, int64_t M, int64_t Kp, c
                     const float* bias, void* y, int y_bf16, int threads) {
     const int64_t G = Kp / gs;
     const int64_t row_bytes = BITS == 4 ? Kp / 2 : Kp;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 32) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* wrow = qweight + n * row_bytes;
         const float* srow = scales + n * G;
@@ -187,7 +188,7 @@ static int dequant_wo(const void* qweight, int bits, int64_t N, int64_t Kp, int6
     (void)N;
     const int64_t G = Kp / gs;
     const int64_t row_bytes = bits == 4 ? Kp / 2 : Kp;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 32) num_threads(threads)
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* wrow = (const uint8_t*)qweight + n * row_bytes;
         float* o = out + (n - n0) * K;

@@ -147,7 +147,10 @@ def test_forcing_an_isa_is_checked(monkeypatch):
 
 
 def _probe(env: dict) -> list[str]:
-    code = "from qcompile.codegen.cpp import build, library; library.load(); print(build.builds_in_this_process); print(build.library_path())"  # noqa: E501
+    code = (
+        "from qcompile.codegen.cpp import build, library; library.load(); "
+        "print(build.builds_in_this_process); print(build.library_path())"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return out.stdout.split()
 

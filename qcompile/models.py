@@ -38,25 +38,32 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     The first load converts the GGUF (about a minute) and keeps a safetensors copy under
     ``~/.cache/qcompile/models/smollm2``; later loads read that copy.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import safetensors.torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     converted = cache_dir() / "models" / "smollm2"
-    if (converted / "model.safetensors").exists() and (converted / "tokenizer.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(converted)
-    else:
+    if not (converted / "model.safetensors").exists():
         gguf = smollm2_gguf_path()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tmp = converted.with_name(f"smollm2.tmp{os.getpid()}")
-        model.save_pretrained(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        AutoConfig.for_model(**config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
         if converted.exists():
             import shutil
 
             shutil.rmtree(converted)
         os.replace(tmp, converted)
-        model = model.to(dtype)
+    config = AutoConfig.from_pretrained(converted)
+    model = AutoModelForCausalLM.from_config(config)
+    safetensors.torch.load_model(model, str(converted / "model.safetensors"))
+    model.tie_weights()
+    model = model.to(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     model.eval()
     model.config.use_cache = False
     return model, tokenizer

@@ -49,7 +49,7 @@ def _flat_inputs(gm: torch.fx.GraphModule, args, kwargs) -> list | None:
 def _examples(program: QuantizedProgram) -> dict[str, torch.Tensor]:
     args, kwargs = tuple(program.example_args or ()), dict(program.example_kwargs or {})
     if not args and not kwargs:
-        return {}
+        return dict(getattr(program, "examples", {}))  # a loaded program keeps the examples it was saved with
     flat = _flat_inputs(program.module, args, kwargs)
     with torch.no_grad():
         outputs = pytree.tree_leaves(program(*args, **kwargs))

@@ -1,0 +1,39 @@
+"""ONNX forms of each scheme family: ``lower(site, scheme, packed, in_features, options) -> Lowering``.
+
+| family (:mod:`qcompile.schemes`) | ONNX form                                                                  |
+|----------------------------------|----------------------------------------------------------------------------|
+| `int-weight-only`, 8 bits        | `DequantizeLinear` (per channel or `block_size`) + `MatMul`                 |
+| `int-weight-only`, 4 bits        | `com.microsoft::MatMulNBits`, or `DequantizeLinear` on `int4`/`uint4` (`int4_format="qdq"`) |
+| `int-weight-only`, 2 bits        | `com.microsoft::MatMulNBits` (ONNX has no 2-bit type)                        |
+| `int-weight-only`, 3 bits        | not exportable: a clear error                                              |
+| `w8a8-int8`                      | per-token int8 activation quantization + `MatMulInteger`                   |
+| `fp8`                            | `DequantizeLinear` on `float8e4m3fn` + `MatMul`; `fp8-w8a8`: a clear error  |
+| `nf4`                            | nibble unpack + `Gather` of the 16 levels + `MatMul`                        |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.onnx.base import ExportOptions, Lowering, OnnxExportError
+from qcompile.onnx.families import fp8, integer, nf4, w8a8
+from qcompile.schemes import PackedWeight, Scheme
+
+LOWER_BY_FAMILY = {
+    "int-weight-only": integer.lower,
+    "w8a8-int8": w8a8.lower,
+    "fp8": fp8.lower,
+    "nf4": nf4.lower,
+}
+
+
+def lower_site(site: str, scheme: Scheme, packed: PackedWeight, in_features: int, options: ExportOptions) -> Lowering:
+    """The ONNX form of one quantized site (raises :class:`OnnxExportError` naming the site)."""
+    lower = LOWER_BY_FAMILY.get(scheme.family)
+    if lower is None:
+        raise OnnxExportError(
+            f"layer {site}: scheme {scheme.name} (family {scheme.family}) has no ONNX translation; "
+            f"exportable families: {', '.join(LOWER_BY_FAMILY)}. Re-plan this layer with one of them."
+        )
+    with torch.no_grad():
+        return lower(site, scheme, packed, in_features, options)

@@ -23,7 +23,8 @@ from qcompile.passes.lower import buffer_prefix
 from qcompile.runtime.qpt_format import ArtifactError
 from qcompile.runtime.qpt_graph import get_attr_targets, graph_from_json, graph_to_json
 from qcompile.runtime.qpt_manifest import (
-    check_call, check_graph_sites, check_inputs_json, check_packed_tensors, inputs_to_json, plan_from_json, plan_to_json,
+    check_call, check_graph_sites, check_inputs_json, check_packed_tensors, inputs_to_json, plan_from_json,
+    plan_to_json,
 )  # fmt: skip
 from qcompile.runtime.qpt_reader import read_artifact
 from qcompile.runtime.qpt_writer import write_artifact
@@ -61,12 +62,13 @@ def _examples(program: QuantizedProgram) -> dict[str, torch.Tensor]:
 
 
 def export(model, example_args=(), recipe=None, path: str | os.PathLike | None = None, *, example_kwargs=None,
-           dynamic_shapes=None, calibration=None, store_example: bool = True, progress_bar: bool = True,
-           verbose: bool = False) -> QuantizedProgram:  # fmt: skip
+           dynamic_shapes=None, calibration=None, store_example: bool = True, metadata: dict | None = None,
+           progress_bar: bool = True, verbose: bool = False) -> QuantizedProgram:  # fmt: skip
     """Compile ``model`` with :func:`qcompile.compile` (or take an already built :class:`QuantizedProgram`) and
     write it to ``path`` atomically. ``export(program, "model.qpt")`` is accepted too. Returns the program.
 
-    ``store_example`` keeps the example inputs and the outputs they gave in the file (for ``qcompile verify``).
+    ``store_example`` keeps the example inputs and the outputs they gave in the file (for ``qcompile verify``);
+    ``metadata`` is free-form JSON kept in the manifest (the command line records the model source there).
     """
     if isinstance(model, QuantizedProgram) and path is None and isinstance(example_args, (str, os.PathLike)):
         example_args, path = (), example_args
@@ -94,6 +96,7 @@ def export(model, example_args=(), recipe=None, path: str | os.PathLike | None =
         "inputs": inputs,
         "symbols": symbols,
         "kernels": {"configs": [], "binaries": []},
+        "metadata": dict(metadata if metadata is not None else getattr(program, "manifest", {}).get("metadata", {})),
     }
     tensor_members = {"weights": weights}
     examples = _examples(program) if store_example else {}

@@ -38,8 +38,11 @@ PYTHON_FUNCTIONS = {
     f"_operator.{name}": getattr(operator, name)
     for name in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne", "lt",
                  "le", "gt", "ge", "and_", "or_", "not_")
-} | {f"torch.{name}": getattr(torch, name) for name in ("sym_max", "sym_min", "sym_not", "sym_float", "sym_int",
-                                                         "sym_ite", "sym_sum", "_check", "_check_is_size")}  # fmt: skip
+} | {
+    f"torch.{name}": getattr(torch, name)
+    for name in ("sym_max", "sym_min", "sym_not", "sym_float", "sym_int", "sym_ite", "sym_sum", "_check",
+                 "_check_is_size")
+}  # fmt: skip
 DROPPED_MODULES = ("_guards_fn",)  # torch.export's input-guard submodule; the loader checks inputs itself
 LAYOUTS = {"strided": torch.strided, "sparse_coo": torch.sparse_coo}
 MEMORY_FORMATS = {
@@ -48,8 +51,10 @@ MEMORY_FORMATS = {
 }  # fmt: skip
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 #: pytree container types a treespec may name besides those transformers registers for its outputs
-SPEC_TYPES = ("builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict", "torch.Size",
-              "torch.fx.immutable_collections.immutable_list", "torch.fx.immutable_collections.immutable_dict")  # fmt: skip
+SPEC_TYPES = (
+    "builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict", "torch.Size",
+    "torch.fx.immutable_collections.immutable_list", "torch.fx.immutable_collections.immutable_dict",
+)  # fmt: skip
 SPEC_TYPE_PACKAGES = ("transformers.",)  # output classes of these packages may be imported to rebuild outputs
 
 
@@ -231,7 +236,8 @@ def graph_from_json(data, buffers: dict[str, torch.Tensor], device_map: dict | N
     """
     device_map = device_map or {}
     if not isinstance(data, dict) or data.get("version") != GRAPH_VERSION:
-        raise ArtifactError(f"graph member: unknown graph version {data.get('version') if isinstance(data, dict) else None!r}")
+        version = data.get("version") if isinstance(data, dict) else None
+        raise ArtifactError(f"graph member: unknown graph version {version!r} (this qcompile reads {GRAPH_VERSION})")
     orig_args = data.get("orig_args")
     if not isinstance(orig_args, list):
         raise ArtifactError("graph member: 'orig_args' must be a list of names")
@@ -275,7 +281,8 @@ def graph_from_json(data, buffers: dict[str, torch.Tensor], device_map: dict | N
                     raise ArtifactError(f"{where}: the output node must come last and hold one value")
                 node = graph.output(args[0])
             else:
-                node = graph.create_node("call_function", _resolve_target(raw.get("target"), where), args, kwargs, name)
+                target = _resolve_target(raw.get("target"), where)
+                node = graph.create_node("call_function", target, args, kwargs, name)
         else:
             raise ArtifactError(f"{where}: op {op!r} is not one a .qpt graph may hold")
         nodes[name] = node

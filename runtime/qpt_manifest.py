@@ -84,7 +84,8 @@ def plan_from_json(rows, recipe_data) -> Plan:
             except SchemeError as error:
                 raise ArtifactError(f"{where}: {error}") from None
             if row.get("layout") not in LAYOUTS:
-                raise ArtifactError(f"{where}: packed layout {row.get('layout')!r} is not one this qcompile knows {LAYOUTS}")
+                layout = row.get("layout")
+                raise ArtifactError(f"{where}: packed layout {layout!r} is not one this qcompile knows {LAYOUTS}")
         options = row.get("options", {})
         if not isinstance(options, dict) or not isinstance(row.get("algorithm", "rtn"), str):
             raise ArtifactError(f"{where}: options must be an object and algorithm a string")
@@ -194,11 +195,11 @@ def check_call(inputs: list[dict], flat: list, symbols: dict) -> None:
         if str(value.dtype).removeprefix("torch.") != row["dtype"]:
             raise ValueError(f"input {name!r}: dtype {value.dtype}, the program was exported for {row['dtype']}")
         if value.dim() != len(row["shape"]):
-            raise ValueError(f"input {name!r}: {value.dim()} dimensions, expected {len(row['shape'])} ({row['shape']})")
+            raise ValueError(f"input {name!r}: {value.dim()} dimensions, expected {len(row['shape'])}: {row['shape']}")
         for axis, (want, got) in enumerate(zip(row["shape"], value.shape)):
             if isinstance(want, int):
                 if want != got:
                     raise ValueError(f"input {name!r}: dimension {axis} is {got}, the program has it fixed at {want}")
             elif want in symbols or want.isidentifier():
                 if bound.setdefault(want, got) != got:
-                    raise ValueError(f"input {name!r}: dimension {axis} is {got}, but {want} = {bound[want]} elsewhere")
+                    raise ValueError(f"input {name!r}: dimension {axis} is {got}, but {want}={bound[want]} elsewhere")

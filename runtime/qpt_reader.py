@@ -78,7 +78,8 @@ def _members(manifest: dict, path: str, size: int, data_start: int, data: memory
             raise ArtifactError(f"{where}: listed twice")
         seen.add(name)
         if row.get("kind") not in MEMBER_KINDS:
-            raise ArtifactError(f"{where}: kind {row.get('kind')!r} is not one this qcompile reads ({', '.join(MEMBER_KINDS)})")
+            kinds = ", ".join(MEMBER_KINDS)
+            raise ArtifactError(f"{where}: kind {row.get('kind')!r} is not one this qcompile reads ({kinds})")
         offset, length = row.get("offset"), row.get("size")
         if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
             raise ArtifactError(f"{where}: offset and size must be non-negative integers")
@@ -87,10 +88,10 @@ def _members(manifest: dict, path: str, size: int, data_start: int, data: memory
         if offset < position:
             raise ArtifactError(f"{where}: offset {offset} overlaps the member before it (which ends at {position})")
         if offset > align_up(position):
-            raise ArtifactError(f"{where}: offset {offset} leaves a gap after the member before it (ends at {position})")
+            raise ArtifactError(f"{where}: offset {offset} leaves a gap after the member before (ends at {position})")
         if data_start + offset + length > size:
-            raise ArtifactError(f"{where}: bytes {data_start + offset}..{data_start + offset + length} run past the end "
-                                f"of the file ({size} bytes): truncated?")  # fmt: skip
+            begin, end = data_start + offset, data_start + offset + length
+            raise ArtifactError(f"{where}: bytes {begin}..{end} run past the end of the {size}-byte file (truncated?)")
         _check_zero(data, data_start + position, data_start + offset, where)
         position = offset + length
     if data_start + position != size:

@@ -36,7 +36,8 @@ def tensor_entry(tensor: torch.Tensor) -> dict:
     dtype = str(tensor.dtype).removeprefix("torch.")
     if dtype not in DTYPE_CODES:
         raise ValueError(f"dtype {tensor.dtype} cannot be stored in a .qpt file")
-    return {"dtype": DTYPE_CODES[dtype], "shape": list(tensor.shape), "sha256": hashlib.sha256(tensor_bytes(tensor)).hexdigest()}
+    digest = hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+    return {"dtype": DTYPE_CODES[dtype], "shape": list(tensor.shape), "sha256": digest}
 
 
 def safetensors_layout(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str], int]:
@@ -116,8 +117,9 @@ def read_safetensors(blob: memoryview, where: str, table: dict, file_offset: int
         info = header[name]
         chunk = blob[data_start + begin : data_start + end]
         if verify and hashlib.sha256(chunk).hexdigest() != table[name].get("sha256"):
-            raise ArtifactError(f"{where}: tensor {name!r} checksum mismatch (bytes {file_offset + data_start + begin}"
-                                f"..{file_offset + data_start + end}): the file is corrupt or was modified")  # fmt: skip
+            first, last = file_offset + data_start + begin, file_offset + data_start + end
+            raise ArtifactError(f"{where}: tensor {name!r} checksum mismatch (bytes {first}..{last}): "
+                                "the file is corrupt or was modified")  # fmt: skip
         dtype = getattr(torch, DTYPES[info["dtype"]][0])
         if end == begin:
             tensor = torch.empty(info["shape"], dtype=dtype)

@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 from qcompile.runtime.qpt_format import (
-    ALIGNMENT, FORMAT_MAJOR, FORMAT_MINOR, HEADER, HEADER_SIZE, MAGIC, align_up, check_little_endian,
+    FORMAT_MAJOR, FORMAT_MINOR, HEADER, HEADER_SIZE, MAGIC, align_up, check_little_endian,
 )  # fmt: skip
 from qcompile.runtime.qpt_tensors import safetensors_layout, tensor_bytes, tensor_entry
 
@@ -54,7 +54,8 @@ def write_artifact(path: str | os.PathLike, manifest: dict, json_members: dict[s
     manifest = {**manifest, "format": {"name": "qpt", "major": FORMAT_MAJOR, "minor": FORMAT_MINOR}, "members": rows}
     manifest_bytes = _json_bytes(manifest)
     data_start = align_up(HEADER_SIZE + len(manifest_bytes))
-    header = HEADER.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, len(manifest_bytes), hashlib.sha256(manifest_bytes).digest())
+    digest = hashlib.sha256(manifest_bytes).digest()
+    header = HEADER.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, len(manifest_bytes), digest)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -99,4 +100,4 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-__all__ = ["ALIGNMENT", "write_artifact"]
+__all__ = ["write_artifact"]

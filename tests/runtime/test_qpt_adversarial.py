@@ -63,7 +63,9 @@ def assemble(manifest: dict, blobs: dict[str, bytes], relayout: bool = True, reh
                 (n,) = struct.unpack_from("<Q", blob, 0)
                 blob = blob[: 8 + n]
             row["sha256"] = hashlib.sha256(blob).hexdigest()
-    text = raw_manifest if raw_manifest is not None else json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    text = raw_manifest
+    if text is None:
+        text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     out = bytearray(HEADER.pack(MAGIC, major, 0, len(text), hashlib.sha256(text).digest()) + text)
     start = align_up(len(out))
     for row in rows:
@@ -111,7 +113,7 @@ def test_truncated(good, tmp_path, keep):
 def test_truncated_names_the_part(good, tmp_path):
     expect(tmp_path, good[:20], "header", "48")
     expect(tmp_path, good[: HEADER_SIZE + 20], "header: manifest length")
-    expect(tmp_path, good[:-1], "member 'examples'", "run past the end")
+    expect(tmp_path, good[:-1], "member 'examples'", "past the end")
 
 
 def test_trailing_garbage(good, tmp_path):
@@ -206,7 +208,8 @@ def test_duplicate_key_in_manifest(good, tmp_path):
     assemble(manifest, blobs)  # fills offsets and hashes
     text = json.dumps(manifest).encode()
     text = text[:-1] + b', "plan": []}'
-    expect(tmp_path, assemble(manifest, blobs, relayout=False, rehash=False, raw_manifest=text), "'plan' appears twice")
+    forged = assemble(manifest, blobs, relayout=False, rehash=False, raw_manifest=text)
+    expect(tmp_path, forged, "'plan' appears twice")
 
 
 # -- checksums and forged content ------------------------------------------------------------------------

@@ -18,3 +18,4 @@ __all__ = [
     "Plan", "QuantizedProgram", "Recipe", "RecipeError", "Scheme", "SchemeError", "Site", "compile",
     "load_recipe", "make_plan", "parse_scheme", "quantize",
 ]  # fmt: skip
+from qcompile.export import export, load  # noqa: E402

@@ -19,15 +19,20 @@ QUANTIZED_LINEAR = torch.ops.qcompile.linear.default
 
 
 def buffer_prefix(site) -> str:
-    """Where a site's packed tensors live: ``model.layers.0.mlp.up_proj`` → ``…up_proj.qweight``."""
+    """The module path holding a site's packed tensors: ``…mlp.up_proj`` → ``…mlp.up_proj.qweight``;
+    a weight that is not a module's ``weight`` (``attn.w_q``) gets a child module ``attn.w_q_packed``."""
     if site.weight_name == f"{site.name}.weight":
         return site.name
-    return site.weight_name.replace(".", "_") if "." not in site.name else site.name + "_q"
+    return f"{site.weight_name}_packed"
 
 
 def _set_buffer(gm: fx.GraphModule, path: str, tensor: torch.Tensor) -> None:
     owner_path, _, attr = path.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner = gm
+    for part in owner_path.split(".") if owner_path else []:
+        if not isinstance(getattr(owner, part, None), torch.nn.Module):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
     if attr in owner._buffers or attr in owner._parameters or hasattr(owner, attr):
         delattr(owner, attr)
     owner.register_buffer(attr, tensor)
@@ -47,6 +52,7 @@ def lower(gm: fx.GraphModule, matches: list[SiteMatch], packed: dict[str, Packed
     """
     graph = gm.graph
     rewritten = 0
+    replaced: dict[fx.Node, fx.Node] = {}  # a rewritten node may feed a later site (a weight used twice in a row)
     for match in matches:
         site = match.site
         if site.name not in packed:
@@ -59,12 +65,15 @@ def lower(gm: fx.GraphModule, matches: list[SiteMatch], packed: dict[str, Packed
         for use in match.uses:
             with graph.inserting_before(use.node):
                 nodes = {key: graph.get_attr(path) for key, path in attrs.items()}
-                args = (use.activation, nodes["qweight"], nodes["scales"], nodes.get("zeros"), use.bias, schemes[site.name])
+                activation = replaced.get(use.activation, use.activation)
+                bias = replaced.get(use.bias, use.bias)
+                args = (activation, nodes["qweight"], nodes["scales"], nodes.get("zeros"), bias, schemes[site.name])
                 new = graph.call_function(QUANTIZED_LINEAR, args)
             new.meta.update({k: v for k, v in use.node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
             new.meta["qcompile_site"] = site.name
             use.node.replace_all_uses_with(new)
             graph.erase_node(use.node)
+            replaced[use.node] = new
             rewritten += 1
     graph.eliminate_dead_code()
     live = {n.target for n in graph.nodes if n.op == "get_attr"}

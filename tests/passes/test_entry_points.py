@@ -1,0 +1,138 @@
+"""Tiny Llama and tiny GPT-2 (Conv1D) through quantize(), compile() and torch.compile(backend="qcompile")."""
+
+import copy
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.models import tiny_gpt2, tiny_llama
+from qcompile.nn import QuantizedLinear
+
+# max |quantized - float| / max |float| on the logits, measured on these seeds and asserted with margin:
+# int8 ≈ 0.006, int4-g32 ≈ 0.06, w8a8 ≈ 0.01
+BOUNDS = {"int8": 0.03, "int4-g32": 0.2, "w8a8": 0.05}
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (3, 5))
+
+
+@pytest.mark.parametrize("scheme", list(BOUNDS))
+def test_quantize_eager(llama, ids, scheme):
+    model = qcompile.quantize(copy.deepcopy(llama), scheme, progress_bar=False)
+    swapped = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(swapped) == 14  # 2 layers x 7 projections; lm_head is tied and stays float
+    for x in ids:
+        with torch.no_grad():
+            assert _rel(model(input_ids=x).logits, llama(input_ids=x).logits) < BOUNDS[scheme]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+def test_compile_export_path(llama, ids, scheme):
+    program = qcompile.compile(llama, (), scheme, example_kwargs={"input_ids": ids[0]}, progress_bar=False)
+    graph = program.module.graph
+    quantized = [n for n in graph.nodes if n.target is torch.ops.qcompile.linear.default]
+    assert len(quantized) == 14
+    assert not any(n.target is torch.ops.aten.linear.default and "layers" in str(n.args[1]) for n in graph.nodes)
+    # no float copy of a quantized weight survives
+    state = dict(program.module.named_parameters()) | dict(program.module.named_buffers())
+    assert not any(name.endswith("proj.weight") for name in state)
+    assert sum(name.endswith(".qweight") for name in state) == 14
+    eager = qcompile.quantize(copy.deepcopy(llama), scheme, progress_bar=False)
+    for x in ids:  # the second shape differs from the export example in batch and sequence
+        with torch.no_grad():
+            got = program(input_ids=x).logits
+            torch.testing.assert_close(got, eager(input_ids=x).logits, rtol=1e-4, atol=1e-5)
+            assert _rel(got, llama(input_ids=x).logits) < BOUNDS[scheme]
+
+
+def test_torch_compile_backend_dynamic_no_recompile(llama, ids):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(copy.deepcopy(llama), backend="qcompile", options={"recipe": "int8"}, dynamic=True)
+    eager = qcompile.quantize(copy.deepcopy(llama), "int8", progress_bar=False)
+    with torch.no_grad():
+        for x in [*ids, torch.randint(0, 128, (4, 11))]:
+            torch.testing.assert_close(_logits(compiled(input_ids=x)), eager(input_ids=x).logits, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1  # batch and sequence changes did not recompile
+
+
+def test_backend_is_found_without_import():
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    assert "qcompile" in list_backends(exclude_tags=())
+    assert lookup_backend("qcompile").__name__ == "qcompile_backend"
+
+
+def test_backend_rejects_unknown_option(llama, ids):
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(llama), backend="qcompile", options={"recipie": "int8"})
+    with pytest.raises(Exception, match="unknown option 'recipie'"):
+        compiled(input_ids=ids[0])
+
+
+def test_gpt2_conv1d_all_entry_points():
+    model = tiny_gpt2()
+    x = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        reference = model(input_ids=x).logits
+    eager = qcompile.quantize(copy.deepcopy(model), "int8", progress_bar=False)
+    assert sum(isinstance(m, QuantizedLinear) for m in eager.modules()) == 8  # c_attn, c_proj, c_fc, mlp.c_proj x2
+    program = qcompile.compile(model, (), "int8", example_kwargs={"input_ids": x}, progress_bar=False)
+    sites = [e.site for e in program.plan.quantized()]
+    assert len(sites) == 8 and all(s.transposed and s.kind == "addmm" for s in sites)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="qcompile", options={"recipe": "int8"})
+    y = torch.randint(0, 128, (3, 4))
+    with torch.no_grad():
+        for out in (eager(input_ids=x).logits, program(input_ids=x).logits, _logits(compiled(input_ids=x))):
+            assert _rel(out, reference) < BOUNDS["int8"]
+        torch.testing.assert_close(program(input_ids=y).logits, eager(input_ids=y).logits, rtol=1e-4, atol=1e-5)
+
+
+class FunctionalSites(torch.nn.Module):
+    """Matmul sites that are not nn.Linear: F.linear on a parameter, x @ W, and W shared by two calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w_in = torch.nn.Parameter(torch.randn(48, 32))
+        self.w_out = torch.nn.Parameter(torch.randn(48, 16))  # used as x @ W ([K, N])
+        self.register_buffer("shared", torch.randn(32, 32))
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.w_in)
+        h = torch.relu(h) @ self.w_out
+        h = torch.nn.functional.linear(torch.nn.functional.pad(h, (0, 16)), self.shared)
+        return torch.nn.functional.linear(h, self.shared)
+
+
+def test_functional_and_shared_sites_quantized_once():
+    model = FunctionalSites()
+    x = torch.randn(3, 5, 32)
+    program = qcompile.compile(model, (x,), "int8", progress_bar=False)
+    names = {e.site.name: e.site for e in program.plan.quantized()}
+    assert set(names) == {"w_in", "w_out", "shared"}
+    assert names["w_out"].transposed and not names["w_in"].transposed
+    buffers = dict(program.module.named_buffers())
+    assert sum(name.endswith("qweight") for name in buffers) == 3  # the shared buffer is packed once
+    y = torch.randn(2, 9, 32)
+    assert _rel(program(y), model(y)) < BOUNDS["int8"]

@@ -5,9 +5,10 @@
     print(report.table())
 """
 
+from qcompile.onnx.cli import add_subparser, run
 from qcompile.onnx.base import INT4_FORMATS, ExportOptions, OnnxExportError
 from qcompile.onnx.exporter import ExportReport, export
 from qcompile.onnx.validate import OnnxValidationError, session
 
-__all__ = ["ExportOptions", "ExportReport", "INT4_FORMATS", "OnnxExportError", "OnnxValidationError", "export",
-           "session"]  # fmt: skip
+__all__ = ["ExportOptions", "ExportReport", "INT4_FORMATS", "OnnxExportError", "OnnxValidationError", "add_subparser",
+           "export", "run", "session"]  # fmt: skip

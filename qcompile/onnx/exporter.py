@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 import time
 import warnings
@@ -107,6 +108,9 @@ def export(model_or_program, example_args=(), path: str | os.PathLike = "model.o
     sites = prepare_for_onnx(gm, options)
     if shapes is None:
         shapes = _program_dynamic_shapes(program.module)
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices are not about this model
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         exported = torch.onnx.export(
@@ -114,6 +118,7 @@ def export(model_or_program, example_args=(), path: str | os.PathLike = "model.o
             opset_version=OPSET, dynamo=True, optimize=False, verbose=False,
         )  # fmt: skip
         _optimize(exported.model, sites)
+    registry_log.setLevel(level)
     seconds["export"] = time.perf_counter() - start
     model = exported.model_proto
     import qcompile

@@ -85,6 +85,7 @@ def test_tiny_llama(tmp_path):
         assert_parity(path, program, (ids,))
 
 
+@pytest.mark.slow
 def test_minilm_real_weights(tmp_path):
     model, tokenizer = load_minilm()
     examples = dict(tokenizer(["quantized sentence embeddings", "run in onnxruntime"], padding=True,

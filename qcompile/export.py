@@ -128,6 +128,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, verify:
         check_graph_sites(gm, plan, manifest["plan"])
     except ArtifactError as error:
         raise ArtifactError(f"{where}: {error}") from None
+    except RecursionError:
+        raise ArtifactError(f"{where}: graph member: arguments nest too deeply") from None
     inputs, symbols = manifest["inputs"], manifest["symbols"]
 
     def check_inputs(module, args, kwargs):

@@ -349,6 +349,14 @@ def test_graph_cannot_name_arbitrary_code(good, tmp_path, field, value, fragment
     expect(tmp_path, assemble(manifest, blobs), "graph member: node", fragment)
 
 
+def test_deeply_nested_graph_argument(good, tmp_path):
+    manifest, blobs = split(good)
+    text = blobs["graph"].decode()
+    nested = "[" * 900 + "1" + "]" * 900
+    blobs["graph"] = text.replace('"kwargs":{}', '"kwargs":{"x":' + nested + "}", 1).encode()
+    expect(tmp_path, assemble(manifest, blobs), "graph member")
+
+
 def test_graph_attribute_path_cannot_reach_module_internals(good, tmp_path):
     manifest, blobs = split(good)
     graph = json.loads(blobs["graph"])

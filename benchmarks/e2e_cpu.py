@@ -1,0 +1,71 @@
+"""SmolLM2-135M on CPU: model bytes, perplexity, decode tokens/s and compile time per scheme.
+
+    python benchmarks/e2e_cpu.py [--schemes int8,int4-g128,...] [--tokens 1024] [--new-tokens 32] [--inductor]
+
+Rows: float eager, float ``torch.compile`` (inductor, with ``--inductor``), and qcompile per scheme.
+Perplexity runs the ``qcompile.compile`` program (torch.export path) on held-out text; decode speed runs
+the eagerly quantized model with the KV cache (greedy, batch 1). Kernels are whatever the dispatch
+table serves on this machine (C++ where a kernel exists, the reference path elsewhere — said once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+import qcompile
+from qcompile.evaluate import decode_tokens_per_second, model_bytes, perplexity
+from qcompile.models import eval_text, load_smollm2
+from qcompile.report import format_table, human_bytes
+
+SCHEMES = ("int8", "int4-g128", "int4-g32", "w8a8", "fp8")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--inductor", action="store_true", help="also time float torch.compile (slow to compile)")
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_smollm2()
+    ids = tokenizer(eval_text(), return_tensors="pt").input_ids[0][: args.tokens]
+    prompt = tokenizer("The three witches met Macbeth on the heath and", return_tensors="pt").input_ids
+    example = {"input_ids": ids[:16].unsqueeze(0).repeat(2, 1)}
+
+    rows = []
+    float_tps = decode_tokens_per_second(model, prompt, args.new_tokens)
+    rows.append(["float32 eager", human_bytes(model_bytes(model)), f"{perplexity(model, ids):.2f}",
+                 f"{float_tps:.1f}", "1.00x", "-"])  # fmt: skip
+    print(rows[-1], flush=True)
+    if args.inductor:
+        start = time.perf_counter()
+        compiled = torch.compile(copy.deepcopy(model))
+        compiled.generate = compiled._orig_mod.generate
+        tps = decode_tokens_per_second(compiled, prompt, args.new_tokens)
+        rows.append(["float32 inductor", "", "", f"{tps:.1f}", f"{tps / float_tps:.2f}x", f"{time.perf_counter() - start:.0f} s"])
+        print(rows[-1], flush=True)
+    for scheme in args.schemes.split(","):
+        start = time.perf_counter()
+        program = qcompile.compile(model, (), scheme, example_kwargs=example, progress_bar=False)
+        compile_s = time.perf_counter() - start
+        ppl = perplexity(program, ids)
+        nbytes = model_bytes(program)
+        del program
+        eager = qcompile.quantize(copy.deepcopy(model), scheme, progress_bar=False)
+        tps = decode_tokens_per_second(eager, prompt, args.new_tokens)
+        del eager
+        rows.append([scheme, human_bytes(nbytes), f"{ppl:.2f}", f"{tps:.1f}", f"{tps / float_tps:.2f}x", f"{compile_s:.1f} s"])
+        print(rows[-1], flush=True)
+    print()
+    print(f"SmolLM2-135M, {ids.numel()} held-out tokens, {torch.get_num_threads()} threads, decode of {args.new_tokens} tokens")
+    print(format_table(["model", "bytes", "perplexity", "tokens/s", "vs float", "compile"], rows, "lrrrrr"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

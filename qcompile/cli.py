@@ -295,13 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-tokens", type=int, default=2048)
             p.add_argument("--seq-len", type=int, default=512)
             p.add_argument("--max-perplexity", type=float, help="exit 1 when perplexity is above this")
+    try:
+        from qcompile.onnx.cli import add_subparser
+    except ImportError:  # the onnx extra is not installed
+        pass
+    else:
+        add_subparser(sub)
     for p in sub.choices.values():
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
+        if "--json" not in p._option_string_actions:
+            p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
     return parser
 
 
 COMMANDS = {"quantize": cmd_quantize, "inspect": cmd_inspect, "verify": cmd_verify, "generate": cmd_generate,
             "eval": cmd_eval}  # fmt: skip
+
+
+def _export_onnx(args) -> tuple[int, dict]:
+    from qcompile.onnx.cli import command
+
+    return command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         file = getattr(args, "file", None)
         if file is not None and not os.path.isfile(file):
             raise UsageError(f"{file!r} does not exist or is not a file")
-        code, result = COMMANDS[args.command](args)
+        code, result = COMMANDS.get(args.command, _export_onnx)(args)
     except UsageError as error:
         code, result = USAGE, {"error": str(error)}
     except RecipeError as error:

@@ -121,4 +121,4 @@ def test_console_script_is_installed():
     if script is None:
         pytest.skip("qcompile console script not installed in this environment")
     done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "quantize" in done.stdout
+    assert done.returncode == 0 and "quantize" in done.stdout and "export-onnx" in done.stdout

@@ -22,13 +22,15 @@ from __future__ import annotations
 import torch
 
 from qcompile.algorithms import Algorithm, register_algorithm
-from qcompile.algorithms.grid import code_range, fake_quantize, integer_scheme, offsets
+from qcompile.algorithms.grid import code_range, integer_scheme, offsets
 from qcompile.algorithms.options import check_options
 from qcompile.schemes import QuantizedWeight, Scheme
 from qcompile.schemes.base import pad_columns
 
 def _inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` in float64; zeroes the dead columns of ``weight`` in place."""
+    """Upper Cholesky factor of ``(H + λI)⁻¹``, factorised in float64, returned float32.
+
+    Zeroes the dead columns of ``weight`` in place."""
     h = hessian.to(torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
@@ -42,8 +44,9 @@ def _inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, damp: f
         h[diag, diag] += damp * torch.mean(torch.diag(h)) * 10**attempt
     else:
         raise ValueError("GPTQ: the Hessian stays singular after damping; pass more calibration data")
-    inverse = torch.cholesky_inverse(factor)
-    return torch.linalg.cholesky(inverse, upper=True)
+    factor_inverse = torch.linalg.solve_triangular(factor, torch.eye(h.shape[0], dtype=h.dtype), upper=False)
+    inverse = factor_inverse.t() @ factor_inverse  # H⁻¹ = L⁻ᵀ L⁻¹ (faster than cholesky_inverse here)
+    return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
 
 
 def gptq_quantize(scheme: Scheme, weight: torch.Tensor, hessian: torch.Tensor, options: dict | None = None):
@@ -61,47 +64,48 @@ def gptq_quantize(scheme: Scheme, weight: torch.Tensor, hessian: torch.Tensor, o
     group = grid.group_size_for(k)
     lo, hi = code_range(grid)
 
-    w = pad_columns(weight.to(torch.float64), kp).clone()
+    w = pad_columns(weight.to(torch.float32), kp).clone()
     h = torch.zeros(kp, kp, dtype=torch.float64)
     h[:k, :k] = hessian.to(torch.float64)
 
     column_group = torch.arange(kp) // group  # original column → its group
     if static_groups:
         scales, zeros = grid.compute_scales(w[:, :k].to(torch.float32))
-        scales, zero_points = scales.to(torch.float64), offsets(grid, zeros, scales).to(torch.float64)
+        zero_points = offsets(grid, zeros, scales)
     else:
-        scales = torch.ones(n, kp // group, dtype=torch.float64)
+        scales = torch.ones(n, kp // group)
         zero_points = torch.zeros_like(scales)
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(kp)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_factor(h, w, damp)
 
-    q = torch.zeros_like(w)
+    # work on Wᵀ ([Kp, N]) so that a weight column is a contiguous row
+    w_t, q_t = w.t().contiguous(), torch.zeros(kp, n)
+    scale_t, zero_t = scales.t()[column_group[perm]].contiguous(), zero_points.t()[column_group[perm]].contiguous()
     for start in range(0, kp, block_size):
         end = min(start + block_size, kp)
-        w_block = w[:, start:end].clone()
-        err_block = torch.zeros_like(w_block)
-        hinv_block = hinv[start:end, start:end]
+        block, err_block, hinv_block = w_t[start:end].clone(), torch.zeros(end - start, n), hinv[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            g = int(column_group[perm[column]])
             if not static_groups and column % group == 0:  # dynamic: params from the updated weight
-                span = torch.cat([w_block[:, i:], w[:, end:]], dim=1)[:, :group]
-                s, z = grid.compute_scales(span.to(torch.float32))
-                scales[:, g] = s[:, 0].to(torch.float64)
-                zero_points[:, g] = offsets(grid, z, s)[:, 0].to(torch.float64)
-            col = w_block[:, i]
-            q_col = fake_quantize(col, scales[:, g], zero_points[:, g], lo, hi)
-            q[:, column] = q_col
-            err = (col - q_col) / hinv_block[i, i]
-            w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            err_block[:, i] = err
-        w[:, end:] -= err_block @ hinv[start:end, end:]
+                g = column // group
+                span = torch.cat([block[i:], w_t[end:]])[:group].t()
+                s, z = grid.compute_scales(span)
+                scales[:, g], zero_points[:, g] = s[:, 0], offsets(grid, z, s)[:, 0]
+                scale_t[column : column + group], zero_t[column : column + group] = scales[:, g], zero_points[:, g]
+            col, scale, zero = block[i], scale_t[column], zero_t[column]
+            q_col = torch.clamp_(torch.round_(col / scale + zero), lo, hi).sub_(zero).mul_(scale)
+            q_t[column] = q_col
+            err = (col - q_col).div_(hinv_block[i, i])
+            block[i:].addr_(hinv_block[i, i:], err, alpha=-1)
+            err_block[i] = err
+        w_t[end:].addmm_(hinv[start:end, end:].t(), err_block, alpha=-1)
+    q = q_t.t()
 
     if act_order:
         q = q[:, torch.argsort(perm)]
-    zeros_out = None if grid.symmetric else zero_points.to(torch.float32)
-    return grid.quantize_with(q[:, :k].to(torch.float32), scales.to(torch.float32), zeros_out)
+    zeros_out = None if grid.symmetric else zero_points
+    return grid.quantize_with(q[:, :k], scales, zeros_out)
 
 
 def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> QuantizedWeight:

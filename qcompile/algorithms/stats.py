@@ -2,7 +2,7 @@
 
 | field        | shape       | meaning                                                     | used by           |
 |--------------|-------------|-------------------------------------------------------------|-------------------|
-| `hessian`    | `[K, K]`    | ``2/n · Σ x xᵀ`` over all ``n`` tokens (float64 accumulate) | GPTQ              |
+| `hessian`    | `[K, K]`    | ``2/n · Σ x xᵀ`` over all ``n`` tokens (float64 running mean) | GPTQ              |
 | `abs_mean`   | `[K]`       | mean ``|x_j|`` per input channel                             | AWQ               |
 | `abs_max`    | `[K]`       | max ``|x_j|`` per input channel                              | SmoothQuant       |
 | `inputs`     | `[S, K]`    | up to ``max_samples`` input rows, spread evenly over batches | AWQ's scale search |
@@ -66,8 +66,7 @@ class SiteStatistics:
             self.abs_sum += absx.sum(0).double()
             self.abs_max = torch.maximum(self.abs_max, absx.amax(0))
         if self.want_hessian:
-            xd = x.to(torch.float64)
-            batch = 2.0 * (xd.t() @ xd)
+            batch = 2.0 * (x.t() @ x).to(torch.float64)  # float32 products, float64 running sum
             total = self.tokens + rows  # running mean of 2·x xᵀ, as the reference code keeps it
             self.hessian = batch / total if self.hessian is None else self.hessian * (self.tokens / total) + batch / total
         if self.want_inputs:

@@ -204,3 +204,27 @@ def _fetch(gm: fx.GraphModule, target: str):
         if obj is None:
             return None
     return obj if isinstance(obj, torch.Tensor) else None
+
+
+BATCHED_OPS = (aten.bmm.default, aten.baddbmm.default, torch.bmm, torch.baddbmm)
+
+
+def unsupported_sites(gm: fx.GraphModule, matches: list[SiteMatch]) -> list[str]:
+    """Matmuls that read a weight attribute but are not sites (3-D weights, integer weights, a weight read
+    in two orientations …): they stay in float. One line each, for the notice callers print."""
+    handled = {use.node for m in matches for use in m.uses}
+    notes = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node in handled:
+            continue
+        if node.target not in (*LINEAR_OPS, *MATMUL_OPS, *ADDMM_OPS, *BATCHED_OPS):
+            continue
+        weights = [w for w, _ in (_weight_operand(node, a) for a in node.args) if w is not None]
+        if not weights:
+            continue
+        tensor = _fetch(gm, weights[0].target)
+        shape = list(tensor.shape) if tensor is not None else "?"
+        dtype = str(tensor.dtype).replace("torch.", "") if tensor is not None else "?"
+        where = _module_of(node) or weights[0].target
+        notes.append(f"{where} ({_op_name(node.target)} with weight {weights[0].target} {dtype}{shape})")
+    return notes

@@ -13,9 +13,10 @@ from qcompile.api import QuantizedProgram, compile, quantize  # noqa: E402
 from qcompile.plan import Plan, Site, make_plan  # noqa: E402
 from qcompile.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
 from qcompile.schemes import Scheme, SchemeError, parse_scheme  # noqa: E402
+from qcompile.export import export, load  # noqa: E402  (the module stays importable as qcompile.export)
+from qcompile.runtime.qpt_format import ArtifactError  # noqa: E402
 
 __all__ = [
-    "Plan", "QuantizedProgram", "Recipe", "RecipeError", "Scheme", "SchemeError", "Site", "compile",
-    "load_recipe", "make_plan", "parse_scheme", "quantize",
+    "ArtifactError", "Plan", "QuantizedProgram", "Recipe", "RecipeError", "Scheme", "SchemeError", "Site", "compile",
+    "export", "load", "load_recipe", "make_plan", "parse_scheme", "quantize",
 ]  # fmt: skip
-from qcompile.export import export, load  # noqa: E402

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
 from qcompile import eager
-from qcompile.passes.capture import capture, find_sites, _fetch
+from qcompile.passes.capture import _fetch, capture, find_sites, unsupported_sites
 from qcompile.passes.lower import lower
 from qcompile.plan import Plan, make_plan
 from qcompile.progress import progress
@@ -58,6 +59,10 @@ def compile(model: torch.nn.Module, example_args=(), recipe=None, *, example_kwa
     timings["capture_s"] = time.perf_counter() - start
     gm = exported.module()
     matches = find_sites(gm)
+    skipped = unsupported_sites(gm, matches)
+    if skipped:
+        warnings.warn(f"qcompile: {len(skipped)} matmul(s) with a constant weight stay float (not a supported site): "
+                      + "; ".join(skipped), stacklevel=2)  # fmt: skip
     plan = make_plan(recipe, [m.site for m in matches])
     if verbose:
         print(plan.table())

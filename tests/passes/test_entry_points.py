@@ -136,3 +136,22 @@ def test_functional_and_shared_sites_quantized_once():
     assert sum(name.endswith("qweight") for name in buffers) == 3  # the shared buffer is packed once
     y = torch.randn(2, 9, 32)
     assert _rel(program(y), model(y)) < BOUNDS["int8"]
+
+
+class BatchedWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = torch.nn.Parameter(torch.randn(4, 16, 8))  # a 3-D weight: not a supported site
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):  # x: [4, T, 16]
+        return self.proj(torch.bmm(x, self.experts))
+
+
+def test_unsupported_matmul_stays_float_and_says_so():
+    model = BatchedWeight()
+    x = torch.randn(4, 3, 16)
+    with pytest.warns(UserWarning, match=r"1 matmul\(s\) with a constant weight stay float.*bmm.*experts"):
+        program = qcompile.compile(model, (x,), "int8", progress_bar=False)
+    assert [e.site.name for e in program.plan.quantized()] == ["proj"]
+    assert _rel(program(x), model(x)) < BOUNDS["int8"]

@@ -60,7 +60,8 @@ def _program_dynamic_shapes(gm: torch.fx.GraphModule) -> dict:
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor):
-            shapes[node.target] = {a: torch.export.Dim.AUTO for a, s in enumerate(value.shape) if not is_concrete_int(s)}
+            dims = enumerate(value.shape)
+            shapes[node.target] = {axis: torch.export.Dim.AUTO for axis, size in dims if not is_concrete_int(size)}
         else:
             shapes[node.target] = None
     return shapes
@@ -74,7 +75,8 @@ def _as_program(model_or_program, example_args, recipe, example_kwargs, dynamic_
             raise OnnxExportError("a built QuantizedProgram already has its plan: drop the recipe argument")
         return model_or_program
     if not isinstance(model_or_program, torch.nn.Module):
-        raise OnnxExportError(f"export takes an nn.Module or a QuantizedProgram, got {type(model_or_program).__name__}")
+        kind = type(model_or_program).__name__
+        raise OnnxExportError(f"export takes an nn.Module or a QuantizedProgram, got {kind}")
     if recipe is None:
         raise OnnxExportError("a float model needs a recipe (for example 'int4-g128') to be quantized before export")
     return qcompile.compile(model_or_program, example_args, recipe, example_kwargs=example_kwargs,

@@ -5,12 +5,15 @@ with its tensors already in the exact ONNX layout; :mod:`qcompile.onnx.translati
 ONNX nodes, one to one. The eager implementations below follow the ONNX operator definitions in plain
 PyTorch, so a prepared graph can be checked against qcompile's reference without onnxruntime.
 
-| op                  | tensors after ``x``                                              | ONNX                                  |
-|---------------------|------------------------------------------------------------------|---------------------------------------|
-| `matmul_nbits`      | `B uint8 [N, blocks, block_size*bits/8]`, `scales f32 [N*blocks]`, `zero_points f32 [N*blocks]?`, `bias?` | `com.microsoft::MatMulNBits` (+ `Add`) |
-| `dequantize_matmul` | `qweight [rows, N]` (int8, float8, or 4-bit packed flat), `scales`, `zero_point?`, `offset f32 [G, 1, N]?`, `bias?` | `DequantizeLinear` (+ offset) + `MatMul` (+ `Add`) |
-| `w8a8_matmul`       | `qweight int8 [K, N]`, `scales f32 [N]`, `bias?`                  | per-token int8 quantization + `MatMulInteger` |
-| `lookup_matmul`     | `qweight uint8 [N, K_padded/2]`, `scales f32 [N, G]`, `levels f32 [16]`, `bias?` | nibble unpack + `Gather` + `MatMul` |
+* ``matmul_nbits(x, B, scales, zero_points?, bias?, K, N, bits, block_size)``: ``B uint8 [N, blocks,
+  block_size*bits/8]``, ``scales``/``zero_points`` float ``[N*blocks]`` → ``com.microsoft::MatMulNBits`` (+ ``Add``).
+* ``dequantize_matmul(x, qweight, scales, zero_point?, offset?, bias?, axis, block_size, rows, in_features,
+  out_features, packed4)``: ``qweight [rows, N]`` (int8, float8, or 4-bit codes packed flat), ``offset f32
+  [G, 1, N]`` → ``DequantizeLinear`` (- offset per group) + ``MatMul`` (+ ``Add``).
+* ``w8a8_matmul(x, qweight, scales, bias?)``: ``qweight int8 [K, N]``, ``scales f32 [N]`` → per-token int8
+  quantization + ``MatMulInteger``.
+* ``lookup_matmul(x, qweight, scales, levels, bias?, in_features)``: ``qweight uint8 [N, K_padded/2]``, ``scales
+  f32 [N, G]``, ``levels f32 [16]`` → nibble split + ``Gather`` + ``MatMul``.
 """
 
 from __future__ import annotations
@@ -85,7 +88,9 @@ def _(x, qweight, scales, zero_point, offset, bias, axis, block_size, rows, in_f
 
 
 @torch.library.custom_op("qcompile_onnx::w8a8_matmul", mutates_args=())
-def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def w8a8_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Symmetric per-token int8 activations × int8 weights ``[K, N]``, exact int32 accumulation."""
     lead = x.shape[:-1]
     x_q, x_scale = quantize_per_token_int8(x.reshape(-1, x.shape[-1]))

@@ -25,8 +25,9 @@ def finish_model(model: onnx.ModelProto, sites: list[PreparedSite], metadata: di
             tensor = initializers.get(path)
             if tensor is None:
                 raise OnnxExportError(
-                    f"layer {prepared.site}: its quantized tensor {key} ({path}) is not an initializer of the exported "
-                    f"graph (the exporter folded it away), so the file would hold a float copy. Please report this."
+                    f"layer {prepared.site}: its quantized tensor {key} ({path}) is not an initializer of the "
+                    f"exported graph (the exporter folded it away), so the file would hold a float copy. "
+                    f"Please report this."
                 )
             if key in prepared.lowering.onnx_types:
                 tensor.data_type = ONNX_TYPES[prepared.lowering.onnx_types[key]]

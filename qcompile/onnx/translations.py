@@ -37,7 +37,8 @@ def register_matmulnbits_schema() -> None:
         "MatMulNBits", "com.microsoft", 1,
         "y = A @ dequantize(B).T: B block-quantized along K with 2/4/8 bits (onnxruntime contrib op).",
         inputs=[
-            param("A", "T1"), param("B", "T2"), param("scales", "T1"), param("zero_points", "T3", param_option=optional),
+            param("A", "T1"), param("B", "T2"), param("scales", "T1"),
+            param("zero_points", "T3", param_option=optional),
             param("g_idx", "T4", param_option=optional), param("bias", "T1", param_option=optional),
         ],
         outputs=[param("Y", "T1")],

@@ -108,7 +108,9 @@ def compare(sess, reference_fn, args, kwargs, atol: float | None, label: str) ->
     for name, ours, theirs in zip(names, expected, got):
         ours = ours.detach().float().cpu().numpy()
         if ours.shape != theirs.shape:
-            raise OnnxValidationError(f"output {name} at inputs {label}: onnxruntime shape {theirs.shape}, qcompile {ours.shape}")
+            raise OnnxValidationError(
+                f"output {name} at inputs {label}: onnxruntime shape {theirs.shape}, qcompile {ours.shape}"
+            )
         diff = float(np.abs(ours - theirs.astype(np.float32)).max()) if ours.size else 0.0
         scale = float(np.abs(ours).max()) if ours.size else 0.0
         bound = atol if atol is not None else RELATIVE_TOLERANCE * max(scale, 1e-6)
@@ -133,7 +135,8 @@ def validate(path, reference_fn, args, kwargs=None, atol: float | None = None) -
     failed = [r for r in results if not r.ok]
     if failed:
         lines = "\n".join(
-            f"  output {r.output} at inputs {r.inputs}: max |onnxruntime - qcompile| = {r.max_abs_diff:.3g} > {r.bound:.3g}"
+            f"  output {r.output} at inputs {r.inputs}: "
+            f"max |onnxruntime - qcompile| = {r.max_abs_diff:.3g} > {r.bound:.3g}"
             for r in failed
         )  # fmt: skip
         raise OnnxValidationError(

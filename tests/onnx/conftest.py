@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import onnx
-import pytest
 import torch
 
 import qcompile
@@ -72,8 +71,3 @@ def assert_sizes(report, program, slack=0.10):
                 numel *= d
             assert numel not in weight_numels - kept_numels, f"float initializer {tensor.name} looks like a weight"
     return packed, float_remainder
-
-
-@pytest.fixture(autouse=True)
-def _quiet_fallbacks(recwarn):
-    yield

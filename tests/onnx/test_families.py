@@ -35,7 +35,8 @@ def test_onnx_layout_matches_reference(scheme_name, int4_format, k):
 
 
 def test_matmulnbits_blocks():
-    assert [matmul_nbits_block(g) for g in (16, 32, 96, 128, 256, 576, 40, 8)] == [16, 32, 32, 128, 128, 64, None, None]
+    blocks = [matmul_nbits_block(g) for g in (16, 32, 96, 128, 256, 576, 40, 8)]
+    assert blocks == [16, 32, 32, 128, 128, 64, None, None]
 
 
 def _lower(name, k=64, int4_format="matmulnbits"):

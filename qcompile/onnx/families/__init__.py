@@ -3,7 +3,7 @@
 | family (:mod:`qcompile.schemes`) | ONNX form                                                                  |
 |----------------------------------|----------------------------------------------------------------------------|
 | `int-weight-only`, 8 bits        | `DequantizeLinear` (per channel or `block_size`) + `MatMul`                 |
-| `int-weight-only`, 4 bits        | `com.microsoft::MatMulNBits`, or `DequantizeLinear` on `int4`/`uint4` (`int4_format="qdq"`) |
+| `int-weight-only`, 4 bits        | `com.microsoft::MatMulNBits`; `DequantizeLinear` on `int4`/`uint4` (`"qdq"`) |
 | `int-weight-only`, 2 bits        | `com.microsoft::MatMulNBits` (ONNX has no 2-bit type)                        |
 | `int-weight-only`, 3 bits        | not exportable: a clear error                                              |
 | `w8a8-int8`                      | per-token int8 activation quantization + `MatMulInteger`                   |

@@ -12,7 +12,7 @@ from qcompile.passes.capture import _fetch, capture, find_sites, unsupported_sit
 from qcompile.passes.lower import lower
 from qcompile.plan import Plan, make_plan
 from qcompile.progress import progress
-from qcompile.quantize import quantize_entry
+from qcompile.quantizer import quantize_entry
 from qcompile.calibration import statistics_for
 
 

@@ -22,7 +22,9 @@ import torch.fx as fx
 
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z_0-9]*)")
 _OPTIONS = ("recipe", "inductor", "verbose", "progress")
-_PACKED_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+# id(parameter) → (weak reference to it, {quantization key: packed}); tensors compare elementwise, so a
+# WeakKeyDictionary cannot hold them
+_PACKED_CACHE: dict[int, tuple[weakref.ref, dict]] = {}
 
 
 def _source_path(name: str) -> str:
@@ -66,10 +68,15 @@ def _lift_parameters(gm: fx.GraphModule, example_inputs) -> list[int]:
 
 
 def _cached_quantize(entry, weight):
-    from qcompile.quantize import quantize_entry
+    from qcompile.quantizer import quantize_entry
 
     key = (weight._version, entry.scheme, entry.algorithm, entry.options, entry.site.transposed)
-    per_weight = _PACKED_CACHE.setdefault(weight, {})
+    cached = _PACKED_CACHE.get(id(weight))
+    if cached is None or cached[0]() is not weight:
+        cached = (weakref.ref(weight), {})
+        _PACKED_CACHE[id(weight)] = cached
+        weakref.finalize(weight, _PACKED_CACHE.pop, id(weight), None)
+    per_weight = cached[1]
     if key not in per_weight:
         per_weight.clear()
         per_weight[key] = quantize_entry(entry, weight)

@@ -7,7 +7,7 @@ import torch
 from qcompile.nn import QuantizedLinear
 from qcompile.plan import Plan, Site
 from qcompile.progress import progress
-from qcompile.quantize import quantize_entry
+from qcompile.quantizer import quantize_entry
 
 HEAD_NAMES = ("lm_head", "embed_out", "output")
 

@@ -155,3 +155,22 @@ def test_unsupported_matmul_stays_float_and_says_so():
         program = qcompile.compile(model, (x,), "int8", progress_bar=False)
     assert [e.site.name for e in program.plan.quantized()] == ["proj"]
     assert _rel(program(x), model(x)) < BOUNDS["int8"]
+
+
+def test_backend_recompilation_reuses_packed_weights(llama, ids, monkeypatch):
+    import qcompile.quantizer as quantize_module
+
+    calls = []
+    original = quantize_module.quantize_entry
+
+    def counting(entry, weight, stats=None):
+        calls.append(entry.site.name)
+        return original(entry, weight, stats)
+
+    monkeypatch.setattr(quantize_module, "quantize_entry", counting)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(llama), backend="qcompile", options={"recipe": "int8"})  # dynamic=None
+    with torch.no_grad():
+        for x in [*ids, torch.randint(0, 128, (4, 11))]:
+            compiled(input_ids=x)
+    assert len(calls) == 14  # Dynamo may recompile for new shapes; each weight is still quantized once

@@ -17,6 +17,10 @@ import torch.utils._pytree as pytree
 from qcompile.onnx.base import OnnxExportError
 
 RELATIVE_TOLERANCE = 1e-3
+# Activations quantized at run time (w8a8): each quantized matmul matches qcompile exactly given the same input,
+# but an ulp-level difference in the float ops between them (LayerNorm, softmax, GELU) flips rounding decisions
+# of later activation quantizations, and deep models amplify those flips (MiniLM w8a8: about 2e-2).
+ACTIVATION_QUANTIZED_RELATIVE_TOLERANCE = 1e-1
 
 
 class OnnxValidationError(OnnxExportError):
@@ -96,7 +100,8 @@ def tensor_outputs(value) -> list[torch.Tensor]:
     return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
-def compare(sess, reference_fn, args, kwargs, atol: float | None, label: str) -> list[Comparison]:
+def compare(sess, reference_fn, args, kwargs, atol: float | None, label: str,
+            rtol: float = RELATIVE_TOLERANCE) -> list[Comparison]:  # fmt: skip
     """Run both sides on ``(args, kwargs)``; one :class:`Comparison` per output."""
     with torch.no_grad():
         expected = tensor_outputs(reference_fn(*args, **(kwargs or {})))
@@ -113,7 +118,7 @@ def compare(sess, reference_fn, args, kwargs, atol: float | None, label: str) ->
             )
         diff = float(np.abs(ours - theirs.astype(np.float32)).max()) if ours.size else 0.0
         scale = float(np.abs(ours).max()) if ours.size else 0.0
-        bound = atol if atol is not None else RELATIVE_TOLERANCE * max(scale, 1e-6)
+        bound = atol if atol is not None else rtol * max(scale, 1e-6)
         results.append(Comparison(label, name, diff, scale, bound))
     return results
 
@@ -123,15 +128,16 @@ def describe(args, kwargs) -> str:
     return ", ".join("x".join(str(s) for s in leaf.shape) for leaf in leaves)
 
 
-def validate(path, reference_fn, args, kwargs=None, atol: float | None = None) -> list[Comparison]:
+def validate(path, reference_fn, args, kwargs=None, atol: float | None = None,
+             rtol: float = RELATIVE_TOLERANCE) -> list[Comparison]:  # fmt: skip
     """Compare onnxruntime with ``reference_fn`` at the example inputs and one grown shape; raise
-    :class:`OnnxValidationError` when a difference exceeds ``atol`` (default ``1e-3 * max|qcompile output|``)."""
+    :class:`OnnxValidationError` when a difference exceeds ``atol`` (default ``rtol * max|qcompile output|``)."""
     sess = session(path)
     runs = [(tuple(args), dict(kwargs or {}))]
     runs.append(grown_inputs(sess, *runs[0]))
     results = []
     for run_args, run_kwargs in runs:
-        results += compare(sess, reference_fn, run_args, run_kwargs, atol, describe(run_args, run_kwargs))
+        results += compare(sess, reference_fn, run_args, run_kwargs, atol, describe(run_args, run_kwargs), rtol)
     failed = [r for r in results if not r.ok]
     if failed:
         lines = "\n".join(

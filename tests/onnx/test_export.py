@@ -119,3 +119,25 @@ def test_float_model_and_recipe(tmp_path):
     assert "qcompile.plan" in {p.key for p in onnx.load(report.path).metadata_props}
     with pytest.raises(qcompile.onnx.OnnxExportError, match="needs a recipe"):
         qcompile.onnx.export(Tiny(), (torch.randn(2, 32),), tmp_path / "x.onnx")
+
+
+@pytest.mark.slow
+def test_w8a8_layer_is_exact_on_real_activations(tmp_path):
+    """One w8a8 matmul of MiniLM, fed real hidden states: onnxruntime equals the reference (integer sums)."""
+    model, tokenizer = load_minilm()
+    examples = dict(tokenizer(["per-token int8 activations", "exact integer sums"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        hidden = model(**examples, output_hidden_states=True).hidden_states[3]
+
+    class Layer(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return self.linear(x)
+
+    program = qcompile.compile(Layer(model.encoder.layer[3].intermediate.dense), (hidden,), "w8a8", progress_bar=False)
+    report = qcompile.onnx.export(program, path=tmp_path / "layer.onnx")
+    assert report.max_abs_diff <= 1e-6 * max(c.reference_max for c in report.comparisons)
+    assert assert_parity(report.path, program, (hidden,), rtol=1e-6) <= 1e-6

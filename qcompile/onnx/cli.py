@@ -5,6 +5,10 @@
 
 Exit codes follow ``qcompile``: 0 ok, 1 onnxruntime disagrees with qcompile (the file is still written),
 2 usage error (bad arguments, a recipe naming a scheme that has no ONNX form).
+
+Wiring into ``qcompile/cli.py``: call ``add_subparser(sub)`` in ``build_parser`` before the loop that adds
+``--json`` to every command, and add ``"export-onnx": qcompile.onnx.cli.command`` to ``COMMANDS`` (it returns
+``(exit code, result)`` like the other commands and prints the per-site table unless ``--json``).
 """
 
 from __future__ import annotations
@@ -29,13 +33,12 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="int4 as com.microsoft::MatMulNBits (default) or standard DequantizeLinear (qdq)")  # fmt: skip
     p.add_argument("--atol", type=float, help="largest accepted |onnxruntime - qcompile| (default 1e-3 of the output)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
     return p
 
 
 def command(args) -> tuple[int, dict]:
     """Run the command; ``(exit code, result)`` as the other ``qcompile`` commands return them."""
-    from qcompile.cli import _example_inputs, _load_model
+    from qcompile.cli import UsageError, _example_inputs, _load_model
     from qcompile.onnx.base import OnnxExportError
     from qcompile.onnx.exporter import export
     from qcompile.onnx.validate import OnnxValidationError
@@ -50,7 +53,7 @@ def command(args) -> tuple[int, dict]:
                         atol=args.atol, validate_outputs=not args.no_validate)  # fmt: skip
     except OnnxValidationError as error:
         return FAILED, {"error": str(error), "output": args.output}
-    except (OnnxExportError, RecipeError) as error:
+    except (OnnxExportError, RecipeError, UsageError) as error:
         return USAGE, {"error": str(error)}
     result = {
         "output": report.path, "bytes": report.file_bytes, "quantized_bytes": report.quantized_bytes,
@@ -76,7 +79,9 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry: ``python -m qcompile.onnx.cli export-onnx …``."""
     parser = argparse.ArgumentParser(prog="qcompile")
-    add_subparser(parser.add_subparsers(dest="command", required=True))
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    sub = add_subparser(parser.add_subparsers(dest="command", required=True))
+    sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
     return run(parser.parse_args(argv))
 
 

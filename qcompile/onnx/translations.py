@@ -11,6 +11,8 @@ import onnx
 import torch
 from onnxscript import opset21 as op
 from onnxscript.values import Opset
+
+from qcompile.onnx import ops  # noqa: F401  (registers torch.ops.qcompile_onnx.*)
 OPSET = 21
 INT8 = 3  # onnx.TensorProto.INT8
 FLOAT = 1  # onnx.TensorProto.FLOAT

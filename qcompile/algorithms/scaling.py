@@ -8,9 +8,11 @@ decoder blocks (Llama, Mistral, Qwen2, SmolLM …), with names relative to the b
 | produces ``x``             | linears reading ``x``      | fold ``x / s`` as                         |
 |----------------------------|----------------------------|-------------------------------------------|
 | `input_layernorm`          | q_proj, k_proj, v_proj     | norm ``weight /= s`` (and ``bias``)       |
-| `self_attn.v_proj`         | o_proj                     | v_proj output rows ``/= s`` (same width only: not under grouped-query attention) |
+| `self_attn.v_proj`         | o_proj                     | v_proj output rows ``/= s`` (equal widths only)  |
 | `post_attention_layernorm` | gate_proj, up_proj         | norm ``weight /= s``                      |
 | `mlp.up_proj`              | down_proj                  | up_proj output rows ``/= s``              |
+
+Under grouped-query attention ``v_proj`` has fewer outputs than ``o_proj`` reads: no fold there.
 
 A site whose algorithm scales but that no row above covers keeps its weights unscaled (plain
 round-to-nearest) and the calibration pass warns, naming it. Weights are edited in place, so a graph

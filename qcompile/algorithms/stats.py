@@ -6,7 +6,7 @@
 | `abs_mean`   | `[K]`       | mean ``|x_j|`` per input channel                             | AWQ               |
 | `abs_max`    | `[K]`       | max ``|x_j|`` per input channel                              | SmoothQuant       |
 | `inputs`     | `[S, K]`    | up to ``max_samples`` input rows, spread evenly over batches | AWQ's scale search |
-| `scale`      | `[K]`       | the per-input-channel factor folded into the weight (AWQ, SmoothQuant), else ``None`` | report |
+| `scale`      | `[K]`       | per-input-channel factor folded into the weight (AWQ, SmoothQuant) | report |
 
 ``note`` says what the pre-pass did to the site (scaled, or why not). ``result`` holds a quantization
 already computed during block-by-block calibration, keyed by scheme, options and a digest of the
@@ -68,7 +68,8 @@ class SiteStatistics:
         if self.want_hessian:
             batch = 2.0 * (x.t() @ x).to(torch.float64)  # float32 products, float64 running sum
             total = self.tokens + rows  # running mean of 2·x xᵀ, as the reference code keeps it
-            self.hessian = batch / total if self.hessian is None else self.hessian * (self.tokens / total) + batch / total
+            previous = 0 if self.hessian is None else self.hessian * (self.tokens / total)
+            self.hessian = previous + batch / total
         if self.want_inputs:
             step = max(1, rows // max(1, self.max_samples // 8))
             kept = x[::step][: self.max_samples]

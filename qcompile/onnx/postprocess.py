@@ -14,6 +14,7 @@ from qcompile.onnx.prepare import PreparedSite
 
 ONNX_TYPES = {"uint4": onnx.TensorProto.UINT4, "int4": onnx.TensorProto.INT4}
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+WEIGHT_KEYS = ("qweight", "B")  # the quantized weight of every ONNX form (see qcompile.onnx.ops)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold 2 GiB; larger models keep weights beside the file
 
 
@@ -23,6 +24,8 @@ def finish_model(model: onnx.ModelProto, sites: list[PreparedSite], metadata: di
     for prepared in sites:
         for key, path in prepared.paths.items():
             tensor = initializers.get(path)
+            if tensor is None and key not in WEIGHT_KEYS:
+                continue  # a small tensor equal to another site's (NF4 levels) may be merged with it
             if tensor is None:
                 raise OnnxExportError(
                     f"layer {prepared.site}: its quantized tensor {key} ({path}) is not an initializer of the "
@@ -33,7 +36,7 @@ def finish_model(model: onnx.ModelProto, sites: list[PreparedSite], metadata: di
                 tensor.data_type = ONNX_TYPES[prepared.lowering.onnx_types[key]]
                 del tensor.dims[:]
                 tensor.dims.extend(prepared.lowering.onnx_shapes[key])
-            elif key in ("qweight", "B") and tensor.data_type in FLOAT_TYPES:
+            elif key in WEIGHT_KEYS and tensor.data_type in FLOAT_TYPES:
                 raise OnnxExportError(f"layer {prepared.site}: weight {path} reached the file as a float tensor")
     del model.graph.value_info[:]  # shapes the exporter recorded for 4-bit values are of their uint8 carriers
     _strip_metadata(model.graph)

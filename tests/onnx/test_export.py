@@ -17,7 +17,7 @@ from conftest import assert_parity, assert_sizes, op_counts
 LAYERS = [
     ("l0", 64, 160, "int8"), ("l1", 160, 80, "int4-g128"), ("l2", 80, 72, "int4-g32"), ("l3", 72, 64, "int4-g32-sym"),
     ("l4", 64, 64, "int2-g32"), ("l5", 64, 48, "w8a8"), ("l6", 48, 56, "fp8"), ("l7", 56, 40, "nf4-g32"),
-    ("l8", 40, 24, "int8-g16"),
+    ("l8", 40, 24, "int8-g16"), ("l9", 24, 16, "nf4-g16"),
 ]  # fmt: skip
 
 
@@ -59,7 +59,7 @@ def test_every_scheme(stack_program, int4_format, tmp_path):
     nbits = 4 if int4_format == "matmulnbits" else 1  # int2 has no ONNX type: MatMulNBits either way
     assert counts.get("MatMulNBits", 0) == nbits
     assert counts["DequantizeLinear"] == (3 if int4_format == "matmulnbits" else 6)  # int8 x2, fp8 (+ int4 x3)
-    assert counts["MatMulInteger"] == 1 and counts["Gather"] == 1
+    assert counts["MatMulInteger"] == 1 and counts["Gather"] == 2
     assert_sizes(report, stack_program)
     assert_parity(path, stack_program, (torch.randn(4, 3, 64) * 2,))
 

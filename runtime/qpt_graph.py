@@ -55,7 +55,8 @@ SPEC_TYPES = (
     "builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict", "torch.Size",
     "torch.fx.immutable_collections.immutable_list", "torch.fx.immutable_collections.immutable_dict",
 )  # fmt: skip
-SPEC_TYPE_PACKAGES = ("transformers.",)  # output classes of these packages may be imported to rebuild outputs
+SPEC_TYPE_PACKAGES = ("transformers.",)  # output classes of these packages may rebuild outputs once registered
+SPEC_OUTPUT_MODULE = "transformers.modeling_outputs"  # the one module the loader may import to register them
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -148,7 +149,28 @@ def _resolve_target(name, where: str):
     packet = getattr(getattr(torch.ops, namespace), op_name, None) if hasattr(torch.ops, namespace) else None
     if not isinstance(packet, torch._ops.OpOverloadPacket) or overload not in packet.overloads():
         raise ArtifactError(f"{where}: op {name!r} does not exist in this torch ({torch.__version__})")
-    return getattr(packet, overload)
+    op = getattr(packet, overload)
+    _check_op_is_pure(op, name, where)
+    return op
+
+
+#: string arguments that only pick a mode of a pure op; any other string (a file name …) is refused
+SAFE_STRING_ARGUMENTS = frozenset({
+    "rounding_mode", "approximate", "reduce", "norm", "side", "padding_side", "indexing", "pad_mode", "mode",
+    "UPLO", "driver", "activation", "padding", "assert_msg", "equation", "scheme",
+})  # fmt: skip
+
+
+def _check_op_is_pure(op, name: str, where: str) -> None:
+    """Refuse ops that mutate their inputs or take a free-form string or a storage (``aten.from_file``,
+    ``aten.fill_``, ``*.out`` overloads …): a graph from a file may only compute, never touch the world."""
+    schema = op._schema
+    if schema.is_mutable:
+        raise ArtifactError(f"{where}: op {name!r} mutates its inputs, which a .qpt graph may not do")
+    for argument in schema.arguments:
+        kind = str(argument.type)
+        if "Storage" in kind or ("str" in kind and argument.name not in SAFE_STRING_ARGUMENTS):
+            raise ArtifactError(f"{where}: op {name!r} takes {kind} {argument.name!r}, which a .qpt graph may not use")
 
 
 def _decode(value, nodes: dict, where: str, device_map: dict):
@@ -187,7 +209,6 @@ def _check_spec_types(schema, where: str) -> None:
     """Walk a treespec JSON schema; every container type must be allow-listed (and is looked up, never built
     from its name). Output classes of :data:`SPEC_TYPE_PACKAGES` are registered by importing their module."""
     import importlib
-    import re
 
     stack = [schema]
     while stack:
@@ -200,16 +221,13 @@ def _check_spec_types(schema, where: str) -> None:
                 raise ArtifactError(f"{where}: malformed pytree type {name!r}")
             if name not in SPEC_TYPES and not name.startswith(SPEC_TYPE_PACKAGES):
                 raise ArtifactError(f"{where}: container type {name!r} is not one a .qpt may use")
-            if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
-                module = name.rpartition(".")[0]
-                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", module):
-                    raise ArtifactError(f"{where}: container type {name!r} is not a valid name")
-                try:
-                    importlib.import_module(module)  # an installed, allow-listed package registers its outputs
+            if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE and name.startswith(SPEC_OUTPUT_MODULE + "."):
+                try:  # a fixed module, never one the file names: it registers transformers' output classes
+                    importlib.import_module(SPEC_OUTPUT_MODULE)
                 except ImportError as error:
-                    raise ArtifactError(f"{where}: outputs are {name!r}; install its package ({error})") from None
-                if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
-                    raise ArtifactError(f"{where}: container type {name!r} is not registered with torch pytree")
+                    raise ArtifactError(f"{where}: outputs are {name!r}; install transformers ({error})") from None
+            if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+                raise ArtifactError(f"{where}: container type {name!r} is not registered with torch pytree")
         stack.extend(item.get("children_spec", []))
 
 

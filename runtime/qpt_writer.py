@@ -59,6 +59,9 @@ def write_artifact(path: str | os.PathLike, manifest: dict, json_members: dict[s
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a shared artifact gets the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(b"\0" * HEADER_SIZE)  # the real header goes in last: a torn file has no magic

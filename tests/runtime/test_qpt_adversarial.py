@@ -378,3 +378,22 @@ def test_no_stray_files_after_failed_loads(good, tmp_path):
     before = set(os.listdir(tmp_path))
     expect(tmp_path, good[:100], "bad.qpt")
     assert set(os.listdir(tmp_path)) - before == {"bad.qpt"}
+
+
+@pytest.mark.parametrize(
+    "nodes, fragment",
+    [
+        ([{"name": "evil_file", "op": "call_function", "target": "aten.from_file.default",
+           "args": ["victim.txt", True, 16], "kwargs": {}}], "takes str 'filename'"),
+        ([{"name": "evil_ones", "op": "call_function", "target": "aten.ones.default", "args": [[4]], "kwargs": {}},
+          {"name": "evil_fill", "op": "call_function", "target": "aten.fill_.Scalar",
+           "args": [{"node": "evil_ones"}, 65], "kwargs": {}}], "mutates its inputs"),
+    ],
+)  # fmt: skip
+def test_graph_cannot_touch_files_or_mutate(good, tmp_path, nodes, fragment):
+    """Valid checksums, allow-listed namespace — but ops that read/write files or mutate are refused at load."""
+    manifest, blobs = split(good)
+    graph = json.loads(blobs["graph"])
+    graph["nodes"] = graph["nodes"][:-1] + nodes + graph["nodes"][-1:]
+    blobs["graph"] = json.dumps(graph).encode()
+    expect(tmp_path, assemble(manifest, blobs), "graph member: node", fragment)

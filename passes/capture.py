@@ -143,7 +143,10 @@ def _site_use(node: fx.Node) -> tuple[fx.Node, SiteUse] | None:
 
 def _site_name(node: fx.Node, weight_target: str) -> str:
     module_name, module_type = _module_entry(node)
-    if module_name and (weight_target == f"{module_name}.weight" or module_type in LINEAR_MODULE_TYPES):
+    if module_name and weight_target == f"{module_name}.weight":
+        return module_name
+    # a Linear reading another module's ``weight`` is a tied head (lm_head over embed_tokens.weight)
+    if module_name and module_type in LINEAR_MODULE_TYPES and weight_target.endswith(".weight"):
         return module_name
     if weight_target.endswith(".weight"):
         return weight_target[: -len(".weight")]
@@ -184,12 +187,34 @@ def find_sites(gm: fx.GraphModule) -> list[SiteMatch]:
         if use.transposed != match.site.transposed:
             continue  # the same tensor read both ways: leave the second reading in float
         match.uses.append(use)
+    _make_names_unique(list(matches.values()))
     for match in matches.values():
         others = [u for u in match.weight_node.users if all(u is not use.reader for use in match.uses)]
         if others:
             tied = tuple(sorted({_module_of(u) or str(u.target) for u in others}))
             match.site = dataclasses.replace(match.site, tied_to=tied)
     return list(matches.values())
+
+
+def _make_names_unique(matches: list[SiteMatch]) -> None:
+    """Two weights must never share a site name (recipes and packed buffers are keyed by it): a clash
+    falls back to the weights' own paths, and a clash that remains is an error."""
+    by_name: dict[str, list[SiteMatch]] = {}
+    for match in matches:
+        by_name.setdefault(match.site.name, []).append(match)
+    for name, group in by_name.items():
+        if len(group) < 2:
+            continue
+        for match in group:
+            own = match.weight_node.target.removesuffix(".weight")
+            if own != name:
+                match.site = dataclasses.replace(match.site, name=match.weight_node.target)
+    names = [m.site.name for m in matches]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        weights = [m.weight_node.target for m in matches if m.site.name in clashes]
+        raise ValueError(f"matmul sites {clashes} are read from several weights ({weights}); "
+                         "give each weight its own module or parameter name")  # fmt: skip
 
 
 def _op_name(target) -> str:

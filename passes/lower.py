@@ -26,7 +26,7 @@ def buffer_prefix(site) -> str:
     return f"{site.weight_name}_packed"
 
 
-def _set_buffer(gm: fx.GraphModule, path: str, tensor: torch.Tensor) -> None:
+def set_buffer(gm: fx.GraphModule, path: str, tensor: torch.Tensor) -> None:
     owner_path, _, attr = path.rpartition(".")
     owner = gm
     for part in owner_path.split(".") if owner_path else []:
@@ -60,7 +60,7 @@ def lower(gm: fx.GraphModule, matches: list[SiteMatch], packed: dict[str, Packed
         prefix = buffer_prefix(site)
         attrs = {}
         for key, tensor in packed[site.name].tensors().items():
-            _set_buffer(gm, f"{prefix}.{key}", tensor)
+            set_buffer(gm, f"{prefix}.{key}", tensor)
             attrs[key] = f"{prefix}.{key}"
         for use in match.uses:
             with graph.inserting_before(use.node):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 import weakref
 
 import torch
@@ -83,6 +84,37 @@ def _cached_quantize(entry, weight):
     return per_weight[key]
 
 
+class _Watched:
+    """A quantized parameter and the version its packed copy was made from."""
+
+    __slots__ = ("entry", "weight", "version")
+
+    def __init__(self, entry, weight, version):
+        self.entry, self.weight, self.version = entry, weight, version
+
+
+def _refresh_changed_weights(gm: fx.GraphModule, watched: list, inductor: bool) -> None:
+    """Parameters are read once, at compile time; one changed in place since (a training step, ``mul_``) is
+    quantized again before this call, as stock backends would read its new value."""
+    from qcompile.passes.lower import buffer_prefix, set_buffer
+
+    for item in watched:
+        if item.weight._version == item.version:
+            continue
+        if inductor:
+            raise RuntimeError(
+                f"qcompile backend: weight {item.entry.site.weight_name} changed after compilation, and the "
+                "inductor-compiled graph holds its packed copy; call torch._dynamo.reset() and compile again"
+            )
+        warnings.warn(f"qcompile: {item.entry.site.name} changed after compilation; quantizing it again",
+                      stacklevel=3)  # fmt: skip
+        packed = _cached_quantize(item.entry, item.weight)
+        prefix = buffer_prefix(item.entry.site)
+        for key, tensor in packed.tensors().items():
+            set_buffer(gm, f"{prefix}.{key}", tensor)
+        item.version = item.weight._version
+
+
 def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """The Dynamo backend (see module docstring)."""
     from qcompile.passes.capture import _fetch, find_sites
@@ -100,12 +132,13 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     plan = make_plan(options.get("recipe"), [m.site for m in matches])
     if options.get("verbose"):
         print(plan.table())
-    packed, schemes = {}, {}
+    packed, schemes, watched = {}, {}, []
     by_name = {m.site.name: m for m in matches}
     for entry in progress(plan.quantized(), "quantize", enabled=options.get("progress", False)):
         weight = _fetch(gm, by_name[entry.site.name].weight_node.target)
         packed[entry.site.name] = _cached_quantize(entry, weight)
         schemes[entry.site.name] = entry.scheme
+        watched.append(_Watched(entry, weight, weight._version))
     lower(gm, matches, packed, schemes)
     gm.qcompile_plan = plan
     inputs = [example_inputs[i] for i in kept]
@@ -117,6 +150,7 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         compiled = gm.forward
 
     def run(*args):
+        _refresh_changed_weights(gm, watched, inductor=bool(options.get("inductor")))
         return compiled(*[args[i] for i in kept])
 
     run.qcompile_plan = plan

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from qcompile.nn import QuantizedLinear
@@ -10,23 +12,43 @@ from qcompile.progress import progress
 from qcompile.quantizer import quantize_entry
 
 HEAD_NAMES = ("lm_head", "embed_out", "output")
+WEIGHT_READING_PARENTS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
 
 
 def _is_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+def _read_by_parent(name: str, module, parents: dict) -> str | None:
+    """Why a linear module cannot be swapped: its parent reads ``.weight`` directly (``nn.MultiheadAttention``
+    passes ``out_proj.weight`` to ``F.multi_head_attention_forward``; ``nn.TransformerEncoderLayer`` inspects
+    ``linear1.weight`` to pick its fast path)."""
+    parent = parents.get(name)
+    if type(module).__name__ == "NonDynamicallyQuantizableLinear" or isinstance(parent, WEIGHT_READING_PARENTS):
+        kind = type(parent).__name__ if parent is not None else "MultiheadAttention"
+        return f"its {kind} parent reads the float weight; qcompile.compile quantizes it"
+    return None
+
+
 def linear_sites(model: torch.nn.Module) -> list[tuple[Site, torch.nn.Module]]:
-    """``(Site, module)`` for every linear-like module, in ``named_modules`` order."""
+    """``(Site, module)`` for every linear-like module, in ``named_modules`` order. Modules that cannot be
+    swapped in eager mode are left float with a warning naming them."""
     owners: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    parents: dict[str, torch.nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        for pname, param in module.named_parameters(recurse=False):
+        for _, param in module.named_parameters(recurse=False):
             owners.setdefault(id(param), []).append((name, module))
-    out, seen = [], set()
+        for child_name, _ in module.named_children():
+            parents[f"{name}.{child_name}" if name else child_name] = module
+    out, seen, skipped = [], set(), []
     for name, module in model.named_modules():
         if not (isinstance(module, torch.nn.Linear) or _is_conv1d(module)) or name in seen:
             continue
         seen.add(name)
+        reason = _read_by_parent(name, module, parents)
+        if reason:
+            skipped.append(f"{name} ({reason})")
+            continue
         weight = module.weight
         transposed = _is_conv1d(module)
         n, k = weight.shape[::-1] if transposed else weight.shape
@@ -45,13 +67,19 @@ def linear_sites(model: torch.nn.Module) -> list[tuple[Site, torch.nn.Module]]:
             weight_bytes=weight.numel() * weight.element_size(),
         )
         out.append((site, module))
+    if skipped:
+        warnings.warn("qcompile.quantize keeps these layers float: " + "; ".join(skipped), stacklevel=3)
     return out
 
 
 def _set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+    """Replace the module at ``name`` and at every other path that holds the same module object."""
+    old = model.get_submodule(name)
+    paths = [path for path, module in model.named_modules(remove_duplicate=False) if module is old] or [name]
+    for path in paths:
+        parent_name, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
 
 
 def swap_modules(model, plan: Plan, modules: dict, stats=None, progress_bar=True) -> int:

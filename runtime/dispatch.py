@@ -97,7 +97,7 @@ def notify_fallback(scheme: Scheme, device_type: str, reason: str) -> None:
         return
     _NOTIFIED.add(key)
     message = f"qcompile: {scheme.name} on {device_type} runs the reference path ({reason})"
-    if any(k.device_type == device_type for k in _KERNELS):
+    if device_type != "cpu" or any(k.device_type == device_type for k in _KERNELS):
         warnings.warn(message, stacklevel=3)
     else:
         log.info(message)

@@ -174,3 +174,59 @@ def test_backend_recompilation_reuses_packed_weights(llama, ids, monkeypatch):
         for x in [*ids, torch.randint(0, 128, (4, 11))]:
             compiled(input_ids=x)
     assert len(calls) == 14  # Dynamo may recompile for new shapes; each weight is still quantized once
+
+
+class Linear(torch.nn.Module):
+    """Named like nn.Linear but reads two weights (the LoRA pattern): each must be its own site."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(16, 16))
+        self.extra = torch.nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight) + torch.nn.functional.linear(x, self.extra)
+
+
+def test_two_weights_in_one_linear_module_are_two_sites():
+    model = torch.nn.Sequential(Linear())
+    x = torch.randn(3, 16)
+    program = qcompile.compile(model, (x,), "int8", progress_bar=False)
+    assert sorted(e.site.name for e in program.plan.quantized()) == ["0", "0.extra"]
+    assert _rel(program(x), model(x)) < BOUNDS["int8"]
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="qcompile", options={"recipe": "int8"})
+    assert _rel(compiled(x), model(x)) < BOUNDS["int8"]
+
+
+def test_backend_sees_weights_changed_in_place(llama, ids):
+    torch._dynamo.reset()
+    model = copy.deepcopy(llama)
+    compiled = torch.compile(model, backend="qcompile", options={"recipe": "int8"})
+    with torch.no_grad():
+        compiled(input_ids=ids[0])
+        model.model.layers[0].mlp.down_proj.weight.mul_(-1)
+        with pytest.warns(UserWarning, match="changed after compilation"):
+            got = compiled(input_ids=ids[0])
+        expected = qcompile.quantize(copy.deepcopy(model), "int8", progress_bar=False)(input_ids=ids[0]).logits
+    torch.testing.assert_close(_logits(got), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_keeps_multihead_attention_projections_float_and_says_so():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = layer(x)
+    with pytest.warns(UserWarning, match="self_attn.out_proj.*linear1"):
+        quantized = qcompile.quantize(copy.deepcopy(layer), "int8", progress_bar=False)
+    with torch.no_grad():
+        assert _rel(quantized(x), expected) < BOUNDS["int8"]
+
+
+def test_eager_swaps_every_alias_of_a_module():
+    model = torch.nn.Module()
+    model.a = torch.nn.Linear(8, 8)
+    model.b = model.a
+    qcompile.quantize(model, "int8", progress_bar=False)
+    assert isinstance(model.a, QuantizedLinear) and model.b is model.a

@@ -87,13 +87,18 @@ def dot_dtype(x_dtype: torch.dtype):
     """The ``tl`` dtype the weight tile is dequantized to before ``tl.dot``.
 
     The interpreter computes bf16/fp16 dots wrongly, so it gets fp32 (the reference math); on a GPU
-    the activation dtype itself (fp32 activations use TF32 tensor cores).
+    the activation dtype itself (fp32 dots run at ``ieee`` precision, see :func:`dot_precision`).
     """
     import triton.language as tl
 
     if interpreting():
         return tl.float32
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x_dtype]
+
+
+def dot_precision(x_dtype: torch.dtype) -> str:
+    """fp32 activations get exact fp32 products (``ieee``), not TF32 tensor cores: the reference is fp32 math."""
+    return "ieee" if x_dtype == torch.float32 else "tf32"
 
 
 def check_activation(x: torch.Tensor, where: str) -> None:

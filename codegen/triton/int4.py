@@ -58,7 +58,7 @@ def int4_linear_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, ATOMIC: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias``.
@@ -78,8 +78,8 @@ def int4_linear_kernel(
     offs_h = tl.arange(0, BLOCK_K // 2)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    w_cols = qweight_ptr + offs_n[None, :] * stride_qn
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_even = k0 + 2 * offs_h
@@ -107,8 +107,8 @@ def int4_linear_kernel(
         w_even = (low - zero) * scale
         w_odd = (high - zero) * scale
         if USE_DOT:
-            acc += tl.dot(x_even.to(DOT_DTYPE), w_even.to(DOT_DTYPE))
-            acc += tl.dot(x_odd.to(DOT_DTYPE), w_odd.to(DOT_DTYPE))
+            acc += tl.dot(x_even.to(DOT_DTYPE), w_even.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            acc += tl.dot(x_odd.to(DOT_DTYPE), w_odd.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         else:
             acc += tl.sum(x_even.to(tl.float32)[:, :, None] * w_even[None, :, :], axis=1)
             acc += tl.sum(x_odd.to(tl.float32)[:, :, None] * w_odd[None, :, :], axis=1)
@@ -151,7 +151,7 @@ def int4_linear(
             x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias, buffer,
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), buffer.stride(0),
             GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
-            USE_DOT=use_dot, DOT_DTYPE=common.dot_dtype(x.dtype), ATOMIC=cfg.split_k > 1,
+            USE_DOT=use_dot, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype), ATOMIC=cfg.split_k > 1,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

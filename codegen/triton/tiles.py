@@ -36,7 +36,7 @@ def split_k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
 @triton.jit
 def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC: tl.constexpr):
     """Write the fp32 ``acc [BLOCK_M, BLOCK_N]``: cast and store, or add atomically into an fp32 split-K buffer."""
-    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if ATOMIC:
         tl.atomic_add(ptrs, acc, mask=mask)

@@ -52,7 +52,7 @@ def default_config(path: str, m: int) -> autotune.KernelConfig:
 def w8a16_linear_kernel(
     x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_om,
-    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = (x[M, K] @ float(qweight).T) * scales[N] + bias``.
@@ -69,8 +69,8 @@ def w8a16_linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    w_cols = qweight_ptr + offs_n[None, :] * stride_qn
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + offs_k
@@ -78,7 +78,7 @@ def w8a16_linear_kernel(
         x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_cols + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if USE_DOT:
-            acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE))
+            acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         else:
             acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
@@ -117,7 +117,7 @@ def w8a16_linear(
         w8a16_linear_kernel[grid](
             x2, qweight, scales, scales if bias is None else bias, buffer,
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), buffer.stride(0),
-            HAS_BIAS=bias is not None, USE_DOT=path != "gemv", DOT_DTYPE=common.dot_dtype(x.dtype),
+            HAS_BIAS=bias is not None, USE_DOT=path != "gemv", DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
             ATOMIC=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

@@ -87,7 +87,7 @@ def quantize_rows_kernel(
     """
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + row * stride_xm
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
     absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
@@ -104,7 +104,7 @@ def quantize_rows_kernel(
                 v = round_to_e4m3_grid(v)
         else:
             v = round_half_even(v)
-        tl.store(q_ptr + row * stride_qm + k0 + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + row.to(tl.int64) * stride_qm + k0 + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -126,8 +126,8 @@ def w8a8_linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_rows = xq_ptr + offs_m[:, None] * stride_xm
-    w_cols = qweight_ptr + offs_n[None, :] * stride_qn
+    x_rows = xq_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k

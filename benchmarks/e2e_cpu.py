@@ -21,7 +21,17 @@ from qcompile.evaluate import decode_tokens_per_second, model_bytes, perplexity
 from qcompile.models import eval_text, load_smollm2
 from qcompile.report import format_table, human_bytes
 
-SCHEMES = ("int8", "int4-g128", "int4-g32", "w8a8", "fp8")
+SCHEMES = ("int8", "int4-g128", "int4-g32", "w8a8", "fp8", "int4-g128+head:int8")
+
+
+def recipe_for(spec: str) -> dict:
+    """``int4-g128`` → that scheme everywhere (the tied lm_head stays float, as by default);
+    ``int4-g128+head:int8`` → also quantize lm_head (its float copy stays for the embedding lookup)."""
+    scheme, _, head = spec.partition("+head:")
+    recipe = {"default": scheme}
+    if head:
+        recipe["overrides"] = [{"targets": ["lm_head"], "scheme": head}]
+    return recipe
 
 
 def main(argv=None) -> int:
@@ -47,22 +57,25 @@ def main(argv=None) -> int:
         compiled = torch.compile(copy.deepcopy(model))
         compiled.generate = compiled._orig_mod.generate
         tps = decode_tokens_per_second(compiled, prompt, args.new_tokens)
-        rows.append(["float32 inductor", "", "", f"{tps:.1f}", f"{tps / float_tps:.2f}x", f"{time.perf_counter() - start:.0f} s"])
+        elapsed = time.perf_counter() - start
+        rows.append(["float32 inductor", "", "", f"{tps:.1f}", f"{tps / float_tps:.2f}x", f"{elapsed:.0f} s"])
         print(rows[-1], flush=True)
     for scheme in args.schemes.split(","):
         start = time.perf_counter()
-        program = qcompile.compile(model, (), scheme, example_kwargs=example, progress_bar=False)
+        program = qcompile.compile(model, (), recipe_for(scheme), example_kwargs=example, progress_bar=False)
         compile_s = time.perf_counter() - start
         ppl = perplexity(program, ids)
         nbytes = model_bytes(program)
         del program
-        eager = qcompile.quantize(copy.deepcopy(model), scheme, progress_bar=False)
+        eager = qcompile.quantize(copy.deepcopy(model), recipe_for(scheme), progress_bar=False)
         tps = decode_tokens_per_second(eager, prompt, args.new_tokens)
         del eager
-        rows.append([scheme, human_bytes(nbytes), f"{ppl:.2f}", f"{tps:.1f}", f"{tps / float_tps:.2f}x", f"{compile_s:.1f} s"])
+        rows.append([scheme, human_bytes(nbytes), f"{ppl:.2f}", f"{tps:.1f}", f"{tps / float_tps:.2f}x",
+                     f"{compile_s:.1f} s"])  # fmt: skip
         print(rows[-1], flush=True)
     print()
-    print(f"SmolLM2-135M, {ids.numel()} held-out tokens, {torch.get_num_threads()} threads, decode of {args.new_tokens} tokens")
+    print(f"SmolLM2-135M, {ids.numel()} held-out tokens, {torch.get_num_threads()} threads, "
+          f"decode of {args.new_tokens} tokens")  # fmt: skip
     print(format_table(["model", "bytes", "perplexity", "tokens/s", "vs float", "compile"], rows, "lrrrrr"))
     return 0
 

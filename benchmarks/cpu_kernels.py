@@ -48,7 +48,6 @@ def copy_bandwidth_gbs(repeats: int) -> float:
 
 def matmulnbits_session(qweight, scales, zeros, k: int, n: int, level: int):
     """A one-node ONNX model computing ``x @ W.T`` with MatMulNBits on our packed int4 codes."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

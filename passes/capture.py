@@ -111,7 +111,8 @@ def _weight_operand(node: fx.Node, arg) -> tuple[fx.Node | None, bool]:
         if isinstance(source, fx.Node) and source.op == "get_attr":
             if arg.target in (aten.transpose.int, "transpose") and sorted(int(d) % 2 for d in arg.args[1:3]) != [0, 1]:
                 return None, False
-            if arg.target in (aten.permute.default, "permute") and list(arg.args[1:] if len(arg.args) > 2 else arg.args[1]) not in ([1, 0], [-1, -2]):
+            dims = list(arg.args[1:] if len(arg.args) > 2 else arg.args[1]) if len(arg.args) > 1 else []
+            if arg.target in (aten.permute.default, "permute") and dims not in ([1, 0], [-1, -2]):
                 return None, False
             return source, True
     return None, False

@@ -16,7 +16,8 @@ from qcompile.quantizer import quantize_entry
 from qcompile.calibration import statistics_for
 
 
-def quantize(model: torch.nn.Module, recipe=None, calibration=None, *, progress_bar: bool = True, verbose: bool = False):
+def quantize(model: torch.nn.Module, recipe=None, calibration=None, *, progress_bar: bool = True,
+             verbose: bool = False) -> torch.nn.Module:  # fmt: skip
     """Quantize ``model`` in place: every ``nn.Linear`` / GPT-2 ``Conv1D`` the recipe plans becomes a
     :class:`qcompile.nn.QuantizedLinear`. Returns ``model``; its plan is ``model.qcompile_plan``."""
     sites = eager.linear_sites(model)

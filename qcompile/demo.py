@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - start
     plan = program.plan
     print(plan.table().splitlines()[-1].replace("total", f"plan: {len(plan)} sites,", 1))
-    print(f"  compiled + saved in {compile_s:.1f} s; reloaded {path} ({human_bytes(os.path.getsize(path))}) in {load_s:.2f} s")
+    size = human_bytes(os.path.getsize(path))
+    print(f"  compiled + saved in {compile_s:.1f} s; reloaded {path} ({size}) in {load_s:.2f} s")
 
     print("quantized model (reloaded .qpt): perplexity ...", flush=True)
     quant_ppl = perplexity(program, ids)

@@ -12,7 +12,9 @@ from qcompile.progress import progress
 from qcompile.quantizer import quantize_entry
 
 HEAD_NAMES = ("lm_head", "embed_out", "output")
-WEIGHT_READING_PARENTS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+WEIGHT_READING_PARENTS = (
+    torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
+)  # fmt: skip
 
 
 def _is_conv1d(module) -> bool:

@@ -22,7 +22,9 @@ class QuantizedLinear(torch.nn.Module):
         self.register_buffer("qweight", packed.qweight)
         self.register_buffer("scales", packed.scales)
         self.register_buffer("zeros", packed.zeros)
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self.bias = None
+        if bias is not None:
+            self.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.qcompile.linear(x, self.qweight, self.scales, self.zeros, self.bias, self.scheme)
@@ -31,4 +33,5 @@ class QuantizedLinear(torch.nn.Module):
         return parse_scheme(self.scheme).dequantize_packed(self.qweight, self.scales, self.zeros, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
+                f"bias={self.bias is not None}")  # fmt: skip

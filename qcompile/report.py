@@ -40,5 +40,6 @@ def plan_table(plan) -> str:
     before, after = plan.bytes_before, plan.bytes_after
     ratio = before / after if after else float("inf")
     quantized = len(plan.quantized())
-    rows.append(["total", "", f"{quantized}/{len(plan)} quantized", human_bytes(before), human_bytes(after), f"{ratio:.2f}x smaller"])
+    rows.append(["total", "", f"{quantized}/{len(plan)} quantized", human_bytes(before), human_bytes(after),
+                 f"{ratio:.2f}x smaller"])  # fmt: skip
     return format_table(["site", "N x K", "scheme", "before", "after", "note"], rows, "lllrrl")

@@ -58,7 +58,8 @@ def test_head_and_tied_weights_stay_float_unless_named(sites):
     "recipe, message",
     [
         ({"defualt": "int8"}, "unknown key 'defualt'. Did you mean 'default'"),
-        ({"overrides": [{"target": ["x"], "scheme": "int8"}]}, r"recipe.overrides\[0\]: unknown key 'target'. Did you mean 'targets'"),
+        ({"overrides": [{"target": ["x"], "scheme": "int8"}]},
+         r"recipe.overrides\[0\]: unknown key 'target'. Did you mean 'targets'"),
         ({"overrides": [{"targets": ["*.nothing_here"], "scheme": "int8"}]}, "matches no matmul site"),
         ({"ignore": ["re:("]}, "not a valid regular expression"),
         ({"default": "int4-g100"}, "recipe.default"),

@@ -151,7 +151,8 @@ def int4_linear(
             x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias, buffer,
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), buffer.stride(0),
             GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
-            USE_DOT=use_dot, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype), ATOMIC=cfg.split_k > 1,
+            USE_DOT=use_dot, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
+            ATOMIC=cfg.split_k > 1,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

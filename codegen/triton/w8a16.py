@@ -52,7 +52,8 @@ def default_config(path: str, m: int) -> autotune.KernelConfig:
 def w8a16_linear_kernel(
     x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_om,
-    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = (x[M, K] @ float(qweight).T) * scales[N] + bias``.
@@ -117,7 +118,8 @@ def w8a16_linear(
         w8a16_linear_kernel[grid](
             x2, qweight, scales, scales if bias is None else bias, buffer,
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), buffer.stride(0),
-            HAS_BIAS=bias is not None, USE_DOT=path != "gemv", DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
+            HAS_BIAS=bias is not None, USE_DOT=path != "gemv", DOT_DTYPE=common.dot_dtype(x.dtype),
+            DOT_PRECISION=common.dot_precision(x.dtype),
             ATOMIC=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

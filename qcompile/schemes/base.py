@@ -124,7 +124,8 @@ class Scheme(abc.ABC):
             shape, dtype = spec
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise ValueError(
-                    f"{self.name}: {key} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)} for K={in_features}"
+                    f"{self.name}: {key} is {t.dtype}{list(t.shape)}, "
+                    f"expected {dtype}{list(shape)} for K={in_features}"
                 )
 
     @abc.abstractmethod

@@ -16,7 +16,7 @@ Packed tensors (canonical layout):
 | `qweight` | int8    | `[N, K_padded]`              | bits = 8: signed codes                           |
 | `qweight` | uint8   | `[N, K_padded * bits / 8]`   | bits < 8: element order in `qcompile.schemes.packing` |
 | `scales`  | float32 | `[N, K_padded / group_size]` |                                                  |
-| `zeros`   | float32 | `[N, K_padded / group_size]` | asymmetric only, in code units (for bits = 8: of the signed code) |
+| `zeros`   | float32 | `[N, K_padded / group_size]` | asymmetric only, in code units (bits = 8: signed code) |
 
 Bits per weight: ``bits + 32 / group_size`` (symmetric) or ``bits + 64 / group_size`` (asymmetric).
 

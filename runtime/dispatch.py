@@ -66,10 +66,20 @@ def register_kernel(entry: KernelEntry) -> None:
     _KERNELS[:] = [k for k in _KERNELS if k.name != entry.name]
     _KERNELS.append(entry)
     _KERNELS.sort(key=lambda k: -k.priority)
+    _forget_choices()
 
 
 def unregister_kernel(name: str) -> None:
     _KERNELS[:] = [k for k in _KERNELS if k.name != name]
+    _forget_choices()
+
+
+def _forget_choices() -> None:
+    import sys
+
+    ops = sys.modules.get("qcompile.runtime.ops")
+    if ops is not None:
+        ops.forget_choices()
 
 
 def registered_kernels() -> list[KernelEntry]:

@@ -144,12 +144,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="int4-g128 only, fewer eval and calibration tokens")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--schemes", help=f"comma-separated subset of {','.join(SCHEMES)} (default: all, or int4-g128 "
+                        "with --quick)")  # fmt: skip
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     eval_tokens, calibration = 4096, {"samples": 16, "seq_len": 512}
     if args.quick:
         eval_tokens, calibration = 1024, {"samples": 8, "seq_len": 256}
     schemes = SCHEMES[:1] if args.quick else SCHEMES
+    if args.schemes:
+        schemes = tuple(args.schemes.split(","))
 
     start = time.perf_counter()
     base, tokenizer = load_smollm2()

@@ -174,17 +174,25 @@ def cmd_verify(args) -> tuple[int, dict]:
     import torch.utils._pytree as pytree
 
     from qcompile.export import load
+    from qcompile.runtime.qpt_format import ArtifactError
 
     start = time.perf_counter()
     program = load(args.file, device=args.device)
     result = {"file": args.file, "checksums": "ok", "load_seconds": round(time.perf_counter() - start, 3)}
     examples = program.examples
-    inputs = [examples[f"input.{i}"] for i in range(sum(k.startswith("input.") for k in examples))]
-    expected = [examples[f"output.{i}"] for i in range(sum(k.startswith("output.") for k in examples))]
+    spec = program.module.graph._codegen.pytree_info.in_spec
+    try:
+        inputs = [examples[f"input.{i}"] for i in range(sum(k.startswith("input.") for k in examples))]
+        expected = [examples[f"output.{i}"] for i in range(sum(k.startswith("output.") for k in examples))]
+    except KeyError as error:
+        raise ArtifactError(f"{args.file}: examples member: entry {error} is missing (names run 0, 1, …)") from None
     if not inputs:
         result["sample_run"] = "skipped (the file stores no example)"
         return OK, _say(args, result)
-    spec = program.module.graph._codegen.pytree_info.in_spec
+    if len(inputs) != spec.num_leaves:
+        raise ArtifactError(
+            f"{args.file}: examples member holds {len(inputs)} inputs, the graph takes {spec.num_leaves}"
+        )
     call_args, call_kwargs = pytree.tree_unflatten([t.to(args.device) for t in inputs], spec)
     with torch.no_grad():
         got = [t.float().cpu() for t in pytree.tree_leaves(program(*call_args, **call_kwargs))]

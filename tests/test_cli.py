@@ -122,3 +122,18 @@ def test_console_script_is_installed():
         pytest.skip("qcompile console script not installed in this environment")
     done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "quantize" in done.stdout and "export-onnx" in done.stdout
+
+
+def test_verify_malformed_examples_is_corrupt_not_a_traceback(capsys, tiny_qpt, tmp_path):
+    from qcompile.runtime.qpt_reader import read_artifact
+    from qcompile.runtime.qpt_writer import write_artifact
+
+    artifact = read_artifact(tiny_qpt)
+    manifest = {k: v for k, v in artifact.manifest.items() if k not in ("format", "members")}
+    tensors = {name: {k: v.clone() for k, v in member.items()} for name, member in artifact.tensors.items()}
+    examples = tensors["examples"]
+    examples["input.7"] = examples.pop("input.0")  # names no longer run 0, 1, …
+    bad = tmp_path / "bad-examples.qpt"
+    write_artifact(bad, manifest, dict(artifact.json_members), tensors)
+    code, result = run(capsys, "verify", str(bad))
+    assert code == CORRUPT and "examples member" in result["error"]

@@ -50,7 +50,10 @@ class QuantizedProgram(torch.nn.Module):
 def compile(model: torch.nn.Module, example_args=(), recipe=None, *, example_kwargs=None, dynamic_shapes=None,
             calibration=None, progress_bar: bool = True, verbose: bool = False) -> QuantizedProgram:  # fmt: skip
     """Capture ``model`` with ``torch.export``, plan, quantize and lower it; returns a callable
-    :class:`QuantizedProgram` that takes the same inputs as ``model`` (batch and sequence may vary)."""
+    :class:`QuantizedProgram` that takes the same inputs as ``model`` (batch and sequence may vary).
+
+    ``model`` itself keeps its float weights. Recipes using ``awq`` or ``smoothquant`` fold equivalent
+    per-channel scales into ``model``'s float weights first (its outputs are unchanged up to rounding)."""
     timings = {}
     start = time.perf_counter()
     model_was_training = model.training

@@ -233,6 +233,8 @@ def test_op_on_gpu(scheme_name, m):
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     kernel, reason = dispatch.select_kernel(parse_scheme(scheme_name), x, qweight, scales, zeros)
     if kernel is None:
+        # only fp8 on a GPU older than compute capability 8.9 may legitimately lack a Triton kernel
+        assert scheme_name.startswith("fp8") and torch.cuda.get_device_capability() < (8, 9), reason
         pytest.skip(reason)
     y = torch.ops.qcompile.linear(x, qweight, scales, zeros, bias, scheme_name)
     assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 2e-2)

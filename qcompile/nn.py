@@ -27,6 +27,9 @@ class QuantizedLinear(torch.nn.Module):
             self.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # the packed K may be padded: the op alone cannot tell K from K_padded
+            raise ValueError(f"QuantizedLinear({self.scheme}): input has {x.shape[-1]} features, "
+                             f"expected {self.in_features}")  # fmt: skip
         return torch.ops.qcompile.linear(x, self.qweight, self.scales, self.zeros, self.bias, self.scheme)
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -101,6 +101,15 @@ def dot_precision(x_dtype: torch.dtype) -> str:
     return "ieee" if x_dtype == torch.float32 else "tf32"
 
 
+def prepare_rows(x: torch.Tensor, qweight, scales, zeros, scheme, where: str):
+    """Validate a launcher's call and flatten ``x [..., K]`` to rows: ``(x2 [M, K], M, N, K)``."""
+    check_activation(x, f"{where}({scheme.name})")
+    k = x.shape[-1]
+    scheme.check_packed(qweight, scales, zeros, k)
+    x2 = as_rows(x)
+    return x2, x2.shape[0], scales.shape[0], k
+
+
 def check_activation(x: torch.Tensor, where: str) -> None:
     if x.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"{where}: activations must be float16, bfloat16 or float32, got {x.dtype}")

@@ -132,11 +132,7 @@ def int4_linear(
     scheme = as_scheme(scheme)
     if not (isinstance(scheme, IntWeightOnly) and scheme.bits == 4):
         raise ValueError(f"int4_linear serves int4 weight-only schemes, got {scheme.name}")
-    common.check_activation(x, f"int4_linear({scheme.name})")
-    k = x.shape[-1]
-    scheme.check_packed(qweight, scales, zeros, k)
-    x2 = common.as_rows(x)
-    m, n = x2.shape[0], scales.shape[0]
+    x2, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "int4_linear")
     group_size = scheme.group_size_for(k)
     path = path or common.path_for_m(m)
     use_dot = path != "gemv"

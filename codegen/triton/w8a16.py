@@ -104,11 +104,7 @@ def w8a16_linear(
     reason = serves(scheme)
     if reason is not None:
         raise ValueError(f"w8a16_linear: {reason}")
-    common.check_activation(x, f"w8a16_linear({scheme.name})")
-    k = x.shape[-1]
-    scheme.check_packed(qweight, scales, zeros, k)
-    x2 = common.as_rows(x)
-    m, n = x2.shape[0], scales.shape[0]
+    x2, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "w8a16_linear")
     path = path or common.path_for_m(m)
     qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()
 

@@ -172,11 +172,7 @@ def w8a8_linear(
     reason = serves(scheme)
     if reason is not None:
         raise ValueError(f"w8a8_linear: {reason}")
-    common.check_activation(x, f"w8a8_linear({scheme.name})")
-    k = x.shape[-1]
-    scheme.check_packed(qweight, scales, zeros, k)
-    x2 = common.as_rows(x)
-    m, n = x2.shape[0], scales.shape[0]
+    x2, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "w8a8_linear")
     to_fp8 = isinstance(scheme, FP8)
     x_q, x_scale = quantize_rows(x2, to_fp8)
     qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()

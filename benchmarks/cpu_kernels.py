@@ -14,29 +14,17 @@ is set to the same level. "BW" is the packed weight bytes read per second at M=1
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from qcompile.codegen.cpp import kernels, library
+from timing import median_ms
 from qcompile.schemes import parse_scheme
 
 FULL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 FULL_TOKENS = [1, 8, 32, 128]
 GROUP = 128
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def copy_bandwidth_gbs(repeats: int) -> float:

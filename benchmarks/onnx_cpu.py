@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 import warnings
 
 import torch
@@ -27,19 +25,9 @@ import qcompile
 import qcompile.onnx
 from qcompile.models import load_minilm
 from qcompile.onnx.validate import feeds, session
+from timing import median_ms
 
 SCHEMES = ("int8", "int4-g32", "int4-g32-sym", "int4-g128", "int4-g128@qdq", "int2-g32", "w8a8", "fp8", "nf4-g64")
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _inputs(tokenizer, batch: int, seq: int) -> dict:
@@ -58,8 +46,8 @@ def run_scheme(model, examples, timed, label: str, directory: str, threads: int,
     sess = session(path, threads=threads)
     onnx_feeds = feeds(sess, (), timed)
     with torch.no_grad():
-        qcompile_ms = _median_ms(lambda: program(**timed), repeats)
-    onnx_ms = _median_ms(lambda: sess.run(None, onnx_feeds), repeats)
+        qcompile_ms = median_ms(lambda: program(**timed), repeats)
+    onnx_ms = median_ms(lambda: sess.run(None, onnx_feeds), repeats)
     return {
         "scheme": label, "file_mib": round(report.file_bytes / 2**20, 2),
         "quantized_mib": round(report.quantized_bytes / 2**20, 2),
@@ -78,8 +66,8 @@ def run_float(model, examples, timed, directory: str, threads: int, repeats: int
     sess = session(path, threads=threads)
     onnx_feeds = feeds(sess, (), timed)
     with torch.no_grad():
-        torch_ms = _median_ms(lambda: model(**timed), repeats)
-    onnx_ms = _median_ms(lambda: sess.run(None, onnx_feeds), repeats)
+        torch_ms = median_ms(lambda: model(**timed), repeats)
+    onnx_ms = median_ms(lambda: sess.run(None, onnx_feeds), repeats)
     return {"scheme": "float", "file_mib": round(os.path.getsize(path) / 2**20, 2), "quantized_mib": 0.0,
             "max_abs_diff": None, "max_rel_diff": None, "onnxruntime_ms": round(onnx_ms, 2),
             "qcompile_ms": round(torch_ms, 2), "onnx_forms": ["MatMul"]}  # fmt: skip

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -22,15 +21,11 @@ import torch
 import qcompile  # noqa: F401  (registers the ops)
 from qcompile.export import export, load
 from qcompile.models import cache_dir, load_smollm2
+from timing import median_ms
 
 
 def _median_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_ms(fn, repeat, warmup=0) / 1e3
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ ADDMM_OPS = (aten.addmm.default, torch.addmm)
 TRANSPOSE_OPS = (aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default, torch.t)
 TRANSPOSE_METHODS = ("t", "transpose", "permute")
 LINEAR_MODULE_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear")
-HEAD_NAMES = ("lm_head", "embed_out", "output")
 _DYNAMO_PREFIX = re.compile(r"^L\['[^']+'\](?:\[\d+\])?\.?")
 
 
@@ -169,20 +168,9 @@ def find_sites(gm: fx.GraphModule) -> list[SiteMatch]:
         if tensor is None or tensor.dim() != 2 or not tensor.dtype.is_floating_point:
             continue
         if weight_node not in matches:
-            n, k = tensor.shape if not use.transposed else tensor.shape[::-1]
-            name = _site_name(node, weight_node.target)
-            site = Site(
-                name=name,
-                weight_name=weight_node.target,
-                out_features=int(n),
-                in_features=int(k),
-                kind=_op_name(node.target),
-                transposed=use.transposed,
-                has_bias=use.bias is not None,
-                head=name.split(".")[-1] in HEAD_NAMES,
-                weight_dtype=str(tensor.dtype).replace("torch.", ""),
-                weight_bytes=tensor.numel() * tensor.element_size(),
-            )
+            site = Site.for_weight(_site_name(node, weight_node.target), weight_node.target, tensor,
+                                   transposed=use.transposed, kind=_op_name(node.target),
+                                   has_bias=use.bias is not None)  # fmt: skip
             matches[weight_node] = SiteMatch(site, weight_node, [])
         match = matches[weight_node]
         if use.transposed != match.site.transposed:

@@ -54,11 +54,18 @@ def compile(model: torch.nn.Module, example_args=(), recipe=None, *, example_kwa
 
     ``model`` itself keeps its float weights. Recipes using ``awq`` or ``smoothquant`` fold equivalent
     per-channel scales into ``model``'s float weights first (its outputs are unchanged up to rounding)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _compile(model, example_args, recipe, example_kwargs, dynamic_shapes, calibration, progress_bar,
+                        verbose)  # fmt: skip
+    finally:
+        model.train(was_training)
+
+
+def _compile(model, example_args, recipe, example_kwargs, dynamic_shapes, calibration, progress_bar, verbose):
     timings = {}
     start = time.perf_counter()
-    model_was_training = model.training
-    model.eval()
-    stats = None
     exported = capture(model, example_args, example_kwargs, dynamic_shapes)
     timings["capture_s"] = time.perf_counter() - start
     gm = exported.module()
@@ -82,5 +89,4 @@ def compile(model: torch.nn.Module, example_args=(), recipe=None, *, example_kwa
     start = time.perf_counter()
     lower(gm, matches, packed, schemes)
     timings["lower_s"] = time.perf_counter() - start
-    model.train(model_was_training)
     return QuantizedProgram(gm, plan, example_args, example_kwargs, dynamic_shapes, timings)

@@ -11,7 +11,6 @@ from qcompile.plan import Plan, Site
 from qcompile.progress import progress
 from qcompile.quantizer import quantize_entry
 
-HEAD_NAMES = ("lm_head", "embed_out", "output")
 WEIGHT_READING_PARENTS = (
     torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
 )  # fmt: skip
@@ -53,21 +52,10 @@ def linear_sites(model: torch.nn.Module) -> list[tuple[Site, torch.nn.Module]]:
             continue
         weight = module.weight
         transposed = _is_conv1d(module)
-        n, k = weight.shape[::-1] if transposed else weight.shape
         others = [o for o, m in owners.get(id(weight), []) if o != name and not isinstance(m, torch.nn.Linear)]
-        site = Site(
-            name=name,
-            weight_name=f"{name}.weight",
-            out_features=int(n),
-            in_features=int(k),
-            kind="conv1d" if transposed else "linear",
-            transposed=transposed,
-            has_bias=module.bias is not None,
-            tied_to=tuple(sorted(set(others))),
-            head=name.split(".")[-1] in HEAD_NAMES,
-            weight_dtype=str(weight.dtype).replace("torch.", ""),
-            weight_bytes=weight.numel() * weight.element_size(),
-        )
+        site = Site.for_weight(name, f"{name}.weight", weight, transposed=transposed,
+                               kind="conv1d" if transposed else "linear", has_bias=module.bias is not None,
+                               tied_to=tuple(sorted(set(others))))  # fmt: skip
         out.append((site, module))
     if skipped:
         warnings.warn("qcompile.quantize keeps these layers float: " + "; ".join(skipped), stacklevel=3)

@@ -9,6 +9,10 @@ from qcompile.recipe import Recipe, RecipeError, Target, load_recipe
 from qcompile.schemes import Scheme, parse_scheme
 
 
+#: last name components that mark an output head (kept float unless a recipe names it)
+HEAD_NAMES = ("lm_head", "embed_out", "output")
+
+
 @dataclasses.dataclass(frozen=True)
 class Site:
     """A matmul whose weight is a parameter or buffer of the model.
@@ -30,6 +34,18 @@ class Site:
     head: bool = False
     weight_dtype: str = "float32"
     weight_bytes: int = 0
+
+
+    @classmethod
+    def for_weight(cls, name: str, weight_name: str, weight, *, transposed: bool = False, kind: str = "linear",
+                   has_bias: bool = False, tied_to: tuple[str, ...] = ()) -> Site:  # fmt: skip
+        """A site for a 2-D ``weight`` stored ``[N, K]`` (``[K, N]`` when ``transposed``)."""
+        n, k = weight.shape[::-1] if transposed else weight.shape
+        return cls(
+            name=name, weight_name=weight_name, out_features=int(n), in_features=int(k), kind=kind,
+            transposed=transposed, has_bias=has_bias, tied_to=tied_to, head=name.split(".")[-1] in HEAD_NAMES,
+            weight_dtype=str(weight.dtype).removeprefix("torch."), weight_bytes=weight.numel() * weight.element_size(),
+        )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Kernel choice: one table of ``(device type, supports predicate, kernel)`` rows, looked up in one place.
 
 Kernel modules (``qcompile.codegen.cpp``, ``qcompile.codegen.triton``) call :func:`register_kernel`
-when they are imported; the ``qcompile::linear`` op asks :func:`select_kernel` for every call and runs
-the scheme's plain-PyTorch reference when no row supports the call, saying so once per
-(device, scheme, reason).
+when they are imported; the ``qcompile::linear`` op asks :func:`choose_kernel`, which validates the call
+and consults :func:`select_kernel` once per call signature, and runs the scheme's plain-PyTorch reference
+when no row supports the call, saying so once per (device, scheme, reason).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from qcompile.schemes import Scheme
+from qcompile.schemes import Scheme, parse_scheme
 
 log = logging.getLogger("qcompile")
 
@@ -37,6 +37,9 @@ class KernelEntry:
 
 
 _KERNELS: list[KernelEntry] = []
+#: (call signature) → chosen kernel row or None; a signature is validated and dispatched once
+_CHOICES: dict[tuple, object] = {}
+_MAX_CHOICES = 4096
 _NOTIFIED: set[tuple] = set()
 _BUILTIN_MODULES = ("qcompile.codegen.cpp", "qcompile.codegen.triton")
 _builtin_loaded = False
@@ -75,11 +78,8 @@ def unregister_kernel(name: str) -> None:
 
 
 def _forget_choices() -> None:
-    import sys
-
-    ops = sys.modules.get("qcompile.runtime.ops")
-    if ops is not None:
-        ops.forget_choices()
+    """Memoized choices are stale once the table changes."""
+    _CHOICES.clear()
 
 
 def registered_kernels() -> list[KernelEntry]:
@@ -111,3 +111,28 @@ def notify_fallback(scheme: Scheme, device_type: str, reason: str) -> None:
         warnings.warn(message, stacklevel=3)
     else:
         log.info(message)
+
+
+def _signature(scheme: str, x, qweight, scales, zeros, bias) -> tuple:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    bucket = rows if x.device.type != "cpu" else min(rows, 256)  # GPU paths pick by M; CPU only by M >= 256
+    return (scheme, x.device.type, x.dtype, x.shape[-1], bucket, tuple(qweight.shape), qweight.dtype,
+            tuple(scales.shape), zeros is None, None if bias is None else bias.dtype)  # fmt: skip
+
+
+def choose_kernel(scheme: str, x, qweight, scales, zeros, bias):
+    """Validate the packed tensors against the scheme and pick a kernel, once per call signature."""
+    key = _signature(scheme, x, qweight, scales, zeros, bias)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    parsed = parse_scheme(scheme)
+    if x.shape[-1] == 0:
+        raise ValueError("qcompile::linear: the activation has no features")
+    parsed.check_packed(qweight, scales, zeros, x.shape[-1])
+    kernel, reason = select_kernel(parsed, x, qweight, scales, zeros)
+    if kernel is None:
+        notify_fallback(parsed, x.device.type, reason)
+    if len(_CHOICES) >= _MAX_CHOICES:
+        _CHOICES.clear()
+    _CHOICES[key] = kernel
+    return kernel

@@ -18,41 +18,6 @@ from qcompile.runtime import dispatch
 from qcompile.schemes import parse_scheme
 
 
-#: (call signature) → chosen kernel row or None; a signature is validated and dispatched once
-_CHOICES: dict[tuple, object] = {}
-_MAX_CHOICES = 4096
-
-
-def _signature(scheme: str, x, qweight, scales, zeros, bias) -> tuple:
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    bucket = rows if x.device.type != "cpu" else min(rows, 256)  # GPU paths pick by M; CPU only by M >= 256
-    return (scheme, x.device.type, x.dtype, x.shape[-1], bucket, tuple(qweight.shape), qweight.dtype,
-            tuple(scales.shape), zeros is None, None if bias is None else bias.dtype)  # fmt: skip
-
-
-def _choose(scheme: str, x, qweight, scales, zeros, bias):
-    """Validate the packed tensors against the scheme and pick a kernel, once per call signature."""
-    key = _signature(scheme, x, qweight, scales, zeros, bias)
-    if key in _CHOICES:
-        return _CHOICES[key]
-    parsed = parse_scheme(scheme)
-    if x.shape[-1] == 0:
-        raise ValueError("qcompile::linear: the activation has no features")
-    parsed.check_packed(qweight, scales, zeros, x.shape[-1])
-    kernel, reason = dispatch.select_kernel(parsed, x, qweight, scales, zeros)
-    if kernel is None:
-        dispatch.notify_fallback(parsed, x.device.type, reason)
-    if len(_CHOICES) >= _MAX_CHOICES:
-        _CHOICES.clear()
-    _CHOICES[key] = kernel
-    return kernel
-
-
-def forget_choices() -> None:
-    """Drop memoized kernel choices (after registering or removing kernel rows)."""
-    _CHOICES.clear()
-
-
 @torch.library.custom_op("qcompile::linear", mutates_args=())
 def linear(
     x: torch.Tensor,
@@ -63,7 +28,7 @@ def linear(
     scheme: str,
 ) -> torch.Tensor:
     """Quantized ``y = x @ W.T + bias`` (see module docstring)."""
-    kernel = _choose(scheme, x, qweight, scales, zeros, bias)
+    kernel = dispatch.choose_kernel(scheme, x, qweight, scales, zeros, bias)
     parsed = parse_scheme(scheme)
     if kernel is not None:
         return kernel.run(parsed, x, qweight, scales, zeros, bias)

@@ -7,7 +7,7 @@ Canonical packed layouts (the form tests compare and the `.qpt` artifact names a
 | 8    | 1                 | 1 byte | one signed int8 per byte (not handled here: stored as ``torch.int8``) |
 | 4    | 2                 | 1 byte | element ``2j`` in bits 0-3 (low nibble), element ``2j+1`` in bits 4-7  |
 | 2    | 4                 | 1 byte | element ``4j+i`` in bits ``2i .. 2i+1``                               |
-| 3    | 8                 | 3 bytes| element ``8j+i`` in bits ``3i .. 3i+2`` of word ``j`` (24-bit LE, bytes ``3j .. 3j+2``) |
+| 3    | 8                 | 3 bytes| element ``8j+i`` in bits ``3i .. 3i+2`` of word ``j`` (bytes ``3j..3j+2``, LE) |
 
 The packed row length is ``K_padded * bits / 8`` bytes; ``K_padded`` must be a multiple of the
 elements per unit (callers pad first).

@@ -27,6 +27,9 @@ class KernelEntry:
     ``supports(scheme, x, qweight, scales, zeros) -> str | None`` returns ``None`` when the kernel can
     serve the call, else a short reason (shown in the fallback notice).
     ``run(scheme, x, qweight, scales, zeros, bias) -> Tensor`` computes the result.
+    ``bind(scheme, x, qweight, scales, zeros, bias) -> launch`` (optional) returns a launcher specialized to
+    one call signature, ``launch(x, qweight, scales, zeros, bias) -> Tensor``: per-shape constants are worked
+    out once, so a decode step pays only for the kernel call.
     """
 
     name: str
@@ -34,11 +37,18 @@ class KernelEntry:
     supports: Callable[..., str | None]
     run: Callable[..., torch.Tensor]
     priority: int = 0
+    bind: Callable[..., Callable[..., torch.Tensor]] | None = None
+
+    def launcher(self, scheme: Scheme, x, qweight, scales, zeros, bias) -> Callable[..., torch.Tensor]:
+        if self.bind is not None:
+            return self.bind(scheme, x, qweight, scales, zeros, bias)
+        run = self.run
+        return lambda x, qweight, scales, zeros, bias: run(scheme, x, qweight, scales, zeros, bias)
 
 
 _KERNELS: list[KernelEntry] = []
-#: (call signature) → chosen kernel row or None; a signature is validated and dispatched once
-_CHOICES: dict[tuple, object] = {}
+#: (call signature) → (chosen kernel row or None, launcher); a signature is validated and dispatched once
+_CHOICES: dict[tuple, tuple] = {}
 _MAX_CHOICES = 4096
 _NOTIFIED: set[tuple] = set()
 _BUILTIN_MODULES = ("qcompile.codegen.cpp", "qcompile.codegen.triton")
@@ -77,9 +87,20 @@ def unregister_kernel(name: str) -> None:
     _forget_choices()
 
 
+_forget_hooks: list[Callable[[], None]] = []
+
+
+def on_forget(hook: Callable[[], None]) -> None:
+    """Call ``hook`` whenever memoized choices are dropped (kernel modules that keep their own plans)."""
+    if hook not in _forget_hooks:
+        _forget_hooks.append(hook)
+
+
 def _forget_choices() -> None:
     """Memoized choices are stale once the table changes."""
     _CHOICES.clear()
+    for hook in _forget_hooks:
+        hook()
 
 
 def registered_kernels() -> list[KernelEntry]:
@@ -117,14 +138,15 @@ def _signature(scheme: str, x, qweight, scales, zeros, bias) -> tuple:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     bucket = rows if x.device.type != "cpu" else min(rows, 256)  # GPU paths pick by M; CPU only by M >= 256
     return (scheme, x.device.type, x.dtype, x.shape[-1], bucket, tuple(qweight.shape), qweight.dtype,
-            tuple(scales.shape), zeros is None, None if bias is None else bias.dtype)  # fmt: skip
+            tuple(scales.shape), scales.dtype, None if zeros is None else zeros.dtype,
+            None if bias is None else bias.dtype)  # fmt: skip
 
 
-def choose_kernel(scheme: str, x, qweight, scales, zeros, bias):
-    """Validate the packed tensors against the scheme and pick a kernel, once per call signature."""
+def _choose(scheme: str, x, qweight, scales, zeros, bias) -> tuple:
     key = _signature(scheme, x, qweight, scales, zeros, bias)
-    if key in _CHOICES:
-        return _CHOICES[key]
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return choice
     parsed = parse_scheme(scheme)
     if x.shape[-1] == 0:
         raise ValueError("qcompile::linear: the activation has no features")
@@ -132,7 +154,22 @@ def choose_kernel(scheme: str, x, qweight, scales, zeros, bias):
     kernel, reason = select_kernel(parsed, x, qweight, scales, zeros)
     if kernel is None:
         notify_fallback(parsed, x.device.type, reason)
+        reference = parsed.reference_linear
+        choice = (None, reference)
+    else:
+        choice = (kernel, kernel.launcher(parsed, x, qweight, scales, zeros, bias))
     if len(_CHOICES) >= _MAX_CHOICES:
-        _CHOICES.clear()
-    _CHOICES[key] = kernel
-    return kernel
+        _forget_choices()
+    _CHOICES[key] = choice
+    return choice
+
+
+def choose_kernel(scheme: str, x, qweight, scales, zeros, bias) -> KernelEntry | None:
+    """Validate the packed tensors against the scheme and pick a kernel row, once per call signature."""
+    return _choose(scheme, x, qweight, scales, zeros, bias)[0]
+
+
+def launcher(scheme: str, x, qweight, scales, zeros, bias) -> Callable[..., torch.Tensor]:
+    """``launch(x, qweight, scales, zeros, bias) -> y`` for this call signature: the chosen kernel, bound to
+    the signature where the row can be, else the scheme's reference (the fallback notice is said once)."""
+    return _choose(scheme, x, qweight, scales, zeros, bias)[1]

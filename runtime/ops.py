@@ -18,24 +18,31 @@ from qcompile.runtime import dispatch
 from qcompile.schemes import parse_scheme
 
 
-@torch.library.custom_op("qcompile::linear", mutates_args=())
-def linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    scheme: str,
-) -> torch.Tensor:
+SCHEMA = "linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, str scheme) -> Tensor"
+
+# Defined with torch.library.Library rather than @custom_op: the op runs once per quantized layer per
+# decoded token, and custom_op's generic Python wrappers cost ~40 us a call on a small CPU, several times a
+# decode-sized kernel. Here the backend kernel is one memoized launcher and autograd is a thin check.
+_lib = torch.library.Library("qcompile", "DEF")
+_lib.define(SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+
+
+def _linear(x, qweight, scales, zeros, bias, scheme):
     """Quantized ``y = x @ W.T + bias`` (see module docstring)."""
-    kernel = dispatch.choose_kernel(scheme, x, qweight, scales, zeros, bias)
-    parsed = parse_scheme(scheme)
-    if kernel is not None:
-        return kernel.run(parsed, x, qweight, scales, zeros, bias)
-    return parsed.reference_linear(x, qweight, scales, zeros, bias)
+    return dispatch.launcher(scheme, x, qweight, scales, zeros, bias)(x, qweight, scales, zeros, bias)
 
 
-@linear.register_fake
+_lib.impl("linear", _linear, "CompositeExplicitAutograd")
+linear = torch.ops.qcompile.linear.default
+
+# What a C++ dispatcher kernel (codegen/cpp/op) hands back when it cannot serve a call itself, and what it
+# calls when a gradient must be recorded. Neither appears in captured graphs.
+_lib.define("_linear_fallback" + SCHEMA[len("linear"):])
+_lib.impl("_linear_fallback", _linear, "CompositeExplicitAutograd")
+_lib.define("_linear_train" + SCHEMA[len("linear"):])
+
+
+@torch.library.register_fake("qcompile::linear", lib=_lib)
 def _(x, qweight, scales, zeros, bias, scheme):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
@@ -45,24 +52,41 @@ def reference_linear(x, qweight, scales, zeros, bias, scheme: str) -> torch.Tens
     return parse_scheme(scheme).reference_linear(x, qweight, scales, zeros, bias)
 
 
-def _setup_context(ctx, inputs, output):
-    x, qweight, scales, zeros, bias, scheme = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
-    ctx.scheme = scheme
-    ctx.in_features = x.shape[-1]
-    ctx.x_dtype = x.dtype
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = None if bias is None else bias.dtype
+class _LinearFunction(torch.autograd.Function):
+    """Gradients for ``x`` (and ``bias``): ``grad @ dequantize(W)``; the packed weight is frozen."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scales, zeros, bias, scheme):
+        ctx.save_for_backward(qweight, scales, zeros)
+        ctx.scheme = scheme
+        ctx.in_features = x.shape[-1]
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        with torch._C._AutoDispatchBelowAutograd():
+            return linear(x, qweight, scales, zeros, bias, scheme)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scales, zeros = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = parse_scheme(ctx.scheme).dequantize_packed(qweight, scales, zeros, ctx.in_features)
+            grad_x = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, None, grad_bias, None
 
 
-def _backward(ctx, grad):
-    qweight, scales, zeros = ctx.saved_tensors
-    weight = parse_scheme(ctx.scheme).dequantize_packed(qweight, scales, zeros, ctx.in_features)
-    grad_x = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype)
-    grad_bias = None
-    if ctx.has_bias and ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, grad_bias, None
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
 
 
-linear.register_autograd(_backward, setup_context=_setup_context)
+def _autograd(keyset, x, qweight, scales, zeros, bias, scheme):
+    """Record a backward only when a gradient is wanted; otherwise go straight to the kernel."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _LinearFunction.apply(x, qweight, scales, zeros, bias, scheme)
+    with torch._C._AutoDispatchBelowAutograd():
+        return linear.redispatch(keyset & _BELOW_AUTOGRAD, x, qweight, scales, zeros, bias, scheme)
+
+
+_lib.impl("linear", _autograd, "Autograd", with_keyset=True)
+_lib.impl("_linear_train", lambda *args: _LinearFunction.apply(*args), "Autograd")

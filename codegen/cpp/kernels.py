@@ -10,7 +10,7 @@ import ctypes
 
 import torch
 
-from qcompile.codegen.cpp import library
+from qcompile.codegen.cpp import library, op
 from qcompile.schemes import IntWeightOnly, W8A8Int
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
@@ -81,6 +81,42 @@ def weight_only_run(scheme, x, qweight, scales, zeros, bias):
     return y.reshape(*x.shape[:-1], n)
 
 
+def weight_only_bind(scheme, x, qweight, scales, zeros, bias):
+    """A launcher for one call signature: shape constants and the ctypes function are looked up once, so a
+    decode-sized call costs the kernel plus a few microseconds of Python."""
+    k, n = x.shape[-1], scales.shape[0]
+    kp, group = scheme.padded_in_features(k), scheme.group_size_for(k)
+    zero_const, bits = _zero_const(scheme), scheme.bits
+    x_bf16 = int(x.dtype == torch.bfloat16)
+    dtype = x.dtype
+    op.remember(op.WEIGHT_ONLY, scheme, x, qweight, scales, zeros, bias, bits, kp, group, zero_const)
+
+    def launch(x, qweight, scales, zeros, bias):
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        if m >= GEMM_MIN_TOKENS or m == 0 or not _dense(qweight, scales, zeros, bias):
+            return weight_only_run(scheme, x, qweight, scales, zeros, bias)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.empty((m, n), dtype=dtype)
+        rc = library.kernel("qc_linear_wo")(
+            x2.data_ptr(), x_bf16, m, k, qweight.data_ptr(), bits, n, kp, scales.data_ptr(),
+            None if zeros is None else zeros.data_ptr(), zero_const, group,
+            None if bias is None else bias.data_ptr(), y.data_ptr(), x_bf16, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            _check(rc, scheme.name, m, k, n)
+        return y.view(*x.shape[:-1], n)
+
+    return launch
+
+
+def _dense(qweight, scales, zeros, bias) -> bool:
+    """Packed tensors the kernel can read in place: contiguous, and a float32 bias (or none)."""
+    return (qweight.is_contiguous() and scales.is_contiguous() and (zeros is None or zeros.is_contiguous())
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))  # fmt: skip
+
+
 def _weight_only_gemm(scheme, x2, qweight, scales, zeros, bias32, kp, group, threads) -> torch.Tensor:
     """Many tokens: dequantize slices of N rows once (float32, C++) and multiply with torch's GEMM."""
     m, k = x2.shape
@@ -109,6 +145,32 @@ def w8a8_supports(scheme, x, qweight, scales, zeros) -> str | None:
     if not isinstance(scheme, W8A8Int):
         return f"{scheme.name} is not w8a8"
     return _activation_reason(x)
+
+
+def w8a8_bind(scheme, x, qweight, scales, zeros, bias):
+    """A launcher for one call signature (see :func:`weight_only_bind`)."""
+    k, n = x.shape[-1], scales.shape[0]
+    x_bf16 = int(x.dtype == torch.bfloat16)
+    dtype = x.dtype
+    op.remember(op.W8A8, scheme, x, qweight, scales, zeros, bias)
+
+    def launch(x, qweight, scales, zeros, bias):
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        if m == 0 or not _dense(qweight, scales, None, bias):
+            return w8a8_run(scheme, x, qweight, scales, zeros, bias)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.empty((m, n), dtype=dtype)
+        rc = library.kernel("qc_linear_w8a8")(
+            x2.data_ptr(), x_bf16, m, k, qweight.data_ptr(), n, scales.data_ptr(),
+            None if bias is None else bias.data_ptr(), y.data_ptr(), x_bf16, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            _check(rc, scheme.name, m, k, n)
+        return y.view(*x.shape[:-1], n)
+
+    return launch
 
 
 def w8a8_run(scheme, x, qweight, scales, zeros, bias):

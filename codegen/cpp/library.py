@@ -24,9 +24,15 @@ _SIGNATURES = {
 
 
 @functools.lru_cache(maxsize=1)
+def library_file():
+    """The path of the compiled library this process loads (built once if the cache lacks it)."""
+    return build.build()
+
+
+@functools.lru_cache(maxsize=1)
 def load() -> ctypes.CDLL:
     """Build (or find in the cache) and load the library once per process."""
-    lib = ctypes.CDLL(str(build.build()))
+    lib = ctypes.CDLL(str(library_file()))
     for isa in ISAS:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(lib, f"{name}_{isa}")
@@ -61,4 +67,12 @@ def active_isa() -> str:
 
 def kernel(name: str, isa: str | None = None):
     """The ctypes function ``<name>_<isa>`` (``isa`` defaults to :func:`active_isa`)."""
-    return getattr(load(), f"{name}_{isa or active_isa()}")
+    if isa is None:
+        return _current(name, os.environ.get(ISA_ENV, ""))
+    return getattr(load(), f"{name}_{isa}")
+
+
+@functools.lru_cache(maxsize=64)
+def _current(name: str, forced: str):
+    """``kernel(name)`` for one value of ``$QCOMPILE_CPU_ISA`` (a dictionary lookup on the hot path)."""
+    return getattr(load(), f"{name}_{active_isa()}")

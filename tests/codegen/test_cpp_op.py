@@ -1,0 +1,136 @@
+"""The C++ dispatcher kernel of ``qcompile::linear`` for CPU tensors (``codegen/cpp/op``).
+
+It must serve exactly what the Python launcher serves, with the same kernel (so bit-identical results), hand
+everything else back to Python, and follow the dispatch table and ``$QCOMPILE_CPU_ISA``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qcompile.codegen import cpp
+from qcompile.codegen.cpp import kernels, library, op
+from qcompile.runtime import dispatch, ops
+from qcompile.schemes import parse_scheme
+
+pytestmark = pytest.mark.skipif(not op.load(), reason="the C++ op library could not be built here")
+
+
+def _case(name, m, k, n, dtype=torch.float32, seed=0, bias=True):
+    generator = torch.Generator().manual_seed(seed)
+    scheme = parse_scheme(name)
+    packed = scheme.pack(scheme.quantize(torch.randn(n, k, generator=generator)))
+    x = torch.randn(1, m, k, generator=generator).to(dtype)
+    b = torch.randn(n, generator=generator) if bias else None
+    return scheme, packed, x, b
+
+
+def _call(x, packed, bias, name):
+    return torch.ops.qcompile.linear(x, packed.qweight, packed.scales, packed.zeros, bias, name)
+
+
+def _python_launcher(scheme, x, packed, bias):
+    run = kernels.w8a8_run if scheme.quantizes_activations else kernels.weight_only_run
+    return run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
+
+
+CASES = [("int4-g32", 1, 100, 37), ("int4-g128-sym", 3, 257, 64), ("int8", 5, 130, 20), ("int8-asym", 1, 64, 9),
+         ("w8a8", 7, 200, 33)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name, m, k, n", CASES)
+def test_second_call_runs_in_cpp_and_matches_python_bit_for_bit(name, m, k, n, dtype):
+    scheme, packed, x, bias = _case(name, m, k, n, dtype)
+    _call(x, packed, bias, name)  # first call of the signature: Python validates and hands over the plan
+    before = op.stats()["fast"]
+    y = _call(x, packed, bias, name)
+    assert op.stats()["fast"] == before + 1
+    assert y.shape == (1, m, n) and y.dtype == dtype
+    assert torch.equal(y, _python_launcher(scheme, x, packed, bias))
+    ref = ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias, name)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
+
+
+@pytest.mark.parametrize("variant", ["transposed x", "bfloat16 bias", "many tokens"])
+def test_calls_it_cannot_serve_go_back_to_python(variant):
+    scheme, packed, x, bias = _case("int4-g32", 4, 64, 24)
+    _call(x, packed, bias, "int4-g32")
+    if variant == "transposed x":
+        x = torch.randn(64, 4).t().unsqueeze(0)
+    elif variant == "bfloat16 bias":
+        bias = bias.bfloat16()
+    else:
+        x = torch.randn(1, 300, 64)
+    before = op.stats()
+    y = _call(x, packed, bias, "int4-g32")
+    after = op.stats()
+    assert after["fast"] == before["fast"] and after["fallback"] == before["fallback"] + 1
+    ref = ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias, "int4-g32")
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_forced_isa_is_followed_and_checked(monkeypatch):
+    scheme, packed, x, bias = _case("int4-g64", 2, 320, 70)
+    for isa in library.available_isas():
+        monkeypatch.setenv(library.ISA_ENV, isa)
+        _call(x, packed, bias, "int4-g64")
+        before = op.stats()["fast"]
+        y = _call(x, packed, bias, "int4-g64")
+        assert op.stats()["fast"] == before + 1
+        assert torch.equal(y, _python_launcher(scheme, x, packed, bias)), isa
+    monkeypatch.setenv(library.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="QCOMPILE_CPU_ISA"):
+        _call(x, packed, bias, "int4-g64")
+
+
+def test_plans_follow_the_dispatch_table():
+    scheme, packed, x, bias = _case("int8", 2, 96, 16)
+    _call(x, packed, bias, "int8")
+    assert op.stats()["plans"] >= 1
+    try:
+        dispatch.unregister_kernel("cpp-w8a16")
+        assert op.stats()["plans"] == 0
+        before = op.stats()["fast"]
+        y = _call(x, packed, bias, "int8")
+        assert op.stats()["fast"] == before
+        torch.testing.assert_close(y, ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias,
+                                                           "int8"))  # fmt: skip
+    finally:
+        cpp.register()
+
+
+def test_gradients_still_flow_through_the_cpp_kernel():
+    scheme, packed, x, bias = _case("int4-g32", 3, 64, 24)
+    bias.requires_grad_(True)
+    x.requires_grad_(True)
+    y = _call(x, packed, bias, "int4-g32")
+    y.pow(2).sum().backward()
+    weight = scheme.dequantize_packed(packed.qweight, packed.scales, packed.zeros, 64)
+    x2, b2 = x.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, weight, b2).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bias.grad, b2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_second_process_reuses_the_cached_op_library():
+    path = op.library_path(library.library_file())
+    mtime = path.stat().st_mtime_ns
+    code = "from qcompile.codegen.cpp import op; print(op.load())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True,
+                         check=True, timeout=120)  # fmt: skip
+    assert out.stdout.split() == ["True"]
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_disabled_by_environment():
+    code = "import os; from qcompile.codegen.cpp import op; print(op.load())"
+    env = {**os.environ, op.ENV: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         timeout=120)  # fmt: skip
+    assert out.stdout.split() == ["False"]

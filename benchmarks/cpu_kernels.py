@@ -9,6 +9,8 @@ fp32 / bf16 ``F.linear`` (dense weights), ``aten._weight_int8pack_mm`` and ``ate
 codes, scales and float zero points, group 128) at ``accuracy_level`` 1 (fp32 compute, as exact as ours) and 4
 (activations quantized to int8: faster, less exact); the session option ``session.qdq_matmulnbits_accuracy_level``
 is set to the same level. "BW" is the packed weight bytes read per second at M=1, next to a measured copy bandwidth.
+Ours are timed through ``torch.ops.qcompile.linear`` (what every entry point calls); ``w4a8`` runs on the very
+int4 tensors of ``int4-g128``, with activations quantized per token (compare it with ORT's level 4).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from qcompile.codegen.cpp import kernels, library
+import qcompile  # noqa: F401  (registers torch.ops.qcompile.linear)
+from qcompile.codegen.cpp import library
 from timing import median_ms
 from qcompile.schemes import parse_scheme
 
@@ -71,11 +74,14 @@ def prepare(k: int, n: int):
     scales_and_zeros = torch.stack([p4.scales, (8 - p4.zeros) * p4.scales], -1).transpose(0, 1).contiguous()
     return {
         "weight": weight,
-        "int4": (int4, p4), "int8": (int8, p8), "w8a8": (w8a8, pw),
+        "int4": (int4, p4), "int8": (int8, p8), "w8a8": (w8a8, pw), "w4a8": (parse_scheme(f"w4a8-g{GROUP}"), p4),
         "torch_int4": (torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes4, 1), scales_and_zeros.bfloat16()),
         "torch_int8": (p8.qweight, p8.scales.reshape(-1).bfloat16()),
         "ort": {level: matmulnbits_session(p4.qweight, p4.scales, p4.zeros, k, n, level) for level in (1, 4)},
     }  # fmt: skip
+
+
+qlinear = torch.ops.qcompile.linear
 
 
 def bench_shape(k: int, n: int, tokens: list[int], repeats: int, copy_gbs: float) -> None:
@@ -86,6 +92,7 @@ def bench_shape(k: int, n: int, tokens: list[int], repeats: int, copy_gbs: float
     header = (
         "M", "fp32 F.linear", "bf16 F.linear", "torch int8", "torch int4", "ORT nbits L1", "ORT nbits L4",
         "ours int4 f32", "ours int4 bf16", "ours int8 f32", "ours int8 bf16", "ours w8a8 f32", "ours w8a8 bf16",
+        "ours w4a8 f32", "ours w4a8 bf16",
     )  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -103,30 +110,32 @@ def bench_shape(k: int, n: int, tokens: list[int], repeats: int, copy_gbs: float
             "ort1": median_ms(lambda: data["ort"][1].run(None, {"A": x_np}), repeats),
             "ort4": median_ms(lambda: data["ort"][4].run(None, {"A": x_np}), repeats),
         }
-        for key in ("int4", "int8", "w8a8"):
-            run = kernels.w8a8_run if key == "w8a8" else kernels.weight_only_run
+        for key in ("int4", "int8", "w8a8", "w4a8"):
             scheme, p = data[key]
             for suffix, x in (("f32", x32), ("bf16", xbf)):
-                t[f"{key} {suffix}"] = median_ms(lambda: run(scheme, x, p.qweight, p.scales, p.zeros, None), repeats)
+                t[f"{key} {suffix}"] = median_ms(lambda: qlinear(x, p.qweight, p.scales, p.zeros, None, scheme.name),
+                                                 repeats)  # fmt: skip
         cells = [t[c] for c in ("fp32", "bf16", "t8", "t4", "ort1", "ort4", "int4 f32", "int4 bf16", "int8 f32",
-                                "int8 bf16", "w8a8 f32", "w8a8 bf16")]  # fmt: skip
+                                "int8 bf16", "w8a8 f32", "w8a8 bf16", "w4a8 f32", "w4a8 bf16")]  # fmt: skip
         print(f"| {m} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
         ratios.append((m, t))
     print("\nSpeed-ups (baseline time / ours; > 1 means ours is faster):")
     print("| M | int4 bf16 vs torch int4 | int4 f32 vs ORT L1 | int4 f32 vs ORT L4 | int8 bf16 vs torch int8 "
           "| int8 f32 vs bf16 | w8a8 f32 vs bf16 F.linear | w8a8 f32 vs fp32 F.linear "
-          "| int4 BW GB/s | int8 BW GB/s |")
-    print("|" + "---|" * 10)
+          "| w4a8 f32 vs torch int4 | w4a8 f32 vs ORT L4 | int4 BW GB/s | int8 BW GB/s | w4a8 BW GB/s |")
+    print("|" + "---|" * 13)
     p4, p8 = data["int4"][1], data["int8"][1]
     for m, t in ratios:
         bw4 = p4.nbytes / t["int4 f32"] / 1e6
         bw8 = p8.nbytes / t["int8 f32"] / 1e6
+        bw48 = p4.nbytes / t["w4a8 f32"] / 1e6
         print(
             f"| {m} | {t['t4'] / t['int4 bf16']:.2f} | {t['ort1'] / t['int4 f32']:.2f} "
             f"| {t['ort4'] / t['int4 f32']:.2f} | {t['t8'] / t['int8 bf16']:.2f} "
             f"| {t['int8 bf16'] / t['int8 f32']:.2f} "
             f"| {t['bf16'] / t['w8a8 f32']:.2f} | {t['fp32'] / t['w8a8 f32']:.2f} "
-            f"| {bw4:.1f} | {bw8:.1f} |"
+            f"| {t['t4'] / t['w4a8 f32']:.2f} | {t['ort4'] / t['w4a8 f32']:.2f} "
+            f"| {bw4:.1f} | {bw8:.1f} | {bw48:.1f} |"
         )
     print(f"(copy bandwidth: {copy_gbs:.1f} GB/s read+write)")
 

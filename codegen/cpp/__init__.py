@@ -7,6 +7,7 @@
 | `cpp-w8a16`   | `int8`, `int8-gN`, `int8-asym`           | float32, bfloat16  |
 | `cpp-w4a16`   | `int4`, `int4-gN`, symmetric or not      | float32, bfloat16  |
 | `cpp-w8a8`    | `w8a8`                                   | float32, bfloat16  |
+| `cpp-w4a8`    | `w4a8-gN`, symmetric or not              | float32, bfloat16  |
 
 Other schemes (int3, int2, nf4, fp8) get a reason from ``supports`` and run the reference path.
 The same kernels also back a C++ dispatcher kernel for CPU tensors (``op.py``), so decode-sized calls skip Python.
@@ -47,3 +48,5 @@ def register() -> None:
                                     kernels.weight_only_bind))  # fmt: skip
     register_kernel(KernelEntry("cpp-w8a8", "cpu", kernels.w8a8_supports, kernels.w8a8_run, PRIORITY,
                                 kernels.w8a8_bind))  # fmt: skip
+    register_kernel(KernelEntry("cpp-w4a8", "cpu", kernels.w4a8_supports, kernels.w4a8_run, PRIORITY,
+                                kernels.w4a8_bind))  # fmt: skip

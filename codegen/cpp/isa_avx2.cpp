@@ -13,6 +13,7 @@ namespace qc_avx2 {
 #include "common.h"
 #include "weight_only.h"
 #include "w8a8.h"
+#include "w4a8.h"
 }  // namespace qc_avx2
 
 QC_DEFINE_ABI(avx2)

@@ -13,6 +13,7 @@ namespace qc_scalar {
 #include "common.h"
 #include "weight_only.h"
 #include "w8a8.h"
+#include "w4a8.h"
 }  // namespace qc_scalar
 
 QC_DEFINE_ABI(scalar)

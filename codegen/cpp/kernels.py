@@ -11,7 +11,7 @@ import ctypes
 import torch
 
 from qcompile.codegen.cpp import library, op
-from qcompile.schemes import IntWeightOnly, W8A8Int
+from qcompile.schemes import IntWeightOnly, W4A8Int, W8A8Int
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 #: from this many tokens on, weight-only calls dequantize the weight in slices and use torch's float GEMM.
@@ -190,3 +190,48 @@ def w8a8_run(scheme, x, qweight, scales, zeros, bias):
     )  # fmt: skip
     _check(rc, scheme.name, m, k, n)
     return y.reshape(*x.shape[:-1], n)
+
+
+# -- W4A8 -----------------------------------------------------------------------------------------------
+
+
+def w4a8_supports(scheme, x, qweight, scales, zeros) -> str | None:
+    if not isinstance(scheme, W4A8Int):
+        return f"{scheme.name} is not w4a8"
+    return _activation_reason(x)
+
+
+def w4a8_run(scheme, x, qweight, scales, zeros, bias):
+    """W4A8: per-token dynamic int8 activations × int4 group-wise weights, exact int32 sums (see ``w4a8.h``)."""
+    return w4a8_bind(scheme, x, qweight, scales, zeros, bias, remember=False)(x, qweight, scales, zeros, bias)
+
+
+def w4a8_bind(scheme, x, qweight, scales, zeros, bias, remember=True):
+    """A launcher for one call signature (see :func:`weight_only_bind`); every token count runs this kernel."""
+    k, n = x.shape[-1], scales.shape[0]
+    kp, group = scheme.padded_in_features(k), scheme.group_size_for(k)
+    zero_const = 8.0
+    x_bf16 = int(x.dtype == torch.bfloat16)
+    dtype = x.dtype
+    if remember:
+        op.remember(op.W4A8, scheme, x, qweight, scales, zeros, bias, 4, kp, group, zero_const)
+
+    def launch(x, qweight, scales, zeros, bias):
+        x2 = x.reshape(-1, k).contiguous()
+        m = x2.shape[0]
+        y = torch.empty((m, n), dtype=dtype)
+        if m == 0:
+            return y.view(*x.shape[:-1], n)
+        qweight, scales = qweight.contiguous(), scales.contiguous()
+        zeros = None if zeros is None else zeros.contiguous()
+        bias32 = _bias32(bias)
+        rc = library.kernel("qc_linear_w4a8")(
+            x2.data_ptr(), x_bf16, m, k, qweight.data_ptr(), n, kp, scales.data_ptr(),
+            None if zeros is None else zeros.data_ptr(), zero_const, group,
+            None if bias32 is None else bias32.data_ptr(), y.data_ptr(), x_bf16, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            _check(rc, scheme.name, m, k, n)
+        return y.view(*x.shape[:-1], n)
+
+    return launch

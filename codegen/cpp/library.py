@@ -20,6 +20,7 @@ _SIGNATURES = {
     "qc_linear_wo": [_ptr, _int, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _float, _i64, _ptr, _ptr, _int, _int],
     "qc_dequant_wo": [_ptr, _int, _i64, _i64, _i64, _ptr, _ptr, _float, _i64, _i64, _i64, _ptr, _int],
     "qc_linear_w8a8": [_ptr, _int, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int, _int],
+    "qc_linear_w4a8": [_ptr, _int, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _float, _i64, _ptr, _ptr, _int, _int],
 }
 
 

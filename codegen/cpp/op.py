@@ -26,7 +26,7 @@ SOURCE = build.SOURCE_DIR / "op" / "qcompile_op.cpp"
 LIBRARY_NAME = "libqcompile_op.so"
 ENV = "QCOMPILE_CPU_OP"
 FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared", "-w")
-WEIGHT_ONLY, W8A8 = 0, 1
+WEIGHT_ONLY, W8A8, W4A8 = 0, 1, 2
 
 
 def _torch_flags() -> list[str]:

@@ -1,7 +1,7 @@
 // C ABI of the qcompile CPU kernels (no torch headers; called from Python through ctypes).
 //
 // Every kernel exists once per instruction set, with the ISA as a name suffix:
-//   qc_linear_wo_<isa>, qc_dequant_wo_<isa>, qc_linear_w8a8_<isa>   for <isa> in {scalar, avx2, avx512}
+//   qc_linear_wo_<isa>, qc_dequant_wo_<isa>, qc_linear_w8a8_<isa>, qc_linear_w4a8_<isa>   for <isa> in {scalar, avx2, avx512}
 // The Python side (qcompile.codegen.cpp.library) picks the suffix at run time from qc_cpu_supports().
 //
 // Tensors are raw pointers to contiguous row-major buffers. Activations `x` are float32 or bfloat16
@@ -26,7 +26,12 @@
     /* (scale = absmax / 127, round half to even, clamp to [-127, 127]); exact int32 dot products.       */ \
     int qc_linear_w8a8_##isa(const void* x, int x_bf16, int64_t M, int64_t K, const int8_t* qweight,          \
                              int64_t N, const float* scales, const float* bias, void* y, int y_bf16,           \
-                             int threads);
+                             int threads);                                                             \
+    /* W4A8: int4 weights as for qc_linear_wo (bits 4) x int8 activations quantized per token as for     */ \
+    /* qc_linear_w8a8; exact int32 sums per group.                                                       */ \
+    int qc_linear_w4a8_##isa(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* qweight,         \
+                             int64_t N, int64_t Kp, const float* scales, const float* zeros, float zero_const,  \
+                             int64_t group_size, const float* bias, void* y, int y_bf16, int threads);
 
 extern "C" {
 QC_DECLARE_ABI(scalar)
@@ -57,4 +62,11 @@ int qc_abi_version(void);
                                         int64_t N, const float* scales, const float* bias, void* y, int y_bf16, \
                                         int threads) {                                                          \
         return qc_##isa::linear_w8a8(x, x_bf16, M, K, qweight, N, scales, bias, y, y_bf16, threads);           \
+    }                                                                                                           \
+    extern "C" int qc_linear_w4a8_##isa(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* qweight, \
+                                        int64_t N, int64_t Kp, const float* scales, const float* zeros,          \
+                                        float zero_const, int64_t group_size, const float* bias, void* y,        \
+                                        int y_bf16, int threads) {                                               \
+        return qc_##isa::linear_w4a8(x, x_bf16, M, K, qweight, N, Kp, scales, zeros, zero_const, group_size,    \
+                                     bias, y, y_bf16, threads);                                                  \
     }

@@ -36,3 +36,26 @@ static inline vi vi_dot(vi acc, vw w, const int8_t* x) {
     return _mm512_dpbusd_epi32(acc, w, _mm512_loadu_si512((const void*)x));
 }
 static inline int32_t vi_hsum(vi a) { return _mm512_reduce_add_epi32(a); }
+
+// -- int4 x int8 dot products (W4A8) --------------------------------------------------------------------
+// 16 packed bytes -> 32 unsigned codes (low nibbles = even elements first, then the high nibbles) against 32
+// signed activations in the same order, with the 256-bit vpdpbusd (AVX512-VL + VNNI): exact int32 sums.
+constexpr int U4_BLOCK = 32;
+typedef __m256i vu4;
+typedef __m256i vu4acc;
+static inline vu4 u4_prepare(const uint8_t* p) {
+    const __m128i v = _mm_loadu_si128((const __m128i*)p);
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+static inline vu4acc u4_dot(vu4acc acc, vu4 u, const int8_t* x) {
+    return _mm256_dpbusd_epi32(acc, u, _mm256_loadu_si256((const __m256i*)x));
+}
+static inline vu4acc u4_zero() { return _mm256_setzero_si256(); }
+static inline int32_t u4_hsum(vu4acc a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}

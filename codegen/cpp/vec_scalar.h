@@ -28,3 +28,17 @@ static inline vi vi_zero() { return 0; }
 static inline vw w8_prepare(const int8_t* p) { return *p; }
 static inline vi vi_dot(vi acc, vw w, const int8_t* x) { return acc + (int32_t)w * (int32_t)x[0]; }
 static inline int32_t vi_hsum(vi a) { return a; }
+
+// -- int4 x int8 dot products (W4A8) --------------------------------------------------------------------
+// One packed byte: elements 2j (low nibble) and 2j+1 (high nibble), in natural order.
+constexpr int U4_BLOCK = 2;
+typedef int32_t vu4acc;
+struct vu4 {
+    int32_t lo, hi;
+};
+static inline vu4 u4_prepare(const uint8_t* p) { return vu4{p[0] & 15, p[0] >> 4}; }
+static inline vu4acc u4_dot(vu4acc acc, vu4 u, const int8_t* x) {
+    return acc + u.lo * (int32_t)x[0] + u.hi * (int32_t)x[1];
+}
+static inline vu4acc u4_zero() { return 0; }
+static inline int32_t u4_hsum(vu4acc a) { return a; }

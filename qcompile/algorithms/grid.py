@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.schemes import IntWeightOnly, Scheme, W8A8Int
+from qcompile.schemes import IntWeightOnly, Scheme, W4A8Int, W8A8Int
 
 
 def integer_scheme(scheme: Scheme, algorithm: str) -> IntWeightOnly:
@@ -19,8 +19,10 @@ def integer_scheme(scheme: Scheme, algorithm: str) -> IntWeightOnly:
         return scheme
     if isinstance(scheme, W8A8Int):
         return IntWeightOnly(bits=8, group_size=None, symmetric=True)
+    if isinstance(scheme, W4A8Int):
+        return scheme.weights
     raise ValueError(
-        f"algorithm {algorithm!r} writes integer grids (int2/3/4/8, w8a8); scheme {scheme.name!r} is not one. "
+        f"algorithm {algorithm!r} writes integer grids (int2/3/4/8, w8a8, w4a8); scheme {scheme.name!r} is not one. "
         f"Use algorithm 'rtn' for {scheme.name!r} or pick an integer scheme such as 'int4-g128'."
     )
 

@@ -8,6 +8,7 @@
 | `int3-gN`, `int2-gN`         | W3A16, W2A16      | as int4                            | float                 |
 | `nf4-g64`                    | NF4 (QLoRA)       | NormalFloat4 levels, absmax/group  | float                 |
 | `w8a8`                       | W8A8-int8         | int8 per channel                   | int8 per token, dynamic |
+| `w4a8-g128`, `w4a8-g32-sym`  | W4A8-int          | int4 per group (as `int4-gN`)      | int8 per token, dynamic |
 | `fp8`                        | FP8 weight-only   | e4m3 per channel                   | float                 |
 | `fp8-w8a8`                   | W8A8-FP8          | e4m3 per channel                   | e4m3 per row, dynamic |
 
@@ -23,12 +24,13 @@ from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme
 from qcompile.schemes.fp8 import FP8
 from qcompile.schemes.integer import IntWeightOnly
 from qcompile.schemes.nf4 import NF4
+from qcompile.schemes.w4a8 import W4A8Int
 from qcompile.schemes.w8a8 import W8A8Int
 
-FAMILIES: tuple[type[Scheme], ...] = (IntWeightOnly, W8A8Int, FP8, NF4)
+FAMILIES: tuple[type[Scheme], ...] = (IntWeightOnly, W8A8Int, W4A8Int, FP8, NF4)
 EXAMPLE_NAMES = (
     "int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g128-sym", "int3-g128", "int2-g64",
-    "nf4-g64", "w8a8", "fp8", "fp8-w8a8",
+    "nf4-g64", "w8a8", "w4a8-g128", "w4a8-g32", "fp8", "fp8-w8a8",
 )  # fmt: skip
 
 
@@ -61,5 +63,5 @@ def as_scheme(value: str | Scheme) -> Scheme:
 
 __all__ = [
     "FAMILIES", "FP8", "IntWeightOnly", "NF4", "PackedWeight", "QuantizedWeight", "Scheme", "SchemeError",
-    "W8A8Int", "as_scheme", "parse_scheme",
+    "W4A8Int", "W8A8Int", "as_scheme", "parse_scheme",
 ]  # fmt: skip

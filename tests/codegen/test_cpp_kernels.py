@@ -7,6 +7,8 @@ Tolerances, measured over the shapes below (worst error / (|reference| + rms(ref
   output; the kernel keeps float32 weights and rounds only the output (one bf16 ulp is 2**-8 = 3.9e-3). We
   allow 1.6e-2, torch's own bfloat16 tolerance.
 * w8a8: bit-exact in both dtypes (same integer sums, same float operations in the same order).
+* w4a8: the same int8 activation codes and exact integer group sums as the reference; the per-group float
+  sum runs in float32 (the reference in float64), so the weight-only tolerances above apply.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from qcompile.runtime import dispatch, ops
 from qcompile.schemes import parse_scheme
 
 WEIGHT_ONLY = ["int8", "int8-g64", "int8-asym", "int4", "int4-g32", "int4-g128-sym", "int4-g24", "int4-g64-sym"]
+W4A8 = ["w4a8-g32", "w4a8-g24-sym", "w4a8-g128", "w4a8"]
 # (M, K, N): ragged everywhere; K=100 with g32/g64/g24 pads the last group.
 SHAPES = [(1, 100, 37), (3, 257, 64), (5, 130, 20), (17, 200, 33), (2, 1000, 16)]
 TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 1.6e-2}
@@ -45,10 +48,16 @@ def _inputs(m: int, k: int, n: int, dtype, seed: int):
     return x, bias
 
 
+def _run(name: str):
+    if name == "w8a8":
+        return kernels.w8a8_run
+    return kernels.w4a8_run if name.startswith("w4a8") else kernels.weight_only_run
+
+
 def _assert_matches_reference(y, x, packed, bias, name):
     ref = ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias, name)
     assert y.dtype == ref.dtype and y.shape == ref.shape
-    if parse_scheme(name).quantizes_activations:
+    if name == "w8a8":
         torch.testing.assert_close(y, ref, rtol=0, atol=0)
         return
     tol = TOLERANCE[x.dtype]
@@ -58,10 +67,10 @@ def _assert_matches_reference(y, x, packed, bias, name):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", [*WEIGHT_ONLY, "w8a8"])
+@pytest.mark.parametrize("name", [*WEIGHT_ONLY, "w8a8", *W4A8])
 def test_kernel_matches_reference(name, dtype, isa, monkeypatch):
     monkeypatch.setenv(library.ISA_ENV, isa)
-    run = kernels.w8a8_run if name == "w8a8" else kernels.weight_only_run
+    run = _run(name)
     for i, (m, k, n) in enumerate(SHAPES):
         scheme, packed = _packed(name, n, k, seed=i)
         x, bias = _inputs(m, k, n, dtype, seed=i)
@@ -81,7 +90,7 @@ def test_dequantize_gemm_path_matches_reference(name, dtype, monkeypatch):
     _assert_matches_reference(y, x, packed, bias, name)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4-g32", "w8a8"])
+@pytest.mark.parametrize("name", ["int8", "int4-g32", "w8a8", "w4a8-g32"])
 def test_op_dispatches_to_cpp_kernel(name):
     scheme, packed = _packed(name, 48, 96, seed=7)
     x, bias = _inputs(3, 96, 48, torch.float32, seed=7)
@@ -106,11 +115,11 @@ def test_unsupported_calls_give_a_reason_and_fall_back(name, dtype):
     torch.testing.assert_close(y, ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, None, name))
 
 
-@pytest.mark.parametrize("name, m", [("int4-g32", 3), ("int8", 5), ("int4", 20), ("w8a8", 6)])
+@pytest.mark.parametrize("name, m", [("int4-g32", 3), ("int8", 5), ("int4", 20), ("w8a8", 6), ("w4a8-g64", 7)])
 def test_one_and_two_threads_agree_exactly(name, m):
     scheme, packed = _packed(name, 301, 384, seed=5)
     x, bias = _inputs(m, 384, 301, torch.float32, seed=5)
-    run = kernels.w8a8_run if name == "w8a8" else kernels.weight_only_run
+    run = _run(name)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -35,12 +35,15 @@ def _call(x, packed, bias, name):
 
 
 def _python_launcher(scheme, x, packed, bias):
-    run = kernels.w8a8_run if scheme.quantizes_activations else kernels.weight_only_run
+    if scheme.quantizes_activations:
+        run = kernels.w4a8_run if scheme.name.startswith("w4a8") else kernels.w8a8_run
+    else:
+        run = kernels.weight_only_run
     return run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
 
 
 CASES = [("int4-g32", 1, 100, 37), ("int4-g128-sym", 3, 257, 64), ("int8", 5, 130, 20), ("int8-asym", 1, 64, 9),
-         ("w8a8", 7, 200, 33)]  # fmt: skip
+         ("w8a8", 7, 200, 33), ("w4a8-g32", 1, 100, 37), ("w4a8-g64-sym", 6, 256, 40)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

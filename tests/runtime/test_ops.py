@@ -8,7 +8,8 @@ from qcompile.runtime import dispatch
 from qcompile.runtime.ops import reference_linear
 from qcompile.schemes import parse_scheme
 
-SCHEMES = ["int8", "int4-g32", "int4-g128-sym", "int4", "int3-g64", "int2-g32", "nf4-g64", "w8a8", "fp8", "fp8-w8a8"]
+SCHEMES = ["int8", "int4-g32", "int4-g128-sym", "int4", "int3-g64", "int2-g32", "nf4-g64", "w8a8", "w4a8-g32", "fp8",
+           "fp8-w8a8"]
 
 
 def _packed(name, n, k, seed=0):
@@ -52,7 +53,7 @@ def test_w8a8_reference_matches_float64_integer_math():
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4-g32", "nf4-g64", "w8a8"])
+@pytest.mark.parametrize("name", ["int8", "int4-g32", "nf4-g64", "w8a8", "w4a8-g32"])
 def test_activation_gradient_matches_autograd_through_dequantized_weight(name):
     scheme, _, p = _packed(name, 16, 48)
     bias = torch.randn(16, requires_grad=True)

@@ -31,7 +31,7 @@
 namespace {
 
 constexpr int64_t GEMM_MIN_TOKENS = 256;  // same constant as codegen/cpp/kernels.py
-enum Kind : int64_t { WEIGHT_ONLY = 0, W8A8 = 1 };
+enum Kind : int64_t { WEIGHT_ONLY = 0, W8A8 = 1, W4A8 = 2 };
 
 struct Plan {
     int64_t kind, bits, kp, group;
@@ -127,6 +127,10 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
         auto fn = isa == 0 ? qc_linear_wo_avx512 : (isa == 1 ? qc_linear_wo_avx2 : qc_linear_wo_scalar);
         rc = fn(x.data_ptr(), bf16, M, K, qweight.data_ptr(), (int)plan.bits, N, plan.kp, scales.data_ptr<float>(),
                 zp, (float)plan.zero_const, plan.group, bp, y.data_ptr(), bf16, threads);
+    } else if (plan.kind == W4A8) {
+        auto fn = isa == 0 ? qc_linear_w4a8_avx512 : (isa == 1 ? qc_linear_w4a8_avx2 : qc_linear_w4a8_scalar);
+        rc = fn(x.data_ptr(), bf16, M, K, (const uint8_t*)qweight.data_ptr(), N, plan.kp, scales.data_ptr<float>(),
+                zp, (float)plan.zero_const, plan.group, bp, y.data_ptr(), bf16, threads);
     } else {
         auto fn = isa == 0 ? qc_linear_w8a8_avx512 : (isa == 1 ? qc_linear_w8a8_avx2 : qc_linear_w8a8_scalar);
         rc = fn(x.data_ptr(), bf16, M, K, (const int8_t*)qweight.data_ptr(), N, scales.data_ptr<float>(), bp,
@@ -156,7 +160,7 @@ at::Tensor linear_autograd_cpu(c10::DispatchKeySet keys, const at::Tensor& x, co
 void remember(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
               const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, c10::string_view scheme,
               int64_t kind, int64_t bits, int64_t kp, int64_t group, double zero_const) {
-    TORCH_CHECK(kind == WEIGHT_ONLY || kind == W8A8, "qcompile_cpu::remember: unknown kind ", kind);
+    TORCH_CHECK(kind == WEIGHT_ONLY || kind == W8A8 || kind == W4A8, "qcompile_cpu::remember: unknown kind ", kind);
     const std::string key = signature(x, qweight, scales, zeros, bias, scheme);
     std::unique_lock<std::shared_mutex> lock(plans_mutex);
     plans[key] = Plan{kind, bits, kp, group, zero_const};

@@ -1,0 +1,122 @@
+// W4A8 kernel: int4 weights per group x int8 activations quantized per token, exact integer inner sums.
+//
+// Shapes and dtypes: x float32 or bfloat16 [M, K]; qweight uint8 [N, Kp/2] (element 2j in the low nibble, 2j+1
+// in the high one); scales / zeros float32 [N, Kp/group_size] (zeros NULL: zero_const, 8 for symmetric);
+// bias float32 [N] or NULL; y [M, N] float32 or bfloat16. Kp % group_size == 0, K <= Kp.
+// Per token m: x_scale = absmax(x[m]) / 127 (1 for an all-zero row), x_q = clamp(rint(x / x_scale), -127, 127)
+// (round half to even; the same float32 division as the reference, so the codes match it exactly). Then
+//     y[m, n] = x_scale * sum_g scale[n, g] * (sum_{k in g} u * x_q  -  zero[n, g] * sum_{k in g} x_q) + bias[n]
+// with the inner sums in int32. The activation copy is permuted once per call so each block of U4_BLOCK
+// codes (see vec_*.h) meets its activations in order; what is left of a group after its whole blocks runs
+// scalar. Tokens are processed 4 at a time; threads take chunks of 32 output rows, each output computed by
+// one thread, so results do not depend on the thread count.
+
+// x -> int8 [M, Kp] (zero padded, blocks permuted), per-token scales xs [M], per-group sums xsum [M, G].
+static void w4a8_prepare(const void* x, int x_bf16, int64_t M, int64_t K, int64_t Kp, int64_t gs, int8_t* xq,
+                         float* xs, int32_t* xsum) {
+    const int64_t G = Kp / gs;
+    constexpr int HALF = U4_BLOCK / 2;
+    for (int64_t m = 0; m < M; m++) {
+        float absmax = 0.0f;
+        for (int64_t k = 0; k < K; k++) absmax = fmaxf(absmax, fabsf(load_activation(x, x_bf16, m * K + k)));
+        float scale = absmax / 127.0f;
+        if (!(scale > 0.0f)) scale = 1.0f;
+        xs[m] = scale;
+        int8_t* row = xq + m * Kp;
+        for (int64_t k = 0; k < K; k++) {
+            float q = nearbyintf(load_activation(x, x_bf16, m * K + k) / scale);
+            row[k] = (int8_t)(q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q));
+        }
+        for (int64_t k = K; k < Kp; k++) row[k] = 0;
+        for (int64_t g = 0; g < G; g++) {
+            int32_t s = 0;
+            for (int64_t k = g * gs; k < (g + 1) * gs; k++) s += row[k];
+            xsum[m * G + g] = s;
+            int8_t tmp[U4_BLOCK];
+            for (int64_t b = 0; b < gs / U4_BLOCK; b++) {
+                int8_t* block = row + g * gs + b * U4_BLOCK;
+                for (int i = 0; i < HALF; i++) {
+                    tmp[i] = block[2 * i];
+                    tmp[HALF + i] = block[2 * i + 1];
+                }
+                memcpy(block, tmp, sizeof(tmp));
+            }
+        }
+    }
+}
+
+template <int MT>
+static inline void w4a8_tile(const int8_t* xq, int64_t Kp, const int32_t* xsum, const uint8_t* wrow,
+                             const float* srow, const float* zrow, float zero_const, int64_t gs, int64_t G,
+                             float* out) {
+    const int64_t blocks = gs / U4_BLOCK;
+    float total[MT];
+    for (int m = 0; m < MT; m++) total[m] = 0.0f;
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t k0 = g * gs;
+        vu4acc acc[MT][2];
+        for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = u4_zero();
+        int64_t b = 0;
+        for (; b + 2 <= blocks; b += 2) {  // two independent chains per token
+            const vu4 u0 = u4_prepare(wrow + (k0 + b * U4_BLOCK) / 2);
+            const vu4 u1 = u4_prepare(wrow + (k0 + (b + 1) * U4_BLOCK) / 2);
+            for (int m = 0; m < MT; m++) {
+                acc[m][0] = u4_dot(acc[m][0], u0, xq + m * Kp + k0 + b * U4_BLOCK);
+                acc[m][1] = u4_dot(acc[m][1], u1, xq + m * Kp + k0 + (b + 1) * U4_BLOCK);
+            }
+        }
+        for (; b < blocks; b++) {
+            const vu4 u = u4_prepare(wrow + (k0 + b * U4_BLOCK) / 2);
+            for (int m = 0; m < MT; m++) acc[m][0] = u4_dot(acc[m][0], u, xq + m * Kp + k0 + b * U4_BLOCK);
+        }
+        const float s = srow[g];
+        const float z = zrow ? zrow[g] : zero_const;
+        for (int m = 0; m < MT; m++) {
+            int32_t d = u4_hsum(acc[m][0]) + u4_hsum(acc[m][1]);
+            for (int64_t k = k0 + blocks * U4_BLOCK; k < k0 + gs; k++)
+                d += (int32_t)((wrow[k >> 1] >> ((k & 1) * 4)) & 15) * (int32_t)xq[m * Kp + k];
+            total[m] += s * ((float)d - z * (float)xsum[m * G + g]);
+        }
+    }
+    for (int m = 0; m < MT; m++) out[m] = total[m];
+}
+
+static int linear_w4a8(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* qweight, int64_t N,
+                       int64_t Kp, const float* scales, const float* zeros, float zero_const, int64_t gs,
+                       const float* bias, void* y, int y_bf16, int threads) {
+    const int64_t G = Kp / gs;
+    int8_t* xq = (int8_t*)scratch_alloc((size_t)(M * Kp));
+    float* xs = (float*)scratch_alloc((size_t)M * sizeof(float));
+    int32_t* xsum = (int32_t*)scratch_alloc((size_t)(M * G) * sizeof(int32_t));
+    if (!xq || !xs || !xsum) {
+        free(xq);
+        free(xs);
+        free(xsum);
+        return 1;
+    }
+    w4a8_prepare(x, x_bf16, M, K, Kp, gs, xq, xs, xsum);
+#pragma omp parallel for schedule(dynamic, 32) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t* wrow = qweight + n * (Kp / 2);
+        const float* srow = scales + n * G;
+        const float* zrow = zeros ? zeros + n * G : nullptr;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t mt = min_i64(4, M - m0);
+            const int8_t* xt = xq + m0 * Kp;
+            const int32_t* st = xsum + m0 * G;
+            float out[4];
+            switch (mt) {
+                case 4: w4a8_tile<4>(xt, Kp, st, wrow, srow, zrow, zero_const, gs, G, out); break;
+                case 3: w4a8_tile<3>(xt, Kp, st, wrow, srow, zrow, zero_const, gs, G, out); break;
+                case 2: w4a8_tile<2>(xt, Kp, st, wrow, srow, zrow, zero_const, gs, G, out); break;
+                default: w4a8_tile<1>(xt, Kp, st, wrow, srow, zrow, zero_const, gs, G, out); break;
+            }
+            const float b = bias ? bias[n] : 0.0f;
+            for (int64_t i = 0; i < mt; i++) store_output(y, y_bf16, (m0 + i) * N + n, out[i] * xs[m0 + i] + b);
+        }
+    }
+    free(xq);
+    free(xs);
+    free(xsum);
+    return 0;
+}

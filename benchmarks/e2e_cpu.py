@@ -40,6 +40,7 @@ def recipe_for(spec: str) -> dict:
 
 def compiled_decode(model, prompt, new_tokens: int, **compile_kwargs) -> tuple[float, float]:
     """(tokens/s, seconds to first result) with ``model.forward`` compiled; one graph across cache lengths."""
+    torch._dynamo.reset()  # every row compiles afresh: forward's code object is shared by all the model copies
     start = time.perf_counter()
     model.forward = torch.compile(model.forward, dynamic=True, **compile_kwargs)
     tps = decode_tokens_per_second(model, prompt, new_tokens)

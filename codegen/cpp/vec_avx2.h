@@ -70,4 +70,10 @@ static inline vu4acc u4_dot(vu4acc acc, vu4 u, const int8_t* x) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 static inline vu4acc u4_zero() { return _mm256_setzero_si256(); }
-static inline int32_t u4_hsum(vu4acc a) { return vi_hsum(a); }
+// A group's int32 lanes (exact in float32) scaled into a float accumulator; one horizontal sum per row.
+typedef __m256 vu4f;
+static inline vu4f u4f_zero() { return _mm256_setzero_ps(); }
+static inline vu4f u4f_fma(vu4f total, vu4acc a, vu4acc b, float s) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), _mm256_set1_ps(s), total);
+}
+static inline float u4f_hsum(vu4f t) { return vf_hsum(t); }

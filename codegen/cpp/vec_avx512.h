@@ -53,9 +53,15 @@ static inline vu4acc u4_dot(vu4acc acc, vu4 u, const int8_t* x) {
     return _mm256_dpbusd_epi32(acc, u, _mm256_loadu_si256((const __m256i*)x));
 }
 static inline vu4acc u4_zero() { return _mm256_setzero_si256(); }
-static inline int32_t u4_hsum(vu4acc a) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+// A group's int32 lanes (exact in float32) scaled into a float accumulator; one horizontal sum per row.
+typedef __m256 vu4f;
+static inline vu4f u4f_zero() { return _mm256_setzero_ps(); }
+static inline vu4f u4f_fma(vu4f total, vu4acc a, vu4acc b, float s) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), _mm256_set1_ps(s), total);
+}
+static inline float u4f_hsum(vu4f t) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
 }

@@ -41,4 +41,7 @@ static inline vu4acc u4_dot(vu4acc acc, vu4 u, const int8_t* x) {
     return acc + u.lo * (int32_t)x[0] + u.hi * (int32_t)x[1];
 }
 static inline vu4acc u4_zero() { return 0; }
-static inline int32_t u4_hsum(vu4acc a) { return a; }
+typedef float vu4f;
+static inline vu4f u4f_zero() { return 0.0f; }
+static inline vu4f u4f_fma(vu4f total, vu4acc a, vu4acc b, float s) { return (float)(a + b) * s + total; }
+static inline float u4f_hsum(vu4f t) { return t; }

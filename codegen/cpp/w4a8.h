@@ -6,7 +6,8 @@
 // Per token m: x_scale = absmax(x[m]) / 127 (1 for an all-zero row), x_q = clamp(rint(x / x_scale), -127, 127)
 // (round half to even; the same float32 division as the reference, so the codes match it exactly). Then
 //     y[m, n] = x_scale * sum_g scale[n, g] * (sum_{k in g} u * x_q  -  zero[n, g] * sum_{k in g} x_q) + bias[n]
-// with the inner sums in int32. The activation copy is permuted once per call so each block of U4_BLOCK
+// with the inner sums in int32 (their lanes are scaled into float32 vector accumulators per group, and summed
+// across lanes once per output). The activation copy is permuted once per call so each block of U4_BLOCK
 // codes (see vec_*.h) meets its activations in order; what is left of a group after its whole blocks runs
 // scalar. Tokens are processed 4 at a time; threads take chunks of 32 output rows, each output computed by
 // one thread, so results do not depend on the thread count.
@@ -50,19 +51,24 @@ static inline void w4a8_tile(const int8_t* xq, int64_t Kp, const int32_t* xsum, 
                              const float* srow, const float* zrow, float zero_const, int64_t gs, int64_t G,
                              float* out) {
     const int64_t blocks = gs / U4_BLOCK;
-    float total[MT];
-    for (int m = 0; m < MT; m++) total[m] = 0.0f;
+    vu4f total[MT];
+    float correction[MT];
+    for (int m = 0; m < MT; m++) {
+        total[m] = u4f_zero();
+        correction[m] = 0.0f;
+    }
     for (int64_t g = 0; g < G; g++) {
         const int64_t k0 = g * gs;
+        // one token: two independent chains (latency); more tokens: one chain each, so the accumulators, the
+        // float totals and the unpacked codes all stay in the 16 AVX2 registers
+        constexpr int CH = MT == 1 ? 2 : 1;
         vu4acc acc[MT][2];
         for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = u4_zero();
         int64_t b = 0;
-        for (; b + 2 <= blocks; b += 2) {  // two independent chains per token
-            const vu4 u0 = u4_prepare(wrow + (k0 + b * U4_BLOCK) / 2);
-            const vu4 u1 = u4_prepare(wrow + (k0 + (b + 1) * U4_BLOCK) / 2);
-            for (int m = 0; m < MT; m++) {
-                acc[m][0] = u4_dot(acc[m][0], u0, xq + m * Kp + k0 + b * U4_BLOCK);
-                acc[m][1] = u4_dot(acc[m][1], u1, xq + m * Kp + k0 + (b + 1) * U4_BLOCK);
+        for (; b + CH <= blocks; b += CH) {
+            for (int c = 0; c < CH; c++) {
+                const vu4 u = u4_prepare(wrow + (k0 + (b + c) * U4_BLOCK) / 2);
+                for (int m = 0; m < MT; m++) acc[m][c] = u4_dot(acc[m][c], u, xq + m * Kp + k0 + (b + c) * U4_BLOCK);
             }
         }
         for (; b < blocks; b++) {
@@ -72,13 +78,14 @@ static inline void w4a8_tile(const int8_t* xq, int64_t Kp, const int32_t* xsum, 
         const float s = srow[g];
         const float z = zrow ? zrow[g] : zero_const;
         for (int m = 0; m < MT; m++) {
-            int32_t d = u4_hsum(acc[m][0]) + u4_hsum(acc[m][1]);
+            total[m] = u4f_fma(total[m], acc[m][0], acc[m][1], s);
+            int32_t tail = 0;
             for (int64_t k = k0 + blocks * U4_BLOCK; k < k0 + gs; k++)
-                d += (int32_t)((wrow[k >> 1] >> ((k & 1) * 4)) & 15) * (int32_t)xq[m * Kp + k];
-            total[m] += s * ((float)d - z * (float)xsum[m * G + g]);
+                tail += (int32_t)((wrow[k >> 1] >> ((k & 1) * 4)) & 15) * (int32_t)xq[m * Kp + k];
+            correction[m] += s * ((float)tail - z * (float)xsum[m * G + g]);
         }
     }
-    for (int m = 0; m < MT; m++) out[m] = total[m];
+    for (int m = 0; m < MT; m++) out[m] = u4f_hsum(total[m]) + correction[m];
 }
 
 static int linear_w4a8(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* qweight, int64_t N,

@@ -1,12 +1,10 @@
-"""``qcompile::linear`` kernel rows for CPUs: W8A16 / W4A16 (weight-only) and W8A8, backed by the C++ library.
+"""``qcompile::linear`` kernel rows for CPUs: W8A16 / W4A16 (weight-only), W8A8 and W4A8, backed by the C++ library.
 
 Each row is a ``supports`` predicate (``None`` when the kernel serves the call, else the reason) and a ``run``
 function that hands raw pointers of contiguous tensors to the library (see ``qc_abi.h``).
 """
 
 from __future__ import annotations
-
-import ctypes
 
 import torch
 
@@ -22,7 +20,7 @@ GEMM_SLICE_BYTES = 2 << 20
 
 
 def _pointer(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    return None if t is None else t.data_ptr()
 
 
 def _activation_reason(x: torch.Tensor) -> str | None:
@@ -81,34 +79,45 @@ def weight_only_run(scheme, x, qweight, scales, zeros, bias):
     return y.reshape(*x.shape[:-1], n)
 
 
-def weight_only_bind(scheme, x, qweight, scales, zeros, bias):
-    """A launcher for one call signature: shape constants and the ctypes function are looked up once, so a
-    decode-sized call costs the kernel plus a few microseconds of Python."""
-    k, n = x.shape[-1], scales.shape[0]
-    kp, group = scheme.padded_in_features(k), scheme.group_size_for(k)
-    zero_const, bits = _zero_const(scheme), scheme.bits
-    x_bf16 = int(x.dtype == torch.bfloat16)
-    dtype = x.dtype
-    op.remember(op.WEIGHT_ONLY, scheme, x, qweight, scales, zeros, bias, bits, kp, group, zero_const)
+def _bind(kernel: str, x, n: int, middle, run, slow=lambda m: False):
+    """``launch(x, qweight, scales, zeros, bias) -> y`` for one call signature: the ctypes ``kernel`` called as
+    ``kernel(x, x_bf16, M, K, *middle(qweight, scales, zeros, bias), y, y_bf16, threads)``; calls it cannot take
+    as they are (no tokens, ``slow(M)``, tensors that are not dense) go to ``run`` instead. Shape constants and
+    the ctypes function are looked up once, so a decode-sized call costs the kernel plus a few microseconds."""
+    k, dtype = x.shape[-1], x.dtype
+    x_bf16 = int(dtype == torch.bfloat16)
 
     def launch(x, qweight, scales, zeros, bias):
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
-        if m >= GEMM_MIN_TOKENS or m == 0 or not _dense(qweight, scales, zeros, bias):
-            return weight_only_run(scheme, x, qweight, scales, zeros, bias)
+        if m == 0 or slow(m) or not _dense(qweight, scales, zeros, bias):
+            return run(x, qweight, scales, zeros, bias)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         y = torch.empty((m, n), dtype=dtype)
-        rc = library.kernel("qc_linear_wo")(
-            x2.data_ptr(), x_bf16, m, k, qweight.data_ptr(), bits, n, kp, scales.data_ptr(),
-            None if zeros is None else zeros.data_ptr(), zero_const, group,
-            None if bias is None else bias.data_ptr(), y.data_ptr(), x_bf16, torch.get_num_threads(),
-        )  # fmt: skip
+        rc = library.kernel(kernel)(x2.data_ptr(), x_bf16, m, k, *middle(qweight, scales, zeros, bias), y.data_ptr(),
+                                    x_bf16, torch.get_num_threads())  # fmt: skip
         if rc:
-            _check(rc, scheme.name, m, k, n)
+            _check(rc, kernel, m, k, n)
         return y.view(*x.shape[:-1], n)
 
     return launch
+
+
+def weight_only_bind(scheme, x, qweight, scales, zeros, bias):
+    """W8A16 / W4A16 launcher for one call signature (many tokens take the dequantize + GEMM path)."""
+    k, n = x.shape[-1], scales.shape[0]
+    kp, group = scheme.padded_in_features(k), scheme.group_size_for(k)
+    zero_const, bits = _zero_const(scheme), scheme.bits
+    op.remember(op.WEIGHT_ONLY, scheme, x, qweight, scales, zeros, bias, bits, kp, group, zero_const)
+
+    def middle(qweight, scales, zeros, bias):
+        return qweight.data_ptr(), bits, n, kp, scales.data_ptr(), _pointer(zeros), zero_const, group, _pointer(bias)
+
+    def run(*tensors):
+        return weight_only_run(scheme, *tensors)
+
+    return _bind("qc_linear_wo", x, n, middle, run, slow=lambda m: m >= GEMM_MIN_TOKENS)
 
 
 def _dense(qweight, scales, zeros, bias) -> bool:
@@ -148,29 +157,14 @@ def w8a8_supports(scheme, x, qweight, scales, zeros) -> str | None:
 
 
 def w8a8_bind(scheme, x, qweight, scales, zeros, bias):
-    """A launcher for one call signature (see :func:`weight_only_bind`)."""
-    k, n = x.shape[-1], scales.shape[0]
-    x_bf16 = int(x.dtype == torch.bfloat16)
-    dtype = x.dtype
+    """W8A8 launcher for one call signature (see :func:`_bind`)."""
+    n = scales.shape[0]
     op.remember(op.W8A8, scheme, x, qweight, scales, zeros, bias)
 
-    def launch(x, qweight, scales, zeros, bias):
-        x2 = x.reshape(-1, k)
-        m = x2.shape[0]
-        if m == 0 or not _dense(qweight, scales, None, bias):
-            return w8a8_run(scheme, x, qweight, scales, zeros, bias)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        y = torch.empty((m, n), dtype=dtype)
-        rc = library.kernel("qc_linear_w8a8")(
-            x2.data_ptr(), x_bf16, m, k, qweight.data_ptr(), n, scales.data_ptr(),
-            None if bias is None else bias.data_ptr(), y.data_ptr(), x_bf16, torch.get_num_threads(),
-        )  # fmt: skip
-        if rc:
-            _check(rc, scheme.name, m, k, n)
-        return y.view(*x.shape[:-1], n)
+    def middle(qweight, scales, zeros, bias):
+        return qweight.data_ptr(), n, scales.data_ptr(), _pointer(bias)
 
-    return launch
+    return _bind("qc_linear_w8a8", x, n, middle, lambda *tensors: w8a8_run(scheme, *tensors))
 
 
 def w8a8_run(scheme, x, qweight, scales, zeros, bias):
@@ -203,35 +197,27 @@ def w4a8_supports(scheme, x, qweight, scales, zeros) -> str | None:
 
 def w4a8_run(scheme, x, qweight, scales, zeros, bias):
     """W4A8: per-token dynamic int8 activations × int4 group-wise weights, exact int32 sums (see ``w4a8.h``)."""
-    return w4a8_bind(scheme, x, qweight, scales, zeros, bias, remember=False)(x, qweight, scales, zeros, bias)
+    n = scales.shape[0]
+    if x.numel() == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    zeros = None if zeros is None else zeros.contiguous()
+    launch = _w4a8_launcher(scheme, x, n)
+    return launch(x.contiguous(), qweight.contiguous(), scales.contiguous(), zeros, _bias32(bias))
 
 
-def w4a8_bind(scheme, x, qweight, scales, zeros, bias, remember=True):
-    """A launcher for one call signature (see :func:`weight_only_bind`); every token count runs this kernel."""
-    k, n = x.shape[-1], scales.shape[0]
+def w4a8_bind(scheme, x, qweight, scales, zeros, bias):
+    """W4A8 launcher for one call signature (every token count runs the kernel; see :func:`_bind`)."""
+    k = x.shape[-1]
+    op.remember(op.W4A8, scheme, x, qweight, scales, zeros, bias, 4, scheme.padded_in_features(k),
+                scheme.group_size_for(k), 8.0)  # fmt: skip
+    return _w4a8_launcher(scheme, x, scales.shape[0])
+
+
+def _w4a8_launcher(scheme, x, n: int):
+    k = x.shape[-1]
     kp, group = scheme.padded_in_features(k), scheme.group_size_for(k)
-    zero_const = 8.0
-    x_bf16 = int(x.dtype == torch.bfloat16)
-    dtype = x.dtype
-    if remember:
-        op.remember(op.W4A8, scheme, x, qweight, scales, zeros, bias, 4, kp, group, zero_const)
 
-    def launch(x, qweight, scales, zeros, bias):
-        x2 = x.reshape(-1, k).contiguous()
-        m = x2.shape[0]
-        y = torch.empty((m, n), dtype=dtype)
-        if m == 0:
-            return y.view(*x.shape[:-1], n)
-        qweight, scales = qweight.contiguous(), scales.contiguous()
-        zeros = None if zeros is None else zeros.contiguous()
-        bias32 = _bias32(bias)
-        rc = library.kernel("qc_linear_w4a8")(
-            x2.data_ptr(), x_bf16, m, k, qweight.data_ptr(), n, kp, scales.data_ptr(),
-            None if zeros is None else zeros.data_ptr(), zero_const, group,
-            None if bias32 is None else bias32.data_ptr(), y.data_ptr(), x_bf16, torch.get_num_threads(),
-        )  # fmt: skip
-        if rc:
-            _check(rc, scheme.name, m, k, n)
-        return y.view(*x.shape[:-1], n)
+    def middle(qweight, scales, zeros, bias):
+        return qweight.data_ptr(), n, kp, scales.data_ptr(), _pointer(zeros), 8.0, group, _pointer(bias)
 
-    return launch
+    return _bind("qc_linear_w4a8", x, n, middle, lambda *tensors: w4a8_run(scheme, *tensors))

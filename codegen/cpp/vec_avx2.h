@@ -53,27 +53,10 @@ static inline int32_t vi_hsum(vi a) {
 }
 
 // -- int4 x int8 dot products (W4A8) --------------------------------------------------------------------
-// 16 packed bytes -> 32 unsigned codes (low nibbles = elements 0, 2, .., 30 first, then the high nibbles), used
-// as the u8 operand of vpmaddubsw against 32 signed activations permuted to the same order. A pair is at
-// most 2 * 15 * 127 = 3810, so the int16 step is exact.
-constexpr int U4_BLOCK = 32;  // elements per step
-typedef __m256i vu4;
-typedef __m256i vu4acc;
-static inline vu4 u4_prepare(const uint8_t* p) {
-    const __m128i v = _mm_loadu_si128((const __m128i*)p);
-    const __m128i mask = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-}
+// The codes (u4_avx2.h) are the u8 operand of vpmaddubsw against 32 signed activations permuted to the same
+// order. A pair is at most 2 * 15 * 127 = 3810, so the int16 step is exact.
+#include "u4_avx2.h"
 static inline vu4acc u4_dot(vu4acc acc, vu4 u, const int8_t* x) {
     const __m256i pairs = _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i*)x));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
-static inline vu4acc u4_zero() { return _mm256_setzero_si256(); }
-// A group's int32 lanes (exact in float32) scaled into a float accumulator; one horizontal sum per row.
-typedef __m256 vu4f;
-static inline vu4f u4f_zero() { return _mm256_setzero_ps(); }
-static inline vu4f u4f_fma(vu4f total, vu4acc a, vu4acc b, float s) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), _mm256_set1_ps(s), total);
-}
-static inline float u4f_hsum(vu4f t) { return vf_hsum(t); }

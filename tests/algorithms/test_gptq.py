@@ -21,7 +21,8 @@ def _output_error(x, weight, w_q):
     return float(((x @ (weight - w_q).t()) ** 2).mean())
 
 
-@pytest.mark.parametrize("name", ["int4-g32", "int4-g128", "int4", "int3-g64", "int4-g32-sym", "int8", "w8a8"])
+@pytest.mark.parametrize("name", ["int4-g32", "int4-g128", "int4", "int3-g64", "int4-g32-sym", "int8", "w8a8",
+                                  "w4a8-g32"])  # fmt: skip
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_round_to_nearest(name, act_order):
     scheme = parse_scheme(name)

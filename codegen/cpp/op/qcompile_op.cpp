@@ -5,8 +5,8 @@
 // (the Python implementation), which validates the packed tensors, picks a kernel row and, when that row is
 // a C++ one, hands this file a plan with qcompile_cpu::remember. Later calls of the same signature (scheme,
 // K, dtypes and shapes of every tensor) with fewer than GEMM_MIN_TOKENS tokens run the plan here. Anything
-// else (no plan, non-contiguous tensors, a bias that is not float32, a forced ISA this CPU lacks, many
-// tokens) goes to the Python implementation, which serves it or raises the error the user should see.
+// else (no plan, non-contiguous tensors, a forced ISA this CPU lacks, many tokens) goes to the Python
+// implementation, which serves it or raises the error the user should see.
 //
 // Autograd (AutogradCPU): without a gradient to record, redispatch below autograd; with one, call
 // qcompile::_linear_train, whose Python autograd formula records the backward.
@@ -100,8 +100,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     const int64_t K = x.size(-1), N = scales.size(0), M = x.numel() / K;
     const bool bf16 = x.scalar_type() == at::kBFloat16;
     if (M >= GEMM_MIN_TOKENS || !(bf16 || x.scalar_type() == at::kFloat) || !dense(x) || !dense(qweight) ||
-        !dense(scales) || (has_zeros && !dense(*zeros)) ||
-        (has_bias && (bias->scalar_type() != at::kFloat || !dense(*bias))))
+        !dense(scales) || (has_zeros && !dense(*zeros)) || (has_bias && !bias->is_floating_point()))
         return fallback(x, qweight, scales, zeros, bias, scheme);
     const int isa = active_isa();
     if (isa < 0) return fallback(x, qweight, scales, zeros, bias, scheme);
@@ -120,7 +119,9 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::
     out_sizes.back() = N;
     at::Tensor y = at::empty(out_sizes, x.options());
     const float* zp = has_zeros ? zeros->data_ptr<float>() : nullptr;
-    const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+    at::Tensor bias32;  // the kernels add a float32 bias (a bfloat16 model's bias is widened, N values)
+    if (has_bias) bias32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat).contiguous();
+    const float* bp = has_bias ? bias32.data_ptr<float>() : nullptr;
     const int threads = at::get_num_threads();
     int rc;
     if (plan.kind == WEIGHT_ONLY) {

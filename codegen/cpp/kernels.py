@@ -1,7 +1,9 @@
 """``qcompile::linear`` kernel rows for CPUs: W8A16 / W4A16 (weight-only), W8A8 and W4A8, backed by the C++ library.
 
-Each row is a ``supports`` predicate (``None`` when the kernel serves the call, else the reason) and a ``run``
-function that hands raw pointers of contiguous tensors to the library (see ``qc_abi.h``).
+Each row is a ``supports`` predicate (``None`` when the kernel serves the call, else the reason), a ``bind``
+that returns a launcher for one call signature (and hands the C++ op its plan), and a ``run`` for any call.
+Launchers hand raw pointers of dense tensors to the library (see ``qc_abi.h``); ``run`` makes a call dense
+first.
 """
 
 from __future__ import annotations
@@ -55,28 +57,37 @@ def _zero_const(scheme: IntWeightOnly) -> float:
 
 def weight_only_run(scheme, x, qweight, scales, zeros, bias):
     """W8A16 / W4A16: ``x [..., K]`` float32/bfloat16 → ``[..., N]`` in ``x.dtype`` (see ``weight_only.h``)."""
-    k = x.shape[-1]
-    n = scales.shape[0]
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    if m == 0:
-        return x.new_empty((*x.shape[:-1], n))
-    qweight, scales = qweight.contiguous(), scales.contiguous()
-    zeros = None if zeros is None else zeros.contiguous()
-    kp, group = scheme.padded_in_features(k), scheme.group_size_for(k)
-    bias32 = _bias32(bias)
-    threads = torch.get_num_threads()
-    if m >= GEMM_MIN_TOKENS:
-        y = _weight_only_gemm(scheme, x2, qweight, scales, zeros, bias32, kp, group, threads)
+    k, n = x.shape[-1], scales.shape[0]
+    if x.numel() // max(k, 1) >= GEMM_MIN_TOKENS:
+        x2 = x.reshape(-1, k).contiguous()
+        zeros = None if zeros is None else zeros.contiguous()
+        kp, group = scheme.padded_in_features(k), scheme.group_size_for(k)
+        y = _weight_only_gemm(scheme, x2, qweight.contiguous(), scales.contiguous(), zeros, _bias32(bias), kp, group,
+                              torch.get_num_threads())  # fmt: skip
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
-    y = torch.empty((m, n), dtype=x.dtype)
-    rc = library.kernel("qc_linear_wo")(
-        _pointer(x2), int(x.dtype == torch.bfloat16), m, k, _pointer(qweight), scheme.bits, n, kp,
-        _pointer(scales), _pointer(zeros), _zero_const(scheme), group, _pointer(bias32), _pointer(y),
-        int(y.dtype == torch.bfloat16), threads,
-    )  # fmt: skip
-    _check(rc, scheme.name, m, k, n)
-    return y.reshape(*x.shape[:-1], n)
+    return _run_dense(_weight_only_launcher(scheme, x, n), x, qweight, scales, zeros, bias)
+
+
+def weight_only_bind(scheme, x, qweight, scales, zeros, bias):
+    """W8A16 / W4A16 launcher for one call signature (many tokens take the dequantize + GEMM path)."""
+    k = x.shape[-1]
+    op.remember(op.WEIGHT_ONLY, scheme, x, qweight, scales, zeros, bias, scheme.bits, scheme.padded_in_features(k),
+                scheme.group_size_for(k), _zero_const(scheme))  # fmt: skip
+    return _weight_only_launcher(scheme, x, scales.shape[0])
+
+
+def _weight_only_launcher(scheme, x, n: int):
+    k = x.shape[-1]
+    kp, group = scheme.padded_in_features(k), scheme.group_size_for(k)
+    zero_const, bits = _zero_const(scheme), scheme.bits
+
+    def middle(qweight, scales, zeros, bias):
+        return qweight.data_ptr(), bits, n, kp, scales.data_ptr(), _pointer(zeros), zero_const, group, _pointer(bias)
+
+    def run(*tensors):
+        return weight_only_run(scheme, *tensors)
+
+    return _bind("qc_linear_wo", x, n, middle, run, slow=lambda m: m >= GEMM_MIN_TOKENS)
 
 
 def _bind(kernel: str, x, n: int, middle, run, slow=lambda m: False):
@@ -104,20 +115,12 @@ def _bind(kernel: str, x, n: int, middle, run, slow=lambda m: False):
     return launch
 
 
-def weight_only_bind(scheme, x, qweight, scales, zeros, bias):
-    """W8A16 / W4A16 launcher for one call signature (many tokens take the dequantize + GEMM path)."""
-    k, n = x.shape[-1], scales.shape[0]
-    kp, group = scheme.padded_in_features(k), scheme.group_size_for(k)
-    zero_const, bits = _zero_const(scheme), scheme.bits
-    op.remember(op.WEIGHT_ONLY, scheme, x, qweight, scales, zeros, bias, bits, kp, group, zero_const)
-
-    def middle(qweight, scales, zeros, bias):
-        return qweight.data_ptr(), bits, n, kp, scales.data_ptr(), _pointer(zeros), zero_const, group, _pointer(bias)
-
-    def run(*tensors):
-        return weight_only_run(scheme, *tensors)
-
-    return _bind("qc_linear_wo", x, n, middle, run, slow=lambda m: m >= GEMM_MIN_TOKENS)
+def _run_dense(launch, x, qweight, scales, zeros, bias):
+    """Any call: made dense (contiguous tensors, a float32 bias) and handed to a launcher, which takes it as is."""
+    if x.numel() == 0:
+        return x.new_empty((*x.shape[:-1], scales.shape[0]))
+    zeros = None if zeros is None else zeros.contiguous()
+    return launch(x.contiguous(), qweight.contiguous(), scales.contiguous(), zeros, _bias32(bias))
 
 
 def _dense(qweight, scales, zeros, bias) -> bool:
@@ -156,34 +159,22 @@ def w8a8_supports(scheme, x, qweight, scales, zeros) -> str | None:
     return _activation_reason(x)
 
 
+def w8a8_run(scheme, x, qweight, scales, zeros, bias):
+    """W8A8: per-token dynamic int8 activations × int8 weights, exact int32 sums (see ``w8a8.h``)."""
+    return _run_dense(_w8a8_launcher(scheme, x, scales.shape[0]), x, qweight, scales, zeros, bias)
+
+
 def w8a8_bind(scheme, x, qweight, scales, zeros, bias):
     """W8A8 launcher for one call signature (see :func:`_bind`)."""
-    n = scales.shape[0]
     op.remember(op.W8A8, scheme, x, qweight, scales, zeros, bias)
+    return _w8a8_launcher(scheme, x, scales.shape[0])
 
+
+def _w8a8_launcher(scheme, x, n: int):
     def middle(qweight, scales, zeros, bias):
         return qweight.data_ptr(), n, scales.data_ptr(), _pointer(bias)
 
     return _bind("qc_linear_w8a8", x, n, middle, lambda *tensors: w8a8_run(scheme, *tensors))
-
-
-def w8a8_run(scheme, x, qweight, scales, zeros, bias):
-    """W8A8: per-token dynamic int8 activations × int8 weights, exact int32 sums (see ``w8a8.h``)."""
-    k = x.shape[-1]
-    n = scales.shape[0]
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype)
-    if m == 0:
-        return y.reshape(*x.shape[:-1], n)
-    qweight, scales = qweight.contiguous(), scales.contiguous()
-    bias32 = _bias32(bias)
-    rc = library.kernel("qc_linear_w8a8")(
-        _pointer(x2), int(x.dtype == torch.bfloat16), m, k, _pointer(qweight), n, _pointer(scales),
-        _pointer(bias32), _pointer(y), int(y.dtype == torch.bfloat16), torch.get_num_threads(),
-    )  # fmt: skip
-    _check(rc, scheme.name, m, k, n)
-    return y.reshape(*x.shape[:-1], n)
 
 
 # -- W4A8 -----------------------------------------------------------------------------------------------
@@ -197,12 +188,7 @@ def w4a8_supports(scheme, x, qweight, scales, zeros) -> str | None:
 
 def w4a8_run(scheme, x, qweight, scales, zeros, bias):
     """W4A8: per-token dynamic int8 activations × int4 group-wise weights, exact int32 sums (see ``w4a8.h``)."""
-    n = scales.shape[0]
-    if x.numel() == 0:
-        return x.new_empty((*x.shape[:-1], n))
-    zeros = None if zeros is None else zeros.contiguous()
-    launch = _w4a8_launcher(scheme, x, n)
-    return launch(x.contiguous(), qweight.contiguous(), scales.contiguous(), zeros, _bias32(bias))
+    return _run_dense(_w4a8_launcher(scheme, x, scales.shape[0]), x, qweight, scales, zeros, bias)
 
 
 def w4a8_bind(scheme, x, qweight, scales, zeros, bias):

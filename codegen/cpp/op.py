@@ -1,6 +1,6 @@
 """The C++ dispatcher kernel of ``qcompile::linear`` for CPU tensors (``op/qcompile_op.cpp``).
 
-Built with torch's headers on first CPU use (about 10 s, once per machine: cached by a hash of the source,
+Built with torch's headers on first CPU use (about 15 s, once per machine: cached by a hash of the source,
 the kernel library, torch's version, the flags and the compiler) and loaded with ``torch.ops.load_library``.
 From then on a decode-sized call goes dispatcher → C++ → kernel with no Python in between; the first call of
 each signature still runs the Python implementation, which validates it, picks the kernel row and hands the

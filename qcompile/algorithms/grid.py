@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.schemes import IntWeightOnly, Scheme, W4A8Int, W8A8Int
+from qcompile.schemes import IntWeightOnly, Scheme
+from qcompile.schemes.integer import QuantizedActivations
 
 
 def integer_scheme(scheme: Scheme, algorithm: str) -> IntWeightOnly:
     """The :class:`IntWeightOnly` grid behind ``scheme``; an error naming the algorithm otherwise."""
     if isinstance(scheme, IntWeightOnly):
         return scheme
-    if isinstance(scheme, W8A8Int):
-        return IntWeightOnly(bits=8, group_size=None, symmetric=True)
-    if isinstance(scheme, W4A8Int):
+    if isinstance(scheme, QuantizedActivations):  # w8a8, w4a8: integer weights, activations rounded at run time
         return scheme.weights
     raise ValueError(
         f"algorithm {algorithm!r} writes integer grids (int2/3/4/8, w8a8, w4a8); scheme {scheme.name!r} is not one. "

@@ -164,3 +164,38 @@ class IntWeightOnly(Scheme):
         kp = self.padded_in_features(in_features)
         codes = packed.qweight if self.bits == 8 else unpack_codes(packed.qweight, self.bits, kp)
         return QuantizedWeight(codes, packed.scales, packed.zeros, in_features)
+
+
+class QuantizedActivations:
+    """Mixin for schemes that keep an :class:`IntWeightOnly` scheme's weights (codes, packing, geometry) and
+    change only how activations are treated at run time: every weight method delegates to ``self.weights``."""
+
+    quantizes_activations = True
+
+    @property
+    def weights(self) -> IntWeightOnly:
+        raise NotImplementedError
+
+    def padded_in_features(self, in_features):
+        return self.weights.padded_in_features(in_features)
+
+    def group_size_for(self, in_features):
+        return self.weights.group_size_for(in_features)
+
+    def pack_shapes(self, out_features, in_features):
+        return self.weights.pack_shapes(out_features, in_features)
+
+    def packed_nbytes(self, out_features, in_features):
+        return self.weights.packed_nbytes(out_features, in_features)
+
+    def quantize(self, weight):
+        return self.weights.quantize(weight)
+
+    def dequantize(self, q: QuantizedWeight):
+        return self.weights.dequantize(q)
+
+    def pack(self, q):
+        return self.weights.pack(q)
+
+    def unpack(self, packed: PackedWeight, in_features):
+        return self.weights.unpack(packed, in_features)

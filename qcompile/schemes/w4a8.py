@@ -19,15 +19,15 @@ import re
 
 import torch
 
-from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme
-from qcompile.schemes.integer import IntWeightOnly
+from qcompile.schemes.base import PackedWeight, Scheme
+from qcompile.schemes.integer import IntWeightOnly, QuantizedActivations
 from qcompile.schemes.w8a8 import quantize_per_token_int8
 
 _NAME = re.compile(r"^w4a8(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?$")
 
 
 @dataclasses.dataclass(frozen=True)
-class W4A8Int(Scheme):
+class W4A8Int(QuantizedActivations, Scheme):
     """int4 weights per group (or channel) × int8 activations per token, dynamic."""
 
     group_size: int | None = 128
@@ -35,7 +35,6 @@ class W4A8Int(Scheme):
     version: int = 1
 
     family = "w4a8-int"
-    quantizes_activations = True
     bits = 4
 
     def __post_init__(self):
@@ -59,30 +58,6 @@ class W4A8Int(Scheme):
         if not m:
             return None
         return cls(group_size=int(m["group"]) if m["group"] else None, symmetric=m["sym"] == "sym")
-
-    def padded_in_features(self, in_features):
-        return self.weights.padded_in_features(in_features)
-
-    def group_size_for(self, in_features):
-        return self.weights.group_size_for(in_features)
-
-    def pack_shapes(self, out_features, in_features):
-        return self.weights.pack_shapes(out_features, in_features)
-
-    def packed_nbytes(self, out_features, in_features):
-        return self.weights.packed_nbytes(out_features, in_features)
-
-    def quantize(self, weight):
-        return self.weights.quantize(weight)
-
-    def dequantize(self, q: QuantizedWeight):
-        return self.weights.dequantize(q)
-
-    def pack(self, q):
-        return self.weights.pack(q)
-
-    def unpack(self, packed: PackedWeight, in_features):
-        return self.weights.unpack(packed, in_features)
 
     def reference_linear(self, x, qweight, scales, zeros, bias):
         """The formula of the module docstring in float64 (integer sums are exact there), cast to ``x.dtype``."""

@@ -17,8 +17,8 @@ import dataclasses
 
 import torch
 
-from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme
-from qcompile.schemes.integer import IntWeightOnly
+from qcompile.schemes.base import Scheme
+from qcompile.schemes.integer import IntWeightOnly, QuantizedActivations
 
 _WEIGHTS = IntWeightOnly(bits=8, group_size=None, symmetric=True)
 _ALIASES = {"w8a8": True, "w8a8-int8": True}
@@ -40,12 +40,15 @@ def int8_matmul_exact(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class W8A8Int(Scheme):
+class W8A8Int(QuantizedActivations, Scheme):
     """int8 weights (per channel) × int8 activations (dynamic, per token)."""
 
     version: int = 1
     family = "w8a8-int8"
-    quantizes_activations = True
+
+    @property
+    def weights(self) -> IntWeightOnly:
+        return _WEIGHTS
 
     @property
     def name(self) -> str:
@@ -54,27 +57,6 @@ class W8A8Int(Scheme):
     @classmethod
     def from_name(cls, name: str):
         return cls() if name in _ALIASES else None
-
-    def padded_in_features(self, in_features):
-        return in_features
-
-    def pack_shapes(self, out_features, in_features):
-        return _WEIGHTS.pack_shapes(out_features, in_features)
-
-    def packed_nbytes(self, out_features, in_features):
-        return _WEIGHTS.packed_nbytes(out_features, in_features)
-
-    def quantize(self, weight):
-        return _WEIGHTS.quantize(weight)
-
-    def dequantize(self, q: QuantizedWeight):
-        return _WEIGHTS.dequantize(q)
-
-    def pack(self, q):
-        return _WEIGHTS.pack(q)
-
-    def unpack(self, packed: PackedWeight, in_features):
-        return _WEIGHTS.unpack(packed, in_features)
 
     def reference_linear(self, x, qweight, scales, zeros, bias):
         lead = x.shape[:-1]

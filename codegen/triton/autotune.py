@@ -49,6 +49,8 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    #: 1: dequantize the whole weight to the activation dtype (blocks are the dequantize tiles), then cuBLAS
+    dequant: int = 0
 
     def __post_init__(self):
         for field in ("block_m", "block_n", "block_k"):
@@ -57,6 +59,8 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{field} must be a power of two, got {value}")
         if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1 or self.group_m < 1:
             raise ValueError(f"KernelConfig fields must be positive: {self}")
+        if self.dequant not in (0, 1):
+            raise ValueError(f"KernelConfig.dequant must be 0 or 1, got {self.dequant}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,29 +204,31 @@ def _fits_sum(block_m: int, block_n: int, block_k: int) -> bool:
     return block_m * block_n * block_k <= 16384
 
 
-def standard_candidates(path: str, m: int, k: int) -> list[KernelConfig]:
+def standard_candidates(path: str, m: int, k: int, dequant: bool = True) -> list[KernelConfig]:
     """Candidate configs for a real GPU, by path (``gemv``, ``splitk``, ``gemm``) and M bucket.
 
     Block sizes, warps and stages are compile-time constants (each distinct one is a compile on first tuning);
-    ``split_k`` is a run-time argument, so trying several splits per tile shape is cheap.
+    ``split_k`` is a run-time argument, so trying several splits per tile shape is cheap. With ``dequant``, GEMMs
+    of 128 rows or more also try dequantizing the weight and calling cuBLAS.
     """
     bucket = m_bucket(m)
     if path == "gemv":
         block_m = bucket
         out = [
-            KernelConfig(block_m, bn, bk, split_k=sk, num_warps=4, num_stages=2)
+            KernelConfig(block_m, bn, bk, split_k=sk, num_warps=4, num_stages=ns)
             for bn in (32, 64, 128)
             for bk in (128, 256)
-            for sk in (1, 4, 8)
+            for ns in (2, 4)
+            for sk in (1, 2, 4, 8)
             if _fits_sum(block_m, bn, bk // 2) and k >= bk * sk
         ]
         return out or [KernelConfig(block_m, 32, 64, split_k=1, num_warps=4, num_stages=2)]
     if path == "splitk":
         return [
             KernelConfig(16, bn, bk, split_k=sk, num_warps=4, num_stages=4)
-            for bn in (64, 128)
+            for bn in (32, 64, 128)
             for bk in (64, 128)
-            for sk in (2, 4, 8)
+            for sk in (1, 2, 4, 8)
             if k >= bk * sk
         ] or [KernelConfig(16, 64, 64, split_k=1, num_warps=4, num_stages=4)]
     if path != "gemm":
@@ -237,7 +243,7 @@ def standard_candidates(path: str, m: int, k: int) -> list[KernelConfig]:
             KernelConfig(block_m, 64, 128, split_k=2, num_warps=4, num_stages=4),
             KernelConfig(block_m, 128, 64, split_k=2, num_warps=4, num_stages=4),
         ]
-    return [
+    tiles = [
         KernelConfig(64, 128, 64, num_warps=4, num_stages=4),
         KernelConfig(64, 256, 64, num_warps=8, num_stages=3),
         KernelConfig(128, 64, 64, num_warps=4, num_stages=4),
@@ -245,9 +251,16 @@ def standard_candidates(path: str, m: int, k: int) -> list[KernelConfig]:
         KernelConfig(128, 128, 128, num_warps=8, num_stages=3),
         KernelConfig(128, 256, 64, num_warps=8, num_stages=3),
     ]
+    return tiles + ([DEQUANT_CONFIG] if dequant else [])
 
 
-def standard_default(path: str, m: int) -> KernelConfig:
+#: the dequantize-then-cuBLAS candidate: 32 x 128 dequantize tiles
+DEQUANT_CONFIG = KernelConfig(32, 32, 128, num_warps=4, num_stages=1, dequant=1)
+#: from this M bucket on, an untuned GEMM dequantizes and calls cuBLAS
+DEQUANT_DEFAULT_BUCKET = 1024
+
+
+def standard_default(path: str, m: int, dequant: bool = True) -> KernelConfig:
     """The config used without tuning: small tiles under the interpreter (split-K exercised), sane ones on a GPU."""
     bucket = m_bucket(m)
     small = interpreting()
@@ -259,4 +272,6 @@ def standard_default(path: str, m: int) -> KernelConfig:
         raise ValueError(f"unknown kernel path {path!r}; expected 'gemv', 'splitk' or 'gemm'")
     if small:
         return KernelConfig(16, 32, 32, num_stages=1)
+    if dequant and bucket >= DEQUANT_DEFAULT_BUCKET:
+        return DEQUANT_CONFIG
     return KernelConfig(min(128, max(16, bucket)), 128, 64, num_warps=8 if bucket >= 128 else 4, num_stages=3)

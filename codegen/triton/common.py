@@ -84,14 +84,14 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def dot_dtype(x_dtype: torch.dtype):
-    """The ``tl`` dtype the weight tile is dequantized to before ``tl.dot``.
+    """The ``tl`` dtype the weight tile is dequantized to before ``tl.dot``: the activation's own dtype.
 
-    The interpreter computes bf16/fp16 dots wrongly, so it gets fp32 (the reference math); on a GPU
-    the activation dtype itself (fp32 dots run at ``ieee`` precision, see :func:`dot_precision`).
+    The interpreter computes bf16 dots wrongly, so there bf16 activations get fp32 dots (the reference math);
+    fp16 and fp32 dots are right there. fp32 dots run at ``ieee`` precision, see :func:`dot_precision`.
     """
     import triton.language as tl
 
-    if interpreting():
+    if interpreting() and x_dtype == torch.bfloat16:
         return tl.float32
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x_dtype]
 
@@ -117,9 +117,27 @@ def check_activation(x: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where}: the activation has no features")
 
 
-def output_buffers(m: int, n: int, x: torch.Tensor, split_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(buffer the kernel writes, final output)``: split-K adds fp32 partial sums atomically into zeros."""
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if split_k == 1:
-        return out, out
-    return torch.zeros((m, n), device=x.device, dtype=torch.float32), out
+#: split-K workspaces by (device, stream): (fp32 sums, int32 tile counters), all zeros between launches
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+#: every workspace ever handed out stays alive: a captured CUDA graph may still point at an outgrown one
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def split_workspace(device: torch.device, elements: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed ``(float32 [>= elements], int32 [>= tiles])`` workspace of split-K launches on this stream.
+
+    The kernels leave it zeroed (``tiles.store_tile``), so it is allocated once, grown by powers of two, and keyed
+    by stream so launches on concurrent streams never share one.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    work, counts = _WORKSPACES.get(key, (None, None))
+    if work is None or work.numel() < elements or counts.numel() < tiles:
+        if work is not None:
+            _RETIRED.append((work, counts))
+        size = next_power_of_2(max(elements, 1 << 16, 0 if work is None else work.numel()))
+        count = next_power_of_2(max(tiles, 1 << 10, 0 if counts is None else counts.numel()))
+        work = torch.zeros(size, device=device, dtype=torch.float32)
+        counts = torch.zeros(count, device=device, dtype=torch.int32)
+        _WORKSPACES[key] = (work, counts)
+    return work, counts

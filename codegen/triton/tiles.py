@@ -34,12 +34,30 @@ def split_k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC: tl.constexpr):
-    """Write the fp32 ``acc [BLOCK_M, BLOCK_N]``: cast and store, or add atomically into an fp32 split-K buffer."""
-    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT: tl.constexpr):
+    """Write the fp32 ``acc [BLOCK_M, BLOCK_N]`` of program ``(tile, split)`` to ``out`` in out's dtype.
+
+    Without ``SPLIT`` the tile is stored. With it, the splits of a tile add their partial sums atomically into the
+    fp32 workspace ``work [M, N]`` and count themselves in ``count[tile]``; the last to arrive reads the total (an
+    atomic read, served at L2), stores it, and zeroes its workspace tile and counter. The workspace is therefore
+    all zeros again when the kernel ends: one launch, no memset before and no cast kernel after.
+    Ordering: every thread's adds happen before the barrier, the counter update releases them at GPU scope and
+    the last split acquires them (the pattern of CUTLASS's split-K semaphore); atomics are served at L2.
+    """
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=mask)
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    if SPLIT:
+        work = work_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.atomic_add(work, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        tile = tl.program_id(0)
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.atomic_add(work, tl.zeros_like(acc), mask=mask, sem="relaxed")  # read at L2, coherent
+            total = tl.where(mask, total, 0.0)  # masked lanes of an atomic return nothing defined
+            tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(work, tl.zeros_like(acc), mask=mask)
+            tl.store(count_ptr + tile, 0)
     else:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -49,11 +49,20 @@ def default_config(path: str, m: int) -> autotune.KernelConfig:
 
 # -- kernel -------------------------------------------------------------------------------------------------------
 @triton.jit
+def as_float(w):
+    """int8 or e4m3 codes as exact fp32. int8 skips the int→float conversion (a fraction of the ALU rate): the
+    byte, offset to ``q + 128``, is OR-ed into the mantissa of ``2**23`` and ``2**23 + 128`` subtracted."""
+    if w.dtype == tl.int8:
+        return (((w.to(tl.int32) & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    return w.to(tl.float32)
+
+
+@triton.jit
 def w8a16_linear_kernel(
-    x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr,
+    x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_om,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = (x[M, K] @ float(qweight).T) * scales[N] + bias``.
@@ -81,10 +90,26 @@ def w8a16_linear_kernel(
         if USE_DOT:
             acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * as_float(w)[None, :, :], axis=1)
     scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * scale[None, :] + load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
-    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, ATOMIC)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
+
+
+@triton.jit
+def w8_dequantize_kernel(
+    qweight_ptr, scales_ptr, out_ptr, N, K, stride_qn, stride_on, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``out[N, K] = float(qweight) * scales[n]`` in out's dtype: the weight for a cuBLAS GEMM at large M.
+    Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))``."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    rows = offs_n.to(tl.int64)[:, None]
+    q = tl.load(qweight_ptr + rows * stride_qn + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scales_ptr + offs_n, mask=offs_n < N, other=0.0)
+    weight = (q * scale[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows * stride_on + offs_k[None, :], weight, mask=mask)
 
 
 # -- launcher -----------------------------------------------------------------------------------------------------
@@ -109,18 +134,24 @@ def w8a16_linear(
     qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()
 
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
-        buffer, out = common.output_buffers(m, n, x2, cfg.split_k)
+        if cfg.dequant:
+            weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
+            w8_dequantize_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))](
+                qweight, scales, weight, n, k, qweight.stride(0), weight.stride(0),
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+            )  # fmt: skip
+            return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+        work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
         w8a16_linear_kernel[grid](
-            x2, qweight, scales, scales if bias is None else bias, buffer,
-            m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), buffer.stride(0),
+            x2, qweight, scales, scales if bias is None else bias, out, work, counts,
+            m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, USE_DOT=path != "gemv", DOT_DTYPE=common.dot_dtype(x.dtype),
             DOT_PRECISION=common.dot_precision(x.dtype),
-            ATOMIC=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-        if buffer is not out:
-            out.copy_(buffer)
         return out
 
     if config is None:

@@ -46,11 +46,18 @@ def tune_key(scheme_name: str, m: int, n: int, k: int, device: torch.device) -> 
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(m: int, k: int) -> list[autotune.KernelConfig]:
     """8-bit ``tl.dot`` wants ``BLOCK_K >= 32``; no split-K (exact integer sums)."""
-    return [c for c in autotune.standard_candidates("gemm", m, k) if c.split_k == 1 and c.block_k >= 32]
+    candidates = autotune.standard_candidates("gemm", m, k, dequant=False)
+    if common.m_bucket(m) >= 128:  # 8-bit operands: K tiles of 128 fill the tensor cores at the same bytes
+        candidates += [
+            autotune.KernelConfig(128, 256, 128, num_warps=8, num_stages=3),
+            autotune.KernelConfig(256, 128, 128, num_warps=8, num_stages=3),
+            autotune.KernelConfig(128, 128, 128, num_warps=4, num_stages=4),
+        ]
+    return [c for c in candidates if c.split_k == 1 and c.block_k >= 32]
 
 
 def default_config(m: int) -> autotune.KernelConfig:
-    return autotune.standard_default("gemm", m)
+    return autotune.standard_default("gemm", m, dequant=False)
 
 
 # -- kernels ------------------------------------------------------------------------------------------------------
@@ -138,7 +145,7 @@ def w8a8_linear_kernel(
     x_scale = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)
     scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc.to(tl.float32) * x_scale[:, None] * scale[None, :] + load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
-    store_tile(out_ptr, y, offs_m, offs_n, M, N, stride_om, False)
+    store_tile(out_ptr, y, offs_m, offs_n, M, N, stride_om, out_ptr, out_ptr, 1, False)
 
 
 # -- launchers ----------------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_int4_default_path(scheme_name, m, k, n):
 
 
 @pytest.mark.parametrize("path", ["gemv", "splitk", "gemm"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g64-sym"])
 def test_int4_every_path(path, dtype, with_bias, scheme_name):
@@ -107,6 +107,34 @@ def test_int4_batched_activation_and_tuned_config():
     assert_matches_reference(y, x, qweight, scales, zeros, None, "int4-g32", 1e-5)
 
 
+@pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g64-sym", "int4"])
+def test_int4_dequantize_then_dense_config(scheme_name):
+    m, k, n = 5, 90, 48
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    x = activation(m, k, torch.float32)
+    bias = torch.randn(n).to(DEVICE)
+    y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path="gemm", config=autotune.DEQUANT_CONFIG)
+    assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 1e-5)
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+def test_split_k_leaves_its_workspace_zeroed(split_k):
+    """The last split of each tile stores the total and zeroes its workspace tile and counter."""
+    qweight, scales, zeros = packed("int4-g32", 48, 96)
+    x = activation(3, 96, torch.float32)
+    config = autotune.KernelConfig(4, 16, 32, split_k=split_k)
+    first = int4.int4_linear(x, qweight, scales, zeros, None, "int4-g32", path="gemv", config=config)
+    work, counts = common.split_workspace(x.device, 3 * 48, 1)
+    assert not work.any() and not counts.any()
+    second = int4.int4_linear(x, qweight, scales, zeros, None, "int4-g32", path="gemv", config=config)
+    assert torch.equal(first, second)
+    assert_matches_reference(first, x, qweight, scales, zeros, None, "int4-g32", 1e-5)
+    y = w8a16.w8a16_linear(x, *packed("int8", 48, 96)[:2], None, None, "int8", path="splitk",
+                           config=autotune.KernelConfig(16, 16, 16, split_k=split_k))  # fmt: skip
+    assert not work.any() and not counts.any()
+    assert_matches_reference(y, x, *packed("int8", 48, 96)[:2], None, None, "int8", 1e-5)
+
+
 @pytest.mark.parametrize("scheme_name", ["int8", "fp8"])
 @pytest.mark.parametrize("path", ["gemv", "splitk", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -117,6 +145,14 @@ def test_w8a16(scheme_name, path, dtype, m, k, n):
     bias = torch.randn(n).to(DEVICE) if m > 1 else None
     y = w8a16.w8a16_linear(x, qweight, scales, zeros, bias, scheme_name, path=path)
     assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance_for(dtype))
+
+
+@pytest.mark.parametrize("scheme_name", ["int8", "fp8"])
+def test_w8a16_dequantize_then_dense_config(scheme_name):
+    qweight, scales, zeros = packed(scheme_name, 48, 90)
+    x = activation(5, 90, torch.float32)
+    y = w8a16.w8a16_linear(x, qweight, scales, zeros, None, scheme_name, path="gemm", config=autotune.DEQUANT_CONFIG)
+    assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, 1e-5)
 
 
 @pytest.mark.parametrize("scheme_name", ["w8a8", "fp8-w8a8"])

@@ -3,16 +3,19 @@
 #   bash benchmarks/gpu_all.sh [RESULTS_DIR]     (default: gpu-results/)
 # installs qcompile (no dependencies), runs the Triton kernel tests on CUDA (compiled, not interpreted), then the
 # kernel table (benchmarks/gpu_kernels.py) and the decode benchmark (benchmarks/e2e_gpu.py). Each stage has a time
-# limit (seconds, overridable: TESTS_S, KERNELS_S, E2E_S, MORE_S) so one slow stage cannot take the others' results;
-# every stage writes its own log in RESULTS_DIR.
+# limit in seconds so one slow stage cannot take the others' results, and writes its own log in RESULTS_DIR.
+# Environment: STAGES (default "tests kernels e2e more"), TESTS_S, KERNELS_S, E2E_S, MORE_S (limits),
+# KERNEL_ARGS / MORE_ARGS / E2E_ARGS (extra arguments), TESTS (pytest selection).
 set -u
 RESULTS=$(realpath -m "${1:-gpu-results}")
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
+STAGES=${STAGES:-tests kernels e2e more}
 started=$(date +%s)
 stage() { echo "== $1 ($(($(date +%s) - started)) s)"; }
+wants() { [[ " $STAGES " == *" $1 "* ]]; }
 
 stage "device"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | tee "$RESULTS/device.txt"
@@ -20,21 +23,26 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 stage "install"
 (cd "$REPO" && $PY -m pip install -q --no-deps --no-build-isolation . 2>&1 | tail -3)
-
 cd /tmp  # import the installed package, not the source tree
-stage "tests: Triton kernels compiled on CUDA"
-workers=$($PY -c "import importlib.util as u; print('-n 8' if u.find_spec('xdist') else '')")
-timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider $workers "$REPO/tests/codegen/test_triton_kernels.py" \
-    2>&1 | tee "$RESULTS/tests.txt" | tail -25
 
-stage "kernels: W4A16 and W8A16"
-timeout "${KERNELS_S:-200}" $PY "$REPO/benchmarks/gpu_kernels.py" --schemes int4-g128 int8 2>&1 \
-    | tee "$RESULTS/kernels-w4-w8.txt"
-
-stage "decode"
-timeout "${E2E_S:-120}" $PY "$REPO/benchmarks/e2e_gpu.py" 2>&1 | tee "$RESULTS/e2e.txt"
-
-stage "kernels: W8A8 and FP8"
-timeout "${MORE_S:-150}" $PY "$REPO/benchmarks/gpu_kernels.py" --schemes w8a8 fp8-w8a8 fp8 2>&1 \
-    | tee "$RESULTS/kernels-w8a8-fp8.txt"
+if wants tests; then
+    stage "tests: Triton kernels compiled on CUDA (default configs)"
+    workers=$($PY -c "import importlib.util as u; print('-n 8' if u.find_spec('xdist') else '')")
+    QCOMPILE_TRITON_TUNE=0 timeout "${TESTS_S:-120}" $PY -m pytest -q -p no:cacheprovider $workers \
+        ${TESTS:-"$REPO/tests/codegen/test_triton_kernels.py"} 2>&1 | tee "$RESULTS/tests.txt" | tail -30
+fi
+if wants kernels; then
+    stage "kernels: W4A16 and W8A16"
+    timeout "${KERNELS_S:-240}" $PY "$REPO/benchmarks/gpu_kernels.py" --schemes int4-g128 int8 ${KERNEL_ARGS:-} 2>&1 \
+        | tee "$RESULTS/kernels-w4-w8.txt"
+fi
+if wants e2e; then
+    stage "decode"
+    timeout "${E2E_S:-150}" $PY "$REPO/benchmarks/e2e_gpu.py" ${E2E_ARGS:-} 2>&1 | tee "$RESULTS/e2e.txt"
+fi
+if wants more; then
+    stage "kernels: W8A8 and FP8"
+    timeout "${MORE_S:-200}" $PY "$REPO/benchmarks/gpu_kernels.py" --schemes w8a8 fp8-w8a8 fp8 ${MORE_ARGS:-} 2>&1 \
+        | tee "$RESULTS/kernels-w8a8-fp8.txt"
+fi
 stage "done"

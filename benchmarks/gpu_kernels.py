@@ -112,8 +112,8 @@ def tinygemm(weight: torch.Tensor, group_size: int = 128):
 
 @functools.cache
 def _compiled_int8_linear():
-    torch._dynamo.config.recompile_limit = 64  # one graph per (M, K, N): 15 on the default table
-    return torch.compile(lambda x, q, scales: F.linear(x, q.to(x.dtype)) * scales, dynamic=False)
+    torch._dynamo.config.recompile_limit = 64  # dynamic shapes: M=1 is specialized, the rest share a graph
+    return torch.compile(lambda x, q, scales: F.linear(x, q.to(x.dtype)) * scales, dynamic=True)
 
 
 def inductor_int8(weight: torch.Tensor):

@@ -474,6 +474,7 @@ def main(argv=None) -> int:
               "nothing was measured.", file=sys.stderr)  # fmt: skip
         return 2
     if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     else:
         args.graphs = False

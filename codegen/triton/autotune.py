@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from qcompile.codegen.triton.common import device_name, interpreting, m_bucket, triton_version
+from qcompile.codegen.triton.common import GEMV_MAX_M, device_name, interpreting, m_bucket, triton_version
 
 log = logging.getLogger("qcompile")
 
@@ -51,6 +51,8 @@ class KernelConfig:
     num_stages: int = 3
     #: 1: dequantize the whole weight to the activation dtype (blocks are the dequantize tiles), then cuBLAS
     dequant: int = 0
+    #: int4 dot tiles: 0 two half-K dots over even/odd columns, 1 one dot over the whole tile unpacked by shifts
+    whole_tile: int = 0
 
     def __post_init__(self):
         for field in ("block_m", "block_n", "block_k"):
@@ -59,8 +61,8 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{field} must be a power of two, got {value}")
         if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1 or self.group_m < 1:
             raise ValueError(f"KernelConfig fields must be positive: {self}")
-        if self.dequant not in (0, 1):
-            raise ValueError(f"KernelConfig.dequant must be 0 or 1, got {self.dequant}")
+        if self.dequant not in (0, 1) or self.whole_tile not in (0, 1):
+            raise ValueError(f"KernelConfig.dequant and .whole_tile must be 0 or 1: {self}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,35 +169,101 @@ def load_tuned_configs(data: dict, persist: bool = False) -> int:
     """Adopt configs from :func:`export_tuned_configs` output (e.g. from a ``.qpt``); returns how many."""
     configs = _parse(data, "tuned configs")
     STORE.update(configs, persist=persist)
+    _CHOICES.clear()
     return len(configs)
 
 
 def choose_config(
     key: str,
-    candidates: Sequence[KernelConfig],
+    candidates: Sequence[KernelConfig] | Callable[[], Sequence[KernelConfig]],
     default: KernelConfig,
     launch: Callable[[KernelConfig], object],
     device: torch.device,
 ) -> KernelConfig:
-    """The tuned config for ``key``; on a GPU the first call times ``launch(config)`` for every candidate."""
+    """The tuned config for ``key``; on a GPU the first call times ``launch(config)`` for every candidate.
+
+    ``candidates`` may be a callable, called only when a search runs.
+    """
     if interpreting() or device.type != "cuda":
         return default
     cached = STORE.get(key)
     if cached is not None:
         return cached
-    if torch.cuda.is_current_stream_capturing() or not candidates or os.environ.get(TUNE_ENV) == "0":
+    if torch.cuda.is_current_stream_capturing() or os.environ.get(TUNE_ENV) == "0":
         return default
-    from triton.testing import do_bench
-
+    candidates = list(candidates() if callable(candidates) else candidates)
+    if not candidates:
+        return default
+    timer = GraphTimer(device)
     timings = []
     for config in candidates:
         try:
-            timings.append((do_bench(functools.partial(launch, config), warmup=5, rep=20), config))
+            timings.append((timer.time(functools.partial(launch, config)), config))
         except Exception as error:  # noqa: BLE001 - a config that does not fit (shared memory, registers) is skipped
             log.debug("qcompile: tuning %s skips %s (%s)", key, config, error)
     best = min(timings, key=lambda t: t[0])[1] if timings else default
+    if os.environ.get(TUNE_LOG_ENV) == "1":
+        lines = [f"  {ms * 1e3:9.1f} us  {config}" for ms, config in sorted(timings, key=lambda t: t[0])]
+        print(f"qcompile: tuned {key} ({len(timings)} of {len(candidates)} ran)\n" + "\n".join(lines[:8]), flush=True)
     STORE.put(key, best)
     return best
+
+
+#: ``QCOMPILE_TRITON_TUNE_LOG=1`` prints the fastest candidates of every search
+TUNE_LOG_ENV = "QCOMPILE_TRITON_TUNE_LOG"
+
+
+class GraphTimer:
+    """GPU time of one launch: ``REPEATS`` launches, each after an L2 flush, captured in a CUDA graph and replayed,
+    minus the flushes alone. Python launch overhead is left out (it would swamp microsecond kernels) and every
+    launch reads its weights from device memory, as a model's layers do."""
+
+    REPEATS = 8
+    FLUSH_BYTES = 192 << 20  # over three times the largest L2 (60 MB on an H200)
+
+    def __init__(self, device: torch.device):
+        self.flush = torch.empty(self.FLUSH_BYTES, dtype=torch.uint8, device=device)
+        self.baseline = self._replay_ms(lambda: None)
+
+    def time(self, fn: Callable[[], object]) -> float:
+        """Milliseconds per call of ``fn``."""
+        return max(0.0, self._replay_ms(fn) - self.baseline) / self.REPEATS
+
+    def _replay_ms(self, fn) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # compile, allocate, raise for a config that cannot launch
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(self.REPEATS):
+                self.flush.zero_()
+                fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(3):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        return min(samples)
+
+
+#: launcher-side memo: call signature -> chosen config (skips key strings and candidate lists on the hot path)
+_CHOICES: dict[tuple, KernelConfig] = {}
+
+
+def memoized_choice(signature: tuple, choose: Callable[[], KernelConfig]) -> KernelConfig:
+    """``choose()`` once per ``signature`` (a tuple of the launch's shape facts); not kept while a CUDA graph is
+    being captured (the search is skipped then, a later call may still tune)."""
+    config = _CHOICES.get(signature)
+    if config is None:
+        config = choose()
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            _CHOICES[signature] = config
+    return config
 
 
 # -- config generators shared by the kernel families -----------------------------------------------------------
@@ -213,7 +281,7 @@ def standard_candidates(path: str, m: int, k: int, dequant: bool = True) -> list
     """
     bucket = m_bucket(m)
     if path == "gemv":
-        block_m = bucket
+        block_m = min(bucket, GEMV_MAX_M)  # wider row tiles would be turned into tf32 dots by triton
         out = [
             KernelConfig(block_m, bn, bk, split_k=sk, num_warps=4, num_stages=ns)
             for bn in (32, 64, 128)
@@ -265,7 +333,8 @@ def standard_default(path: str, m: int, dequant: bool = True) -> KernelConfig:
     bucket = m_bucket(m)
     small = interpreting()
     if path == "gemv":
-        return KernelConfig(bucket, 32 if small else 64, 64 if small else 128, split_k=2 if small else 4, num_stages=2)
+        block_n, block_k, split_k = (32, 64, 2) if small else (64, 128, 4)
+        return KernelConfig(min(bucket, GEMV_MAX_M), block_n, block_k, split_k=split_k, num_stages=2)
     if path == "splitk":
         return KernelConfig(16, 32 if small else 64, 32 if small else 64, split_k=2 if small else 4, num_stages=4)
     if path != "gemm":

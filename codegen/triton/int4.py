@@ -35,8 +35,9 @@ def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.d
 
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) -> list[autotune.KernelConfig]:
-    """Two dots of ``BLOCK_K / 2`` per tile: dot paths need ``BLOCK_K >= 32``. With ``group_size``, BLOCK_K is
-    shrunk to the group as the launcher would, and duplicates dropped."""
+    """Two dots of ``BLOCK_K / 2`` per tile: dot paths need ``BLOCK_K >= 32``; they are tried in both tile forms
+    (``whole_tile``). With ``group_size``, BLOCK_K is shrunk to the group as the launcher would, and duplicates
+    dropped."""
     out = []
     for config in autotune.standard_candidates(path, m, k):
         if path != "gemv" and config.block_k < 32:
@@ -44,8 +45,9 @@ def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) 
         if group_size is not None and not config.dequant:
             block_k, _ = aligned_block_k(config.block_k, group_size, path != "gemv")
             config = dataclasses.replace(config, block_k=block_k)
-        if config not in out:
-            out.append(config)
+        for variant in (config, dataclasses.replace(config, whole_tile=1)) if path != "gemv" else (config,):
+            if variant not in out and not (variant.whole_tile and variant.dequant):
+                out.append(variant)
     return out
 
 
@@ -92,11 +94,29 @@ def codes(packed, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def tile_codes(packed, offs_k, DOT_DTYPE: tl.constexpr):
+    """``(codes + offset, offset)`` of a ``[BLOCK_K, BLOCK_N]`` tile whose row ``k`` holds the bytes of column
+    ``k // 2``: even rows take the low nibble, odd rows the high one (exponent bits OR-ed in, as :func:`codes`)."""
+    shift = ((offs_k % 2) * 4)[:, None]
+    if DOT_DTYPE == tl.bfloat16:
+        w = (((packed.to(tl.int16) >> shift.to(tl.int16)) & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True)
+        offset = 128.0
+    elif DOT_DTYPE == tl.float16:
+        w = (((packed.to(tl.int16) >> shift.to(tl.int16)) & 0xF) | 0x6400).to(tl.float16, bitcast=True)
+        offset = 1024.0
+    else:
+        w = (((packed.to(tl.int32) >> shift) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        offset = 0.0
+    return w, offset
+
+
+@triton.jit
 def int4_linear_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    WHOLE_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias``.
@@ -109,24 +129,24 @@ def int4_linear_kernel(
     Constraints: ``BLOCK_K`` even; with ``USE_DOT`` ``BLOCK_M, BLOCK_N >= 16`` and ``BLOCK_K >= 32``;
     ``GROUP_ALIGNED`` requires ``GROUP_SIZE % BLOCK_K == 0`` (one scale per column per tile), otherwise scales are
     gathered per element. ``USE_DOT=False`` is the GEMV form (``tl.sum`` over a broadcast product), for tiny M.
+    Group-aligned dot tiles come in two forms: two half-K dots (low nibbles with the even columns of ``x``, high
+    nibbles with the odd ones) or, with ``WHOLE_TILE``, one dot over the ``[BLOCK_K, BLOCK_N]`` codes unpacked by
+    shifts; which is faster depends on the GPU and the shape, so the tuner tries both.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_K // 2)
+    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k_even = k0 + 2 * offs_h
-        mask_even = k_even < K
-        x_even = tl.load(x_rows + k_even[None, :], mask=mask_m[:, None] & mask_even[None, :], other=0.0)
-        x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=mask_m[:, None] & (k_even + 1 < K)[None, :], other=0.0)
-        w_mask = mask_even[:, None] & mask_n[None, :]
-        packed = tl.load(w_cols + (k0 // 2 + offs_h)[:, None], mask=w_mask, other=0)
+        ks = k0 + offs_k
+        x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
         if GROUP_ALIGNED:
             # one group per tile: dot the codes themselves, apply scale and zero to the [BLOCK_M, BLOCK_N] sums
             group = k0 // GROUP_SIZE
@@ -135,16 +155,35 @@ def int4_linear_kernel(
                 zero = 8.0
             else:
                 zero = tl.load(zeros_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)[None, :]
-            low, high, offset = codes(packed, USE_DOT, DOT_DTYPE)
-            if USE_DOT:
-                sums = tl.dot(x_even.to(DOT_DTYPE), low, input_precision=DOT_PRECISION)
-                sums = tl.dot(x_odd.to(DOT_DTYPE), high, sums, input_precision=DOT_PRECISION)
+            if USE_DOT and WHOLE_TILE:
+                # each byte loaded for both of its rows of the [BLOCK_K, BLOCK_N] tile: one dot, x as loaded
+                w_mask = (ks < K)[:, None] & mask_n[None, :]
+                packed = tl.load(w_cols + (k0 // 2 + offs_k // 2)[:, None], mask=w_mask, other=0)
+                w, offset = tile_codes(packed, offs_k, DOT_DTYPE)
+                sums = tl.dot(x.to(DOT_DTYPE), w, input_precision=DOT_PRECISION)
+                x_sum = tl.sum(x.to(tl.float32), axis=1)
             else:
-                sums = tl.sum(x_even.to(tl.float32)[:, :, None] * low[None, :, :], axis=1)
-                sums += tl.sum(x_odd.to(tl.float32)[:, :, None] * high[None, :, :], axis=1)
-            x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
+                x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # deinterleave in registers
+                w_mask = (k0 + 2 * offs_h < K)[:, None] & mask_n[None, :]
+                packed = tl.load(w_cols + (k0 // 2 + offs_h)[:, None], mask=w_mask, other=0)
+                low, high, offset = codes(packed, USE_DOT, DOT_DTYPE)
+                if USE_DOT:
+                    sums = tl.dot(x_even.to(DOT_DTYPE), low, input_precision=DOT_PRECISION)
+                    sums = tl.dot(x_odd.to(DOT_DTYPE), high, sums, input_precision=DOT_PRECISION)
+                elif BLOCK_M == 1:
+                    x_even1 = tl.sum(x_even.to(tl.float32), axis=0)  # [BLOCK_K / 2]: the one row
+                    x_odd1 = tl.sum(x_odd.to(tl.float32), axis=0)
+                    sums = (tl.sum(low * x_even1[:, None], axis=0) + tl.sum(high * x_odd1[:, None], axis=0))[None, :]
+                else:
+                    sums = tl.sum(x_even.to(tl.float32)[:, :, None] * low[None, :, :], axis=1)
+                    sums += tl.sum(x_odd.to(tl.float32)[:, :, None] * high[None, :, :], axis=1)
+                x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
             acc += scale * (sums - x_sum[:, None] * (zero + offset))
         else:
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            k_even = k0 + 2 * offs_h
+            w_mask = (k_even < K)[:, None] & mask_n[None, :]
+            packed = tl.load(w_cols + (k0 // 2 + offs_h)[:, None], mask=w_mask, other=0)
             meta = offs_n[None, :] * stride_sn + (k_even // GROUP_SIZE)[:, None]
             scale = tl.load(scales_ptr + meta, mask=w_mask, other=0.0)
             if SYMMETRIC:
@@ -232,14 +271,18 @@ def int4_linear(
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
             USE_DOT=use_dot, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
-            SPLIT=cfg.split_k > 1,
+            SPLIT=cfg.split_k > 1, WHOLE_TILE=cfg.whole_tile == 1,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         return out
 
     if config is None:
-        key = tune_key(path, m, n, k, group_size, x.device)
-        candidates = candidate_configs(path, m, k, group_size)
-        config = autotune.choose_config(key, candidates, default_config(path, m), launch, x.device)
+        config = autotune.memoized_choice(
+            (KERNEL_NAME, path, common.m_bucket(m), n, k, group_size, x.device),
+            lambda: autotune.choose_config(
+                tune_key(path, m, n, k, group_size, x.device), lambda: candidate_configs(path, m, k, group_size),
+                default_config(path, m), launch, x.device,
+            ),
+        )  # fmt: skip
     return launch(config).reshape(*x.shape[:-1], n)

@@ -90,7 +90,10 @@ def w8a16_linear_kernel(
         if USE_DOT:
             acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * as_float(w)[None, :, :], axis=1)
+            if BLOCK_M == 1:
+                acc += tl.sum(as_float(w) * tl.sum(x.to(tl.float32), axis=0)[:, None], axis=0)[None, :]
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, :, None] * as_float(w)[None, :, :], axis=1)
     scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * scale[None, :] + load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
@@ -155,6 +158,11 @@ def w8a16_linear(
         return out
 
     if config is None:
-        key = tune_key(scheme.name, path, m, n, k, x.device)
-        config = autotune.choose_config(key, candidate_configs(path, m, k), default_config(path, m), launch, x.device)
+        config = autotune.memoized_choice(
+            ("w8a16", scheme.name, path, common.m_bucket(m), n, k, x.device),
+            lambda: autotune.choose_config(
+                tune_key(scheme.name, path, m, n, k, x.device), lambda: candidate_configs(path, m, k),
+                default_config(path, m), launch, x.device,
+            ),
+        )  # fmt: skip
     return launch(config).reshape(*x.shape[:-1], n)

@@ -196,6 +196,11 @@ def w8a8_linear(
         return out
 
     if config is None:
-        key = tune_key(scheme.name, m, n, k, x.device)
-        config = autotune.choose_config(key, candidate_configs(m, k), default_config(m), launch, x.device)
+        config = autotune.memoized_choice(
+            ("w8a8", scheme.name, common.m_bucket(m), n, k, x.device),
+            lambda: autotune.choose_config(
+                tune_key(scheme.name, m, n, k, x.device), lambda: candidate_configs(m, k), default_config(m),
+                launch, x.device,
+            ),
+        )  # fmt: skip
     return launch(config).reshape(*x.shape[:-1], n)

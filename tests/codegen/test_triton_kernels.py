@@ -117,6 +117,20 @@ def test_int4_dequantize_then_dense_config(scheme_name):
     assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g64-sym"])
+def test_int4_whole_tile_dot(dtype, scheme_name):
+    """The one-dot tile form (codes unpacked by shifts) against the reference, ragged K and N, split-K included."""
+    m, k, n = 17, 90, 48
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    x = activation(m, k, dtype)
+    bias = torch.randn(n).to(dtype).to(DEVICE)
+    for split_k in (1, 2):
+        config = autotune.KernelConfig(16, 16, 32, split_k=split_k, whole_tile=1)
+        y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path="gemm", config=config)
+        assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance_for(dtype))
+
+
 @pytest.mark.parametrize("split_k", [2, 3, 8])
 def test_split_k_leaves_its_workspace_zeroed(split_k):
     """The last split of each tile stores the total and zeroes its workspace tile and counter."""
@@ -127,8 +141,8 @@ def test_split_k_leaves_its_workspace_zeroed(split_k):
     work, counts = common.split_workspace(x.device, 3 * 48, 1)
     assert not work.any() and not counts.any()
     second = int4.int4_linear(x, qweight, scales, zeros, None, "int4-g32", path="gemv", config=config)
-    assert torch.equal(first, second)
-    assert_matches_reference(first, x, qweight, scales, zeros, None, "int4-g32", 1e-5)
+    for y in (first, second):  # the order of the atomic adds may differ between launches on a GPU
+        assert_matches_reference(y, x, qweight, scales, zeros, None, "int4-g32", 1e-5)
     y = w8a16.w8a16_linear(x, *packed("int8", 48, 96)[:2], None, None, "int8", path="splitk",
                            config=autotune.KernelConfig(16, 16, 16, split_k=split_k))  # fmt: skip
     assert not work.any() and not counts.any()

@@ -283,11 +283,11 @@ def standard_candidates(path: str, m: int, k: int, dequant: bool = True) -> list
     if path == "gemv":
         block_m = min(bucket, GEMV_MAX_M)  # wider row tiles would be turned into tf32 dots by triton
         out = [
-            KernelConfig(block_m, bn, bk, split_k=sk, num_warps=4, num_stages=ns)
-            for bn in (32, 64, 128)
+            KernelConfig(block_m, bn, bk, split_k=sk, num_warps=8 if bn * bk >= 16384 else 4, num_stages=ns)
+            for bn in (32, 64, 128, 256)
             for bk in (128, 256)
             for ns in (2, 4)
-            for sk in (1, 2, 4, 8)
+            for sk in (1, 2, 4, 8, 16)
             if _fits_sum(block_m, bn, bk // 2) and k >= bk * sk
         ]
         return out or [KernelConfig(block_m, 32, 64, split_k=1, num_warps=4, num_stages=2)]
@@ -312,6 +312,8 @@ def standard_candidates(path: str, m: int, k: int, dequant: bool = True) -> list
             KernelConfig(block_m, 128, 64, split_k=2, num_warps=4, num_stages=4),
         ]
     tiles = [
+        KernelConfig(256, 64, 64, num_warps=8, num_stages=3),
+        KernelConfig(256, 128, 64, num_warps=8, num_stages=3),
         KernelConfig(64, 128, 64, num_warps=4, num_stages=4),
         KernelConfig(64, 256, 64, num_warps=8, num_stages=3),
         KernelConfig(128, 64, 64, num_warps=4, num_stages=4),

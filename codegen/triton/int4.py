@@ -68,46 +68,29 @@ def aligned_block_k(block_k: int, group_size: int, use_dot: bool) -> tuple[int, 
 
 # -- kernel -------------------------------------------------------------------------------------------------------
 @triton.jit
-def codes(packed, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """``(low, high, offset)``: the nibbles of ``packed`` (uint8) as exact floats ``code + offset``, no int→float cvt.
-
-    The exponent bits are OR-ed in (conversion instructions run at a fraction of the ALU rate): 16-bit dot operands
-    are ``128 + code`` (bf16) or ``1024 + code`` (fp16), exact, and the caller subtracts ``offset * sum(x)`` from the
-    fp32 sums; fp32 operands are ``2**23 + code`` minus ``2**23``, i.e. the code itself (``offset`` 0).
-    """
-    if USE_DOT and DOT_DTYPE == tl.bfloat16:
-        bits = packed.to(tl.int16)
-        low = ((bits & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True)
-        high = (((bits >> 4) & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True)
-        offset = 128.0
-    elif USE_DOT and DOT_DTYPE == tl.float16:
-        bits = packed.to(tl.int16)
-        low = ((bits & 0xF) | 0x6400).to(tl.float16, bitcast=True)
-        high = (((bits >> 4) & 0xF) | 0x6400).to(tl.float16, bitcast=True)
-        offset = 1024.0
-    else:
-        bits = packed.to(tl.int32)
-        low = ((bits & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        high = (((bits >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        offset = 0.0
-    return low, high, offset
+def as_float(nibble):
+    """int32 codes in [0, 15] as exact fp32 without an int→float conversion (those run at a fraction of the ALU
+    rate): the code is OR-ed into the mantissa of ``2**23`` and ``2**23`` subtracted."""
+    return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
-def tile_codes(packed, offs_k, DOT_DTYPE: tl.constexpr):
-    """``(codes + offset, offset)`` of a ``[BLOCK_K, BLOCK_N]`` tile whose row ``k`` holds the bytes of column
-    ``k // 2``: even rows take the low nibble, odd rows the high one (exponent bits OR-ed in, as :func:`codes`)."""
-    shift = ((offs_k % 2) * 4)[:, None]
-    if DOT_DTYPE == tl.bfloat16:
-        w = (((packed.to(tl.int16) >> shift.to(tl.int16)) & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True)
-        offset = 128.0
-    elif DOT_DTYPE == tl.float16:
-        w = (((packed.to(tl.int16) >> shift.to(tl.int16)) & 0xF) | 0x6400).to(tl.float16, bitcast=True)
-        offset = 1024.0
+def group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, ks, k_mask, stride_sn, k0,
+               GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_ALIGNED: tl.constexpr):  # fmt: skip
+    """``(scale, zero * scale)`` of the tile's columns ``ks``: ``[1, BLOCK_N]`` when the tile lies in one group,
+    else gathered per element ``[len(ks), BLOCK_N]``. Weights are then ``code * scale - zero * scale``."""
+    if GROUP_ALIGNED:
+        meta = (offs_n * stride_sn + k0 // GROUP_SIZE)[None, :]
+        mask = mask_n[None, :]
     else:
-        w = (((packed.to(tl.int32) >> shift) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        offset = 0.0
-    return w, offset
+        meta = offs_n[None, :] * stride_sn + (ks // GROUP_SIZE)[:, None]
+        mask = k_mask[:, None] & mask_n[None, :]
+    scale = tl.load(scales_ptr + meta, mask=mask, other=0.0)
+    if SYMMETRIC:
+        shift = 8.0 * scale
+    else:
+        shift = tl.load(zeros_ptr + meta, mask=mask, other=0.0) * scale
+    return scale, shift
 
 
 @triton.jit
@@ -128,10 +111,13 @@ def int4_linear_kernel(
     Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
     Constraints: ``BLOCK_K`` even; with ``USE_DOT`` ``BLOCK_M, BLOCK_N >= 16`` and ``BLOCK_K >= 32``;
     ``GROUP_ALIGNED`` requires ``GROUP_SIZE % BLOCK_K == 0`` (one scale per column per tile), otherwise scales are
-    gathered per element. ``USE_DOT=False`` is the GEMV form (``tl.sum`` over a broadcast product), for tiny M.
-    Group-aligned dot tiles come in two forms: two half-K dots (low nibbles with the even columns of ``x``, high
-    nibbles with the odd ones) or, with ``WHOLE_TILE``, one dot over the ``[BLOCK_K, BLOCK_N]`` codes unpacked by
-    shifts; which is faster depends on the GPU and the shape, so the tuner tries both.
+    gathered per element.
+
+    Forms. ``USE_DOT``: the tile is dequantized in registers and fed to ``tl.dot`` accumulating into ``acc``; as two
+    half-K dots (low nibbles with the even columns of ``x``, high nibbles with the odd ones, one vector load of the
+    bytes) or, with ``WHOLE_TILE``, as one dot over the ``[BLOCK_K, BLOCK_N]`` codes unpacked by shifts (each byte
+    loaded for both its rows); the tuner tries both. Without ``USE_DOT`` (GEMV, tiny M): a broadcast product; for
+    one row it accumulates elementwise in a ``[BLOCK_K / 2, BLOCK_N]`` tile and reduces once after the loop.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
@@ -144,60 +130,48 @@ def int4_linear_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_rows = tl.zeros((BLOCK_K // 2, BLOCK_N), dtype=tl.float32)  # the one-row GEMV's elementwise sums
     for k0 in range(k_begin, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
-        if GROUP_ALIGNED:
-            # one group per tile: dot the codes themselves, apply scale and zero to the [BLOCK_M, BLOCK_N] sums
-            group = k0 // GROUP_SIZE
-            scale = tl.load(scales_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)[None, :]
-            if SYMMETRIC:
-                zero = 8.0
-            else:
-                zero = tl.load(zeros_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0)[None, :]
-            if USE_DOT and WHOLE_TILE:
-                # each byte loaded for both of its rows of the [BLOCK_K, BLOCK_N] tile: one dot, x as loaded
-                w_mask = (ks < K)[:, None] & mask_n[None, :]
-                packed = tl.load(w_cols + (k0 // 2 + offs_k // 2)[:, None], mask=w_mask, other=0)
-                w, offset = tile_codes(packed, offs_k, DOT_DTYPE)
-                sums = tl.dot(x.to(DOT_DTYPE), w, input_precision=DOT_PRECISION)
-                x_sum = tl.sum(x.to(tl.float32), axis=1)
-            else:
-                x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # deinterleave in registers
-                w_mask = (k0 + 2 * offs_h < K)[:, None] & mask_n[None, :]
-                packed = tl.load(w_cols + (k0 // 2 + offs_h)[:, None], mask=w_mask, other=0)
-                low, high, offset = codes(packed, USE_DOT, DOT_DTYPE)
-                if USE_DOT:
-                    sums = tl.dot(x_even.to(DOT_DTYPE), low, input_precision=DOT_PRECISION)
-                    sums = tl.dot(x_odd.to(DOT_DTYPE), high, sums, input_precision=DOT_PRECISION)
-                elif BLOCK_M == 1:
-                    x_even1 = tl.sum(x_even.to(tl.float32), axis=0)  # [BLOCK_K / 2]: the one row
-                    x_odd1 = tl.sum(x_odd.to(tl.float32), axis=0)
-                    sums = (tl.sum(low * x_even1[:, None], axis=0) + tl.sum(high * x_odd1[:, None], axis=0))[None, :]
-                else:
-                    sums = tl.sum(x_even.to(tl.float32)[:, :, None] * low[None, :, :], axis=1)
-                    sums += tl.sum(x_odd.to(tl.float32)[:, :, None] * high[None, :, :], axis=1)
-                x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
-            acc += scale * (sums - x_sum[:, None] * (zero + offset))
+        if USE_DOT and WHOLE_TILE:
+            ks = k0 + offs_k
+            k_mask = ks < K
+            x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+            packed = tl.load(w_cols + (k0 // 2 + offs_k // 2)[:, None], mask=k_mask[:, None] & mask_n[None, :],
+                             other=0).to(tl.int32)  # fmt: skip
+            code = as_float((packed >> ((offs_k % 2) * 4)[:, None]) & 0xF)
+            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, ks, k_mask, stride_sn, k0,
+                                      GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
+            w = code * scale - shift
+            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         else:
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
             k_even = k0 + 2 * offs_h
-            w_mask = (k_even < K)[:, None] & mask_n[None, :]
-            packed = tl.load(w_cols + (k0 // 2 + offs_h)[:, None], mask=w_mask, other=0)
-            meta = offs_n[None, :] * stride_sn + (k_even // GROUP_SIZE)[:, None]
-            scale = tl.load(scales_ptr + meta, mask=w_mask, other=0.0)
-            if SYMMETRIC:
-                zero = 8.0
-            else:
-                zero = tl.load(zeros_ptr + meta, mask=w_mask, other=0.0)
-            w_even = ((packed & 0xF).to(tl.float32) - zero) * scale
-            w_odd = (((packed >> 4) & 0xF).to(tl.float32) - zero) * scale
+            k_mask = k_even < K
+            packed = tl.load(w_cols + (k0 // 2 + offs_h)[:, None], mask=k_mask[:, None] & mask_n[None, :],
+                             other=0).to(tl.int32)  # fmt: skip
+            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
+                                      GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
+            w_even = as_float(packed & 0xF) * scale - shift
+            w_odd = as_float((packed >> 4) & 0xF) * scale - shift
             if USE_DOT:
-                acc += tl.dot(x_even.to(DOT_DTYPE), w_even.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-                acc += tl.dot(x_odd.to(DOT_DTYPE), w_odd.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+                ks = k0 + offs_k
+                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
+                x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # deinterleave in registers
+                acc = tl.dot(x_even.to(DOT_DTYPE), w_even.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(x_odd.to(DOT_DTYPE), w_odd.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
             else:
-                acc += tl.sum(x_even.to(tl.float32)[:, :, None] * w_even[None, :, :], axis=1)
-                acc += tl.sum(x_odd.to(tl.float32)[:, :, None] * w_odd[None, :, :], axis=1)
+                x_mask = mask_m[:, None] & k_mask[None, :]
+                x_even = tl.load(x_rows + k_even[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=mask_m[:, None] & (k_even + 1 < K)[None, :],
+                                other=0.0).to(tl.float32)  # fmt: skip
+                if BLOCK_M == 1:
+                    x_even1 = tl.sum(x_even, axis=0)  # [BLOCK_K / 2]: the one row
+                    x_odd1 = tl.sum(x_odd, axis=0)
+                    acc_rows += x_even1[:, None] * w_even + x_odd1[:, None] * w_odd
+                else:
+                    acc += tl.sum(x_even[:, :, None] * w_even[None, :, :], axis=1)
+                    acc += tl.sum(x_odd[:, :, None] * w_odd[None, :, :], axis=1)
+    if not USE_DOT and BLOCK_M == 1:
+        acc += tl.sum(acc_rows, axis=0)[None, :]
     acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
 
@@ -205,27 +179,32 @@ def int4_linear_kernel(
 @triton.jit
 def int4_dequantize_kernel(
     qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_on,
-    GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``out[N, K] = (code - zero) * scale`` in out's dtype: the weight for a cuBLAS GEMM at large M.
 
-    Each byte is loaded for both of its columns (the second load hits L1); stores run along K.
-    Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))``.
+    One vector load of ``[BLOCK_N, BLOCK_K / 2]`` bytes; low and high nibbles are interleaved back in registers
+    (``tl.join``) and stored along K. Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))``.
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_h = tl.arange(0, BLOCK_K // 2)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    k_even = k0 + 2 * offs_h
+    k_mask = k_even < K
     rows = offs_n.to(tl.int64)[:, None]
-    packed = tl.load(qweight_ptr + rows * stride_qn + (offs_k // 2)[None, :], mask=mask, other=0).to(tl.int32)
-    code = ((packed >> ((offs_k % 2) * 4)[None, :]) & 0xF).to(tl.float32)
-    meta = rows * stride_sn + (offs_k // GROUP_SIZE)[None, :]
-    scale = tl.load(scales_ptr + meta, mask=mask, other=0.0)
-    if SYMMETRIC:
-        zero = 8.0
-    else:
-        zero = tl.load(zeros_ptr + meta, mask=mask, other=0.0)
-    tl.store(out_ptr + rows * stride_on + offs_k[None, :], ((code - zero) * scale).to(out_ptr.dtype.element_ty),
-             mask=mask)  # fmt: skip
+    packed = tl.load(qweight_ptr + rows * stride_qn + (k0 // 2 + offs_h)[None, :],
+                     mask=mask_n[:, None] & k_mask[None, :], other=0).to(tl.int32)  # fmt: skip
+    scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
+                              GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
+    scale, shift = tl.trans(scale), tl.trans(shift)  # [BLOCK_N, 1] or [BLOCK_N, BLOCK_K / 2]
+    low = as_float(packed & 0xF) * scale - shift
+    high = as_float((packed >> 4) & 0xF) * scale - shift
+    weight = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    tl.store(out_ptr + rows * stride_on + offs_k[None, :], weight.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launcher -----------------------------------------------------------------------------------------------------
@@ -254,11 +233,12 @@ def int4_linear(
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
         if cfg.dequant:
             weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
-            int4_dequantize_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))](
+            block_k, aligned = aligned_block_k(cfg.block_k, group_size, False)
+            int4_dequantize_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, block_k))](
                 qweight, scales, scales if zeros is None else zeros, weight, n, k,
                 qweight.stride(0), scales.stride(0), weight.stride(0),
-                GROUP_SIZE=group_size, SYMMETRIC=zeros is None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps,
+                GROUP_SIZE=group_size, SYMMETRIC=zeros is None, GROUP_ALIGNED=aligned,
+                BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
             )  # fmt: skip
             return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
         block_k, aligned = aligned_block_k(cfg.block_k, group_size, use_dot)

@@ -82,18 +82,20 @@ def w8a16_linear_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_rows = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # the one-row GEMV's elementwise sums
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + offs_k
         mask_k = ks < K
         x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_cols + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if USE_DOT:
-            acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        elif BLOCK_M == 1:
+            acc_rows += tl.sum(x.to(tl.float32), axis=0)[:, None] * as_float(w)
         else:
-            if BLOCK_M == 1:
-                acc += tl.sum(as_float(w) * tl.sum(x.to(tl.float32), axis=0)[:, None], axis=0)[None, :]
-            else:
-                acc += tl.sum(x.to(tl.float32)[:, :, None] * as_float(w)[None, :, :], axis=1)
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * as_float(w)[None, :, :], axis=1)
+    if not USE_DOT and BLOCK_M == 1:
+        acc += tl.sum(acc_rows, axis=0)[None, :]
     scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * scale[None, :] + load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)

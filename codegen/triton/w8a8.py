@@ -141,7 +141,7 @@ def w8a8_linear_kernel(
         mask_k = ks < K
         a = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_cols + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc += tl.dot(a, b, out_dtype=ACC_DTYPE)
+        acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
     x_scale = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)
     scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc.to(tl.float32) * x_scale[:, None] * scale[None, :] + load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)

@@ -182,7 +182,8 @@ def choose_config(
 ) -> KernelConfig:
     """The tuned config for ``key``; on a GPU the first call times ``launch(config)`` for every candidate.
 
-    ``candidates`` may be a callable, called only when a search runs.
+    ``candidates`` may be a callable, called only when a search runs. Each candidate's output is first compared
+    with the default config's; one that differs by more than ``TUNE_TOLERANCE`` is dropped with a warning.
     """
     if interpreting() or device.type != "cuda":
         return default
@@ -195,9 +196,16 @@ def choose_config(
     if not candidates:
         return default
     timer = GraphTimer(device)
+    expected = launch(default).float()
+    tolerance = TUNE_TOLERANCE * expected.abs().max().item()
     timings = []
     for config in candidates:
         try:
+            error = (launch(config).float() - expected).abs().max().item()
+            if not error <= tolerance:  # a candidate that computes something else never wins
+                log.warning("qcompile: tuning %s drops %s: max error %.3g against the default config", key, config,
+                            error)  # fmt: skip
+                continue
             timings.append((timer.time(functools.partial(launch, config)), config))
         except Exception as error:  # noqa: BLE001 - a config that does not fit (shared memory, registers) is skipped
             log.debug("qcompile: tuning %s skips %s (%s)", key, config, error)
@@ -209,6 +217,9 @@ def choose_config(
     return best
 
 
+#: a candidate's output may differ from the default config's by this fraction of its largest value (summation
+#: order and split-K atomics); more means a broken config, which is dropped
+TUNE_TOLERANCE = 2e-2
 #: ``QCOMPILE_TRITON_TUNE_LOG=1`` prints the fastest candidates of every search
 TUNE_LOG_ENV = "QCOMPILE_TRITON_TUNE_LOG"
 

@@ -35,7 +35,8 @@ def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.d
 
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) -> list[autotune.KernelConfig]:
-    """Two dots of ``BLOCK_K / 2`` per tile: dot paths need ``BLOCK_K >= 32``; they are tried in both tile forms
+    """Two dots of ``BLOCK_K / 2`` per tile: dot paths need ``BLOCK_K >= 32``. Every tile shape is tried with
+    bytes and with int32 words (``words``; dots need ``BLOCK_K >= 128`` then), dot tiles also as one whole tile
     (``whole_tile``). With ``group_size``, BLOCK_K is shrunk to the group as the launcher would, and duplicates
     dropped."""
     out = []
@@ -45,8 +46,13 @@ def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) 
         if group_size is not None and not config.dequant:
             block_k, _ = aligned_block_k(config.block_k, group_size, path != "gemv")
             config = dataclasses.replace(config, block_k=block_k)
-        for variant in (config, dataclasses.replace(config, whole_tile=1)) if path != "gemv" else (config,):
-            if variant not in out and not (variant.whole_tile and variant.dequant):
+        variants = [config, dataclasses.replace(config, words=1)]
+        if path != "gemv" and not config.dequant:
+            variants.append(dataclasses.replace(config, whole_tile=1))
+        for variant in variants:
+            if variant.words and path != "gemv" and not variant.dequant and variant.block_k < 128:
+                continue  # a dot per 8-column plane needs planes of 16 columns
+            if variant not in out:
                 out.append(variant)
     return out
 
@@ -75,6 +81,13 @@ def as_float(nibble):
 
 
 @triton.jit
+def plane(words, i: tl.constexpr):
+    """Nibble ``i`` of int32 ``words`` (element ``8 * word + i``) as exact fp32; ``& 0xF`` undoes the sign
+    extension of ``>>`` on the top nibble."""
+    return as_float((words >> (4 * i)) & 0xF)
+
+
+@triton.jit
 def group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, ks, k_mask, stride_sn, k0,
                GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_ALIGNED: tl.constexpr):  # fmt: skip
     """``(scale, zero * scale)`` of the tile's columns ``ks``: ``[1, BLOCK_N]`` when the tile lies in one group,
@@ -99,7 +112,7 @@ def int4_linear_kernel(
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    WHOLE_TILE: tl.constexpr,
+    WHOLE_TILE: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias``.
@@ -118,6 +131,10 @@ def int4_linear_kernel(
     bytes) or, with ``WHOLE_TILE``, as one dot over the ``[BLOCK_K, BLOCK_N]`` codes unpacked by shifts (each byte
     loaded for both its rows); the tuner tries both. Without ``USE_DOT`` (GEMV, tiny M): a broadcast product; for
     one row it accumulates elementwise in a ``[BLOCK_K / 2, BLOCK_N]`` tile and reduces once after the loop.
+    ``WORDS`` (any path): the bytes are loaded as int32 words, 8 nibbles each, and the tile is handled as 8 planes
+    ``[BLOCK_K / 8, BLOCK_N]`` (plane ``i`` holds columns ``8j + i``; with ``USE_DOT`` one dot per plane, so
+    ``BLOCK_K >= 128``): a quarter of the elements to address and unpack. Needs ``K_padded % 8 == 0``, a row
+    stride and base aligned to 4 bytes and ``GROUP_SIZE % 8 == 0``.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
@@ -131,8 +148,27 @@ def int4_linear_kernel(
     w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_rows = tl.zeros((BLOCK_K // 2, BLOCK_N), dtype=tl.float32)  # the one-row GEMV's elementwise sums
+    offs_w = tl.arange(0, BLOCK_W)  # BLOCK_W = BLOCK_K / 8 with WORDS (1 otherwise, unused)
+    w_words = w_cols.to(tl.pointer_type(tl.int32), bitcast=True)
+    acc_words = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)  # the same, for WORDS
     for k0 in range(k_begin, k_end, BLOCK_K):
-        if USE_DOT and WHOLE_TILE:
+        if WORDS:
+            kw = k0 // 8 + offs_w
+            k_first = kw * 8
+            words = tl.load(w_words + kw[:, None], mask=(k_first < K)[:, None] & mask_n[None, :], other=0)
+            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_first, k_first < K, stride_sn, k0,
+                                      GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
+            for i in tl.static_range(8):
+                w = plane(words, i) * scale - shift
+                ks = k_first + i
+                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
+                if USE_DOT:
+                    acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+                elif BLOCK_M == 1:
+                    acc_words += tl.sum(x.to(tl.float32), axis=0)[:, None] * w
+                else:
+                    acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+        elif USE_DOT and WHOLE_TILE:
             ks = k0 + offs_k
             k_mask = ks < K
             x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
@@ -171,7 +207,10 @@ def int4_linear_kernel(
                     acc += tl.sum(x_even[:, :, None] * w_even[None, :, :], axis=1)
                     acc += tl.sum(x_odd[:, :, None] * w_odd[None, :, :], axis=1)
     if not USE_DOT and BLOCK_M == 1:
-        acc += tl.sum(acc_rows, axis=0)[None, :]
+        if WORDS:
+            acc += tl.sum(acc_words, axis=0)[None, :]
+        else:
+            acc += tl.sum(acc_rows, axis=0)[None, :]
     acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
 
@@ -179,7 +218,7 @@ def int4_linear_kernel(
 @triton.jit
 def int4_dequantize_kernel(
     qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_on,
-    GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_ALIGNED: tl.constexpr, WORDS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``out[N, K] = (code - zero) * scale`` in out's dtype: the weight for a cuBLAS GEMM at large M.
@@ -189,25 +228,52 @@ def int4_dequantize_kernel(
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    offs_h = tl.arange(0, BLOCK_K // 2)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
-    k_even = k0 + 2 * offs_h
-    k_mask = k_even < K
     rows = offs_n.to(tl.int64)[:, None]
-    packed = tl.load(qweight_ptr + rows * stride_qn + (k0 // 2 + offs_h)[None, :],
-                     mask=mask_n[:, None] & k_mask[None, :], other=0).to(tl.int32)  # fmt: skip
-    scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
-                              GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-    scale, shift = tl.trans(scale), tl.trans(shift)  # [BLOCK_N, 1] or [BLOCK_N, BLOCK_K / 2]
-    low = as_float(packed & 0xF) * scale - shift
-    high = as_float((packed >> 4) & 0xF) * scale - shift
-    weight = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+    if WORDS:  # 8 planes of [BLOCK_N, BLOCK_K / 8], interleaved back by three rounds of joins
+        kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        k_first = kw * 8
+        words = tl.load((qweight_ptr + rows * stride_qn).to(tl.pointer_type(tl.int32), bitcast=True) + kw[None, :],
+                        mask=mask_n[:, None] & (k_first < K)[None, :], other=0)  # fmt: skip
+        scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_first, k_first < K, stride_sn, k0,
+                                  GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
+        scale, shift = tl.trans(scale), tl.trans(shift)
+        p0 = plane(words, 0) * scale - shift
+        p1 = plane(words, 1) * scale - shift
+        p2 = plane(words, 2) * scale - shift
+        p3 = plane(words, 3) * scale - shift
+        p4 = plane(words, 4) * scale - shift
+        p5 = plane(words, 5) * scale - shift
+        p6 = plane(words, 6) * scale - shift
+        p7 = plane(words, 7) * scale - shift
+        # element 8j + 4a + 2b + c sits at [.., j, a, b, c]: join over a first, then b, then c (the fastest)
+        evens = tl.join(tl.join(p0, p4), tl.join(p2, p6))
+        odds = tl.join(tl.join(p1, p5), tl.join(p3, p7))
+        weight = tl.reshape(tl.join(evens, odds), (BLOCK_N, BLOCK_K))
+    else:
+        offs_h = tl.arange(0, BLOCK_K // 2)
+        k_even = k0 + 2 * offs_h
+        k_mask = k_even < K
+        packed = tl.load(qweight_ptr + rows * stride_qn + (k0 // 2 + offs_h)[None, :],
+                         mask=mask_n[:, None] & k_mask[None, :], other=0).to(tl.int32)  # fmt: skip
+        scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
+                                  GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
+        scale, shift = tl.trans(scale), tl.trans(shift)  # [BLOCK_N, 1] or [BLOCK_N, BLOCK_K / 2]
+        low = as_float(packed & 0xF) * scale - shift
+        high = as_float((packed >> 4) & 0xF) * scale - shift
+        weight = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
     mask = mask_n[:, None] & (offs_k < K)[None, :]
     tl.store(out_ptr + rows * stride_on + offs_k[None, :], weight.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launcher -----------------------------------------------------------------------------------------------------
+def words_supported(qweight: torch.Tensor, group_size: int) -> bool:
+    """Whether the packed rows can be read as int32 words: 8 nibbles per word, groups of whole words, aligned."""
+    return (qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0
+            and group_size % 8 == 0)  # fmt: skip
+
+
 def int4_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -230,18 +296,22 @@ def int4_linear(
     scales, qweight = scales.contiguous(), qweight.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
 
+    words_ok = words_supported(qweight, group_size)
+
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
         if cfg.dequant:
             weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
             block_k, aligned = aligned_block_k(cfg.block_k, group_size, False)
+            words = bool(cfg.words) and words_ok and block_k % 8 == 0
             int4_dequantize_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, block_k))](
                 qweight, scales, scales if zeros is None else zeros, weight, n, k,
                 qweight.stride(0), scales.stride(0), weight.stride(0),
-                GROUP_SIZE=group_size, SYMMETRIC=zeros is None, GROUP_ALIGNED=aligned,
+                GROUP_SIZE=group_size, SYMMETRIC=zeros is None, GROUP_ALIGNED=aligned, WORDS=words,
                 BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
             )  # fmt: skip
             return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
         block_k, aligned = aligned_block_k(cfg.block_k, group_size, use_dot)
+        words = bool(cfg.words) and words_ok and block_k % 8 == 0 and (not use_dot or block_k >= 128)
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
@@ -251,7 +321,7 @@ def int4_linear(
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
             USE_DOT=use_dot, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
-            SPLIT=cfg.split_k > 1, WHOLE_TILE=cfg.whole_tile == 1,
+            SPLIT=cfg.split_k > 1, WHOLE_TILE=cfg.whole_tile == 1, WORDS=words, BLOCK_W=max(1, block_k // 8),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

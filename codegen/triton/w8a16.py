@@ -13,6 +13,8 @@ Order of this file: autotune key, config generators, the kernel, the launcher.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +42,9 @@ def tune_key(scheme_name: str, path: str, m: int, n: int, k: int, device: torch.
 
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(path: str, m: int, k: int) -> list[autotune.KernelConfig]:
-    return [c for c in autotune.standard_candidates(path, m, k) if path == "gemv" or c.block_k >= 16]
+    """The standard candidates; GEMV tiles also with int32-word loads (``words``)."""
+    out = [c for c in autotune.standard_candidates(path, m, k) if path == "gemv" or c.block_k >= 16]
+    return out + [dataclasses.replace(c, words=1) for c in out] if path == "gemv" else out
 
 
 def default_config(path: str, m: int) -> autotune.KernelConfig:
@@ -58,11 +62,20 @@ def as_float(w):
 
 
 @triton.jit
+def byte_plane(words, i: tl.constexpr, CODE_DTYPE: tl.constexpr):
+    """Byte ``i`` of int32 ``words`` as the exact fp32 value of its int8 or e4m3 code."""
+    byte = (words >> (8 * i)) & 0xFF
+    if CODE_DTYPE == tl.int8:
+        return ((byte ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    return byte.to(tl.uint8).to(CODE_DTYPE, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def w8a16_linear_kernel(
     x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_om,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = (x[M, K] @ float(qweight).T) * scales[N] + bias``.
@@ -71,6 +84,8 @@ def w8a16_linear_kernel(
     ``[N, K]``; ``scales`` fp32 ``[N]`` (the ``[N, 1]`` tensor); ``bias`` ``[N]``; ``out`` ``[M, N]`` in x's dtype,
     or fp32 zeros when ``ATOMIC`` (split-K). Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
     Constraints: with ``USE_DOT`` every block is ``>= 16``; ``USE_DOT=False`` is the GEMV form for tiny M.
+    ``WORDS`` (GEMV only): the codes are loaded as int32 words, 4 a word, in 4 planes ``[BLOCK_W, BLOCK_N]``
+    (``BLOCK_W = BLOCK_K / 4``; plane ``i`` holds columns ``4j + i``); needs ``K % 4 == 0`` and 4-byte aligned rows.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
@@ -83,19 +98,37 @@ def w8a16_linear_kernel(
     w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_rows = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # the one-row GEMV's elementwise sums
+    offs_w = tl.arange(0, BLOCK_W)
+    w_words = w_cols.to(tl.pointer_type(tl.int32), bitcast=True)
+    acc_words = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)  # the same, for WORDS
     for k0 in range(k_begin, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        mask_k = ks < K
-        x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_cols + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if USE_DOT:
-            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        elif BLOCK_M == 1:
-            acc_rows += tl.sum(x.to(tl.float32), axis=0)[:, None] * as_float(w)
+        if WORDS:
+            kw = k0 // 4 + offs_w
+            words = tl.load(w_words + kw[:, None], mask=(kw * 4 < K)[:, None] & mask_n[None, :], other=0)
+            for i in tl.static_range(4):
+                w = byte_plane(words, i, qweight_ptr.dtype.element_ty)
+                ks = kw * 4 + i
+                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
+                if BLOCK_M == 1:
+                    acc_words += tl.sum(x.to(tl.float32), axis=0)[:, None] * w
+                else:
+                    acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
         else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * as_float(w)[None, :, :], axis=1)
+            ks = k0 + offs_k
+            mask_k = ks < K
+            x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_cols + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if USE_DOT:
+                acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+            elif BLOCK_M == 1:
+                acc_rows += tl.sum(x.to(tl.float32), axis=0)[:, None] * as_float(w)
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, :, None] * as_float(w)[None, :, :], axis=1)
     if not USE_DOT and BLOCK_M == 1:
-        acc += tl.sum(acc_rows, axis=0)[None, :]
+        if WORDS:
+            acc += tl.sum(acc_words, axis=0)[None, :]
+        else:
+            acc += tl.sum(acc_rows, axis=0)[None, :]
     scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * scale[None, :] + load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
@@ -137,6 +170,7 @@ def w8a16_linear(
     x2, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "w8a16_linear")
     path = path or common.path_for_m(m)
     qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()
+    words_ok = k % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0
 
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
         if cfg.dequant:
@@ -146,6 +180,7 @@ def w8a16_linear(
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
             )  # fmt: skip
             return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
+        words = bool(cfg.words) and path == "gemv" and words_ok and cfg.block_k % 4 == 0
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
@@ -154,7 +189,8 @@ def w8a16_linear(
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, USE_DOT=path != "gemv", DOT_DTYPE=common.dot_dtype(x.dtype),
             DOT_PRECISION=common.dot_precision(x.dtype),
-            SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SPLIT=cfg.split_k > 1, WORDS=words, BLOCK_W=max(1, cfg.block_k // 4),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         return out

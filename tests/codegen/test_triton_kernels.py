@@ -6,6 +6,7 @@ imported); tests marked ``gpu`` run the registered op on a CUDA device.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -131,6 +132,41 @@ def test_int4_whole_tile_dot(dtype, scheme_name):
         assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance_for(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "scheme_name,path,m,k,block_k",
+    [
+        ("int4-g32", "gemv", 1, 90, 32),  # one row, ragged K (the last word is half padding)
+        ("int4-g64-sym", "gemv", 3, 90, 64),  # several rows
+        ("int4-g8", "gemv", 1, 90, 8),  # one word per group
+        ("int4-g128", "splitk", 5, 300, 128),  # a dot per 8-column plane
+        ("int4-g128-sym", "gemm", 17, 300, 128),
+    ],
+)
+def test_int4_words(dtype, scheme_name, path, m, k, block_k):
+    """int32-word loads (8 nibbles a word, 8 planes a tile) against the reference, split-K included."""
+    n = 48
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    assert int4.words_supported(qweight, parse_scheme(scheme_name).group_size_for(k))
+    x = activation(m, k, dtype)
+    bias = torch.randn(n).to(dtype).to(DEVICE)
+    block_m = 16 if path != "gemv" else common.m_bucket(m)
+    for split_k in (1, 2):
+        config = autotune.KernelConfig(block_m, 16, block_k, split_k=split_k, words=1)
+        y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path=path, config=config)
+        assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance_for(dtype))
+
+
+@pytest.mark.parametrize("scheme_name,k", [("int4-g32", 90), ("int4-g8-sym", 90), ("int4", 90)])
+def test_int4_words_dequantize_and_fallback(scheme_name, k):
+    """The dequantize kernel with words; per-channel int4 with 45-byte rows cannot use words and falls back."""
+    qweight, scales, zeros = packed(scheme_name, 48, k)
+    x = activation(5, k, torch.float32)
+    config = dataclasses.replace(autotune.DEQUANT_CONFIG, words=1)
+    y = int4.int4_linear(x, qweight, scales, zeros, None, scheme_name, path="gemm", config=config)
+    assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, 1e-5)
+
+
 @pytest.mark.parametrize("split_k", [2, 3, 8])
 def test_split_k_leaves_its_workspace_zeroed(split_k):
     """The last split of each tile stores the total and zeroes its workspace tile and counter."""
@@ -167,6 +203,18 @@ def test_w8a16_dequantize_then_dense_config(scheme_name):
     x = activation(5, 90, torch.float32)
     y = w8a16.w8a16_linear(x, qweight, scales, zeros, None, scheme_name, path="gemm", config=autotune.DEQUANT_CONFIG)
     assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, 1e-5)
+
+
+@pytest.mark.parametrize("scheme_name", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k", [(1, 96), (3, 96), (1, 90)])
+def test_w8a16_words(scheme_name, m, k):
+    """int32-word loads of the 8-bit codes (4 planes a tile); K=90 rows cannot be read as words and fall back."""
+    qweight, scales, zeros = packed(scheme_name, 48, k)
+    x = activation(m, k, torch.float32)
+    for split_k in (1, 2):
+        config = autotune.KernelConfig(common.m_bucket(m), 16, 32, split_k=split_k, words=1)
+        y = w8a16.w8a16_linear(x, qweight, scales, zeros, None, scheme_name, path="gemv", config=config)
+        assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, 1e-5)
 
 
 @pytest.mark.parametrize("scheme_name", ["w8a8", "fp8-w8a8"])

@@ -2,11 +2,13 @@
 
 | module      | job                                                                          |
 |-------------|------------------------------------------------------------------------------|
-| `int4`      | W4A16 (`int4-gN`, symmetric and asymmetric)                                   |
+| `int4`      | W4A16 (`int4-gN`, symmetric and asymmetric): configs and launcher             |
+| `int4_kernels` | the W4A16 ``@triton.jit`` kernels (linear, dequantize)                     |
 | `w8a16`     | W8A16 (`int8` per channel) and FP8 weight-only (`fp8`)                         |
 | `w8a8`      | W8A8 (`w8a8` int8, `fp8-w8a8`): per-row activation quantization + 8-bit GEMM   |
 | `paths`     | the path table (GEMV / split-K / GEMM by M) registered in the dispatch table   |
 | `autotune`  | tuned configs: per-key search on a GPU, on-disk cache, JSON export/import      |
+| `candidates`| candidate and default launch configs by path and M bucket                      |
 | `tiles`     | ``@triton.jit`` helpers shared by the kernels                                 |
 | `common`    | interpreter detection, M buckets, dtypes                                      |
 

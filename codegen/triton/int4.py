@@ -6,11 +6,13 @@ Reads the canonical packed layout (``qcompile.schemes.integer`` / ``packing``) d
     scales  float32 [N, G]            G = K_padded / group_size
     zeros   float32 [N, G]            asymmetric: w = (u - zero) * scale;  symmetric (no zeros): w = (u - 8) * scale
 
-Each K tile is handled as two half tiles: the even columns of ``x`` meet the low nibbles, the odd columns the high
-nibbles, so one byte load feeds two dots and no interleave/reshape is needed. Columns ``K .. K_padded`` are masked
-(``K = x.shape[-1]``).
+The kernels (``int4_kernels.py``) dequantize each tile in registers as ``code * scale - zero * scale`` (codes
+become floats by OR-ing exponent bits, no int→float conversion) and feed it to ``tl.dot`` or, for tiny M, to a
+broadcast product. Tile forms the tuner chooses among: half tiles (even/odd columns, one byte load), a whole tile
+unpacked by shifts, int32 words (8 nibble planes a tile), and, for large M, dequantize-then-cuBLAS. Columns
+``K .. K_padded`` are masked (``K = x.shape[-1]``).
 
-Order of this file: autotune key, config generators, the kernel, the launcher.
+Order of this file: autotune key, config generators, the launcher.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ import dataclasses
 
 import torch
 import triton
-import triton.language as tl
 
-from qcompile.codegen.triton import autotune, common
-from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices
+from qcompile.codegen.triton import autotune, candidates, common
+from qcompile.codegen.triton.int4_kernels import int4_dequantize_kernel, int4_linear_kernel
 from qcompile.schemes import IntWeightOnly, as_scheme
 
 KERNEL_NAME = "int4"
@@ -40,7 +41,7 @@ def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) 
     (``whole_tile``). With ``group_size``, BLOCK_K is shrunk to the group as the launcher would, and duplicates
     dropped."""
     out = []
-    for config in autotune.standard_candidates(path, m, k):
+    for config in candidates.standard_candidates(path, m, k):
         if path != "gemv" and config.block_k < 32:
             continue
         if group_size is not None and not config.dequant:
@@ -58,7 +59,7 @@ def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) 
 
 
 def default_config(path: str, m: int) -> autotune.KernelConfig:
-    return autotune.standard_default(path, m)
+    return candidates.standard_default(path, m)
 
 
 def aligned_block_k(block_k: int, group_size: int, use_dot: bool) -> tuple[int, bool]:
@@ -70,201 +71,6 @@ def aligned_block_k(block_k: int, group_size: int, use_dot: bool) -> tuple[int, 
             return candidate, True
         candidate //= 2
     return block_k, False
-
-
-# -- kernel -------------------------------------------------------------------------------------------------------
-@triton.jit
-def as_float(nibble):
-    """int32 codes in [0, 15] as exact fp32 without an int→float conversion (those run at a fraction of the ALU
-    rate): the code is OR-ed into the mantissa of ``2**23`` and ``2**23`` subtracted."""
-    return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def plane(words, i: tl.constexpr):
-    """Nibble ``i`` of int32 ``words`` (element ``8 * word + i``) as exact fp32; ``& 0xF`` undoes the sign
-    extension of ``>>`` on the top nibble."""
-    return as_float((words >> (4 * i)) & 0xF)
-
-
-@triton.jit
-def group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, ks, k_mask, stride_sn, k0,
-               GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_ALIGNED: tl.constexpr):  # fmt: skip
-    """``(scale, zero * scale)`` of the tile's columns ``ks``: ``[1, BLOCK_N]`` when the tile lies in one group,
-    else gathered per element ``[len(ks), BLOCK_N]``. Weights are then ``code * scale - zero * scale``."""
-    if GROUP_ALIGNED:
-        meta = (offs_n * stride_sn + k0 // GROUP_SIZE)[None, :]
-        mask = mask_n[None, :]
-    else:
-        meta = offs_n[None, :] * stride_sn + (ks // GROUP_SIZE)[:, None]
-        mask = k_mask[:, None] & mask_n[None, :]
-    scale = tl.load(scales_ptr + meta, mask=mask, other=0.0)
-    if SYMMETRIC:
-        shift = 8.0 * scale
-    else:
-        shift = tl.load(zeros_ptr + meta, mask=mask, other=0.0) * scale
-    return scale, shift
-
-
-@triton.jit
-def int4_linear_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
-    M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
-    GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    WHOLE_TILE: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """``out[M, N] = x[M, K] @ dequant(qweight).T + bias``.
-
-    Shapes and dtypes: ``x`` fp16/bf16/fp32 ``[M, K]`` (unit stride along K); ``qweight`` uint8 ``[N, K_padded/2]``;
-    ``scales``/``zeros`` fp32 ``[N, K_padded/GROUP_SIZE]`` (``zeros`` unused when ``SYMMETRIC``); ``bias`` ``[N]``;
-    ``out`` ``[M, N]`` in x's dtype; with ``SPLIT`` the splits meet in the fp32 workspace ``work [M, N]`` and the
-    int32 tile counters ``count`` (zeros before and after, see ``tiles.store_tile``).
-    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
-    Constraints: ``BLOCK_K`` even; with ``USE_DOT`` ``BLOCK_M, BLOCK_N >= 16`` and ``BLOCK_K >= 32``;
-    ``GROUP_ALIGNED`` requires ``GROUP_SIZE % BLOCK_K == 0`` (one scale per column per tile), otherwise scales are
-    gathered per element.
-
-    Forms. ``USE_DOT``: the tile is dequantized in registers and fed to ``tl.dot`` accumulating into ``acc``; as two
-    half-K dots (low nibbles with the even columns of ``x``, high nibbles with the odd ones, one vector load of the
-    bytes) or, with ``WHOLE_TILE``, as one dot over the ``[BLOCK_K, BLOCK_N]`` codes unpacked by shifts (each byte
-    loaded for both its rows); the tuner tries both. Without ``USE_DOT`` (GEMV, tiny M): a broadcast product; for
-    one row it accumulates elementwise in a ``[BLOCK_K / 2, BLOCK_N]`` tile and reduces once after the loop.
-    ``WORDS`` (any path): the bytes are loaded as int32 words, 8 nibbles each, and the tile is handled as 8 planes
-    ``[BLOCK_K / 8, BLOCK_N]`` (plane ``i`` holds columns ``8j + i``; with ``USE_DOT`` one dot per plane, so
-    ``BLOCK_K >= 128``): a quarter of the elements to address and unpack. Needs ``K_padded % 8 == 0``, a row
-    stride and base aligned to 4 bytes and ``GROUP_SIZE % 8 == 0``.
-    """
-    pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_h = tl.arange(0, BLOCK_K // 2)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_rows = tl.zeros((BLOCK_K // 2, BLOCK_N), dtype=tl.float32)  # the one-row GEMV's elementwise sums
-    offs_w = tl.arange(0, BLOCK_W)  # BLOCK_W = BLOCK_K / 8 with WORDS (1 otherwise, unused)
-    w_words = w_cols.to(tl.pointer_type(tl.int32), bitcast=True)
-    acc_words = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)  # the same, for WORDS
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        if WORDS:
-            kw = k0 // 8 + offs_w
-            k_first = kw * 8
-            words = tl.load(w_words + kw[:, None], mask=(k_first < K)[:, None] & mask_n[None, :], other=0)
-            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_first, k_first < K, stride_sn, k0,
-                                      GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-            for i in tl.static_range(8):
-                w = plane(words, i) * scale - shift
-                ks = k_first + i
-                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
-                if USE_DOT:
-                    acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-                elif BLOCK_M == 1:
-                    acc_words += tl.sum(x.to(tl.float32), axis=0)[:, None] * w
-                else:
-                    acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
-        elif USE_DOT and WHOLE_TILE:
-            ks = k0 + offs_k
-            k_mask = ks < K
-            x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-            packed = tl.load(w_cols + (k0 // 2 + offs_k // 2)[:, None], mask=k_mask[:, None] & mask_n[None, :],
-                             other=0).to(tl.int32)  # fmt: skip
-            code = as_float((packed >> ((offs_k % 2) * 4)[:, None]) & 0xF)
-            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, ks, k_mask, stride_sn, k0,
-                                      GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-            w = code * scale - shift
-            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        else:
-            k_even = k0 + 2 * offs_h
-            k_mask = k_even < K
-            packed = tl.load(w_cols + (k0 // 2 + offs_h)[:, None], mask=k_mask[:, None] & mask_n[None, :],
-                             other=0).to(tl.int32)  # fmt: skip
-            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
-                                      GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-            w_even = as_float(packed & 0xF) * scale - shift
-            w_odd = as_float((packed >> 4) & 0xF) * scale - shift
-            if USE_DOT:
-                ks = k0 + offs_k
-                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
-                x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # deinterleave in registers
-                acc = tl.dot(x_even.to(DOT_DTYPE), w_even.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-                acc = tl.dot(x_odd.to(DOT_DTYPE), w_odd.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-            else:
-                x_mask = mask_m[:, None] & k_mask[None, :]
-                x_even = tl.load(x_rows + k_even[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=mask_m[:, None] & (k_even + 1 < K)[None, :],
-                                other=0.0).to(tl.float32)  # fmt: skip
-                if BLOCK_M == 1:
-                    x_even1 = tl.sum(x_even, axis=0)  # [BLOCK_K / 2]: the one row
-                    x_odd1 = tl.sum(x_odd, axis=0)
-                    acc_rows += x_even1[:, None] * w_even + x_odd1[:, None] * w_odd
-                else:
-                    acc += tl.sum(x_even[:, :, None] * w_even[None, :, :], axis=1)
-                    acc += tl.sum(x_odd[:, :, None] * w_odd[None, :, :], axis=1)
-    if not USE_DOT and BLOCK_M == 1:
-        if WORDS:
-            acc += tl.sum(acc_words, axis=0)[None, :]
-        else:
-            acc += tl.sum(acc_rows, axis=0)[None, :]
-    acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
-    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
-
-
-@triton.jit
-def int4_dequantize_kernel(
-    qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_on,
-    GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_ALIGNED: tl.constexpr, WORDS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """``out[N, K] = (code - zero) * scale`` in out's dtype: the weight for a cuBLAS GEMM at large M.
-
-    One vector load of ``[BLOCK_N, BLOCK_K / 2]`` bytes; low and high nibbles are interleaved back in registers
-    (``tl.join``) and stored along K. Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))``.
-    """
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    rows = offs_n.to(tl.int64)[:, None]
-    if WORDS:  # 8 planes of [BLOCK_N, BLOCK_K / 8], interleaved back by three rounds of joins
-        kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        k_first = kw * 8
-        words = tl.load((qweight_ptr + rows * stride_qn).to(tl.pointer_type(tl.int32), bitcast=True) + kw[None, :],
-                        mask=mask_n[:, None] & (k_first < K)[None, :], other=0)  # fmt: skip
-        scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_first, k_first < K, stride_sn, k0,
-                                  GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-        scale, shift = tl.trans(scale), tl.trans(shift)
-        p0 = plane(words, 0) * scale - shift
-        p1 = plane(words, 1) * scale - shift
-        p2 = plane(words, 2) * scale - shift
-        p3 = plane(words, 3) * scale - shift
-        p4 = plane(words, 4) * scale - shift
-        p5 = plane(words, 5) * scale - shift
-        p6 = plane(words, 6) * scale - shift
-        p7 = plane(words, 7) * scale - shift
-        # element 8j + 4a + 2b + c sits at [.., j, a, b, c]: join over a first, then b, then c (the fastest)
-        evens = tl.join(tl.join(p0, p4), tl.join(p2, p6))
-        odds = tl.join(tl.join(p1, p5), tl.join(p3, p7))
-        weight = tl.reshape(tl.join(evens, odds), (BLOCK_N, BLOCK_K))
-    else:
-        offs_h = tl.arange(0, BLOCK_K // 2)
-        k_even = k0 + 2 * offs_h
-        k_mask = k_even < K
-        packed = tl.load(qweight_ptr + rows * stride_qn + (k0 // 2 + offs_h)[None, :],
-                         mask=mask_n[:, None] & k_mask[None, :], other=0).to(tl.int32)  # fmt: skip
-        scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
-                                  GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-        scale, shift = tl.trans(scale), tl.trans(shift)  # [BLOCK_N, 1] or [BLOCK_N, BLOCK_K / 2]
-        low = as_float(packed & 0xF) * scale - shift
-        high = as_float((packed >> 4) & 0xF) * scale - shift
-        weight = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
-    mask = mask_n[:, None] & (offs_k < K)[None, :]
-    tl.store(out_ptr + rows * stride_on + offs_k[None, :], weight.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launcher -----------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.codegen.triton import autotune, common
+from qcompile.codegen.triton import autotune, candidates, common
 from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices
 from qcompile.schemes import FP8, IntWeightOnly, as_scheme
 
@@ -43,12 +43,12 @@ def tune_key(scheme_name: str, path: str, m: int, n: int, k: int, device: torch.
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(path: str, m: int, k: int) -> list[autotune.KernelConfig]:
     """The standard candidates; GEMV tiles also with int32-word loads (``words``)."""
-    out = [c for c in autotune.standard_candidates(path, m, k) if path == "gemv" or c.block_k >= 16]
+    out = [c for c in candidates.standard_candidates(path, m, k) if path == "gemv" or c.block_k >= 16]
     return out + [dataclasses.replace(c, words=1) for c in out] if path == "gemv" else out
 
 
 def default_config(path: str, m: int) -> autotune.KernelConfig:
-    return autotune.standard_default(path, m)
+    return candidates.standard_default(path, m)
 
 
 # -- kernel -------------------------------------------------------------------------------------------------------

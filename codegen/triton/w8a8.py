@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.codegen.triton import autotune, common
+from qcompile.codegen.triton import autotune, candidates, common
 from qcompile.codegen.triton.tiles import load_bias, store_tile, tile_indices
 from qcompile.schemes import FP8, W8A8Int, as_scheme
 
@@ -46,18 +46,18 @@ def tune_key(scheme_name: str, m: int, n: int, k: int, device: torch.device) -> 
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(m: int, k: int) -> list[autotune.KernelConfig]:
     """8-bit ``tl.dot`` wants ``BLOCK_K >= 32``; no split-K (exact integer sums)."""
-    candidates = autotune.standard_candidates("gemm", m, k, dequant=False)
+    configs = candidates.standard_candidates("gemm", m, k, dequant=False)
     if common.m_bucket(m) >= 128:  # 8-bit operands: K tiles of 128 fill the tensor cores at the same bytes
-        candidates += [
+        configs += [
             autotune.KernelConfig(128, 256, 128, num_warps=8, num_stages=3),
             autotune.KernelConfig(256, 128, 128, num_warps=8, num_stages=3),
             autotune.KernelConfig(128, 128, 128, num_warps=4, num_stages=4),
         ]
-    return [c for c in candidates if c.split_k == 1 and c.block_k >= 32]
+    return [c for c in configs if c.split_k == 1 and c.block_k >= 32]
 
 
 def default_config(m: int) -> autotune.KernelConfig:
-    return autotune.standard_default("gemm", m, dequant=False)
+    return candidates.standard_default("gemm", m, dequant=False)
 
 
 # -- kernels ------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from qcompile.codegen.triton import autotune, common, int4, paths, w8a8, w8a16  # noqa: E402
+from qcompile.codegen.triton import autotune, candidates, common, int4, paths, w8a8, w8a16  # noqa: E402
 from qcompile.runtime.ops import reference_linear  # noqa: E402
 from qcompile.schemes import parse_scheme  # noqa: E402
 
@@ -114,7 +114,7 @@ def test_int4_dequantize_then_dense_config(scheme_name):
     qweight, scales, zeros = packed(scheme_name, n, k)
     x = activation(m, k, torch.float32)
     bias = torch.randn(n).to(DEVICE)
-    y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path="gemm", config=autotune.DEQUANT_CONFIG)
+    y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path="gemm", config=candidates.DEQUANT_CONFIG)
     assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 1e-5)
 
 
@@ -162,7 +162,7 @@ def test_int4_words_dequantize_and_fallback(scheme_name, k):
     """The dequantize kernel with words; per-channel int4 with 45-byte rows cannot use words and falls back."""
     qweight, scales, zeros = packed(scheme_name, 48, k)
     x = activation(5, k, torch.float32)
-    config = dataclasses.replace(autotune.DEQUANT_CONFIG, words=1)
+    config = dataclasses.replace(candidates.DEQUANT_CONFIG, words=1)
     y = int4.int4_linear(x, qweight, scales, zeros, None, scheme_name, path="gemm", config=config)
     assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, 1e-5)
 
@@ -201,7 +201,7 @@ def test_w8a16(scheme_name, path, dtype, m, k, n):
 def test_w8a16_dequantize_then_dense_config(scheme_name):
     qweight, scales, zeros = packed(scheme_name, 48, 90)
     x = activation(5, 90, torch.float32)
-    y = w8a16.w8a16_linear(x, qweight, scales, zeros, None, scheme_name, path="gemm", config=autotune.DEQUANT_CONFIG)
+    y = w8a16.w8a16_linear(x, qweight, scales, zeros, None, scheme_name, path="gemm", config=candidates.DEQUANT_CONFIG)
     assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, 1e-5)
 
 

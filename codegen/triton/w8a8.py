@@ -8,7 +8,8 @@ Reads the canonical packed layouts (``qcompile.schemes.w8a8``, ``qcompile.scheme
 
 Two kernels: ``quantize_rows_kernel`` (one program per row: absmax, then round/clamp, as the reference does) and
 ``w8a8_linear_kernel``, whose ``tl.dot`` takes the 8-bit tiles as they are: int8 × int8 with exact int32
-accumulation, or e4m3 × e4m3 with fp32 accumulation (sm_89+). No split-K: the int32 sums must stay exact.
+accumulation, or e4m3 × e4m3 with fp32 accumulation (sm_89+). Split-K (small M) scales each split's exact sum
+before the splits are added in fp32.
 
 Under ``TRITON_INTERPRET=1`` both dots work (triton 3.7.1), but the interpreter's fp32 → e4m3 cast rounds wrongly
 when the mantissa carries into the next binade (125.9 → 64); there values are first rounded to the e4m3 grid in
@@ -19,12 +20,14 @@ Order of this file: autotune key, config generators, the kernels, the launcher.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from qcompile.codegen.triton import autotune, candidates, common
-from qcompile.codegen.triton.tiles import load_bias, store_tile, tile_indices
+from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices
 from qcompile.schemes import FP8, W8A8Int, as_scheme
 
 INT8_MAX = 127.0
@@ -45,7 +48,7 @@ def tune_key(scheme_name: str, m: int, n: int, k: int, device: torch.device) -> 
 
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(m: int, k: int) -> list[autotune.KernelConfig]:
-    """8-bit ``tl.dot`` wants ``BLOCK_K >= 32``; no split-K (exact integer sums)."""
+    """8-bit ``tl.dot`` wants ``BLOCK_K >= 32``; small M also tries split-K (each split's integer sum is exact)."""
     configs = candidates.standard_candidates("gemm", m, k, dequant=False)
     if common.m_bucket(m) >= 128:  # 8-bit operands: K tiles of 128 fill the tensor cores at the same bytes
         configs += [
@@ -53,7 +56,9 @@ def candidate_configs(m: int, k: int) -> list[autotune.KernelConfig]:
             autotune.KernelConfig(256, 128, 128, num_warps=8, num_stages=3),
             autotune.KernelConfig(128, 128, 128, num_warps=4, num_stages=4),
         ]
-    return [c for c in configs if c.split_k == 1 and c.block_k >= 32]
+    if common.m_bucket(m) <= 64:  # few row tiles: split K so that every SM streams weights
+        configs += [dataclasses.replace(c, split_k=split) for c in configs if c.split_k == 1 for split in (4, 8)]
+    return [c for c in configs if c.block_k >= 32]
 
 
 def default_config(m: int) -> autotune.KernelConfig:
@@ -116,18 +121,21 @@ def quantize_rows_kernel(
 
 @triton.jit
 def w8a8_linear_kernel(
-    xq_ptr, x_scale_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_qn, stride_om,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    xq_ptr, x_scale_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
+    M, N, K, SPLIT_K, stride_xm, stride_qn, stride_om,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = (xq[M, K] @ qweight.T) * x_scale[M] * scales[N] + bias``.
 
     ``xq``/``qweight``: both int8 (``ACC_DTYPE`` int32, exact) or both float8_e4m3fn (``ACC_DTYPE`` fp32);
     ``x_scale`` fp32 ``[M]``; ``scales`` fp32 ``[N]``; ``bias`` ``[N]``; ``out`` ``[M, N]`` float.
-    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. Constraints: blocks ``>= 16``, ``BLOCK_K >= 32``.
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``. Constraints: blocks ``>= 16``, ``BLOCK_K >= 32``.
+    With ``SPLIT`` each split's integer sum stays exact; it is scaled to fp32 and the splits meet in the fp32
+    workspace (``tiles.store_tile``), so only the fp32 additions of a few partial results are reordered.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -136,7 +144,7 @@ def w8a8_linear_kernel(
     x_rows = xq_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + offs_k
         mask_k = ks < K
         a = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -145,7 +153,7 @@ def w8a8_linear_kernel(
     x_scale = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)
     scale = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc.to(tl.float32) * x_scale[:, None] * scale[None, :] + load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
-    store_tile(out_ptr, y, offs_m, offs_n, M, N, stride_om, out_ptr, out_ptr, 1, False)
+    store_tile(out_ptr, y, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
 
 
 # -- launchers ----------------------------------------------------------------------------------------------------
@@ -186,10 +194,12 @@ def w8a8_linear(
 
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        w8a8_linear_kernel[(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)](
-            x_q, x_scale, qweight, scales, scales if bias is None else bias, out,
-            m, n, k, x_q.stride(0), qweight.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, ACC_DTYPE=tl.float32 if to_fp8 else tl.int32,
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+        work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
+        w8a8_linear_kernel[grid](
+            x_q, x_scale, qweight, scales, scales if bias is None else bias, out, work, counts,
+            m, n, k, cfg.split_k, x_q.stride(0), qweight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, ACC_DTYPE=tl.float32 if to_fp8 else tl.int32, SPLIT=cfg.split_k > 1,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

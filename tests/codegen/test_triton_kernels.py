@@ -228,6 +228,18 @@ def test_w8a8(scheme_name, dtype, m, k, n):
     assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("scheme_name", ["w8a8", "fp8-w8a8"])
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_w8a8_split_k(scheme_name, split_k):
+    m, k, n = 3, 200, 48
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    x = activation(m, k, torch.float32)
+    bias = torch.randn(n).to(DEVICE)
+    config = autotune.KernelConfig(16, 16, 32, split_k=split_k)
+    y = w8a8.w8a8_linear(x, qweight, scales, zeros, bias, scheme_name, config=config)
+    assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 1e-5)
+
+
 @pytest.mark.parametrize("to_fp8", [False, True])
 def test_activation_quantization_is_bit_exact(to_fp8):
     from qcompile.schemes.fp8 import quantize_rowwise_fp8
@@ -314,7 +326,8 @@ def test_candidate_configs_respect_kernel_constraints():
                 continue
             for config in int4.candidate_configs(path, m, 4096):
                 assert path == "gemv" or (config.block_k >= 32 and config.block_m >= 16)
-    assert all(c.split_k == 1 for c in w8a8.candidate_configs(16, 4096))
+    assert {c.split_k for c in w8a8.candidate_configs(16, 4096)} >= {1, 4, 8}  # small M splits K
+    assert all(c.split_k == 1 for c in w8a8.candidate_configs(256, 4096))
 
 
 # -- on a GPU: the registered op ------------------------------------------------------------------------------------

@@ -70,6 +70,11 @@ def path_for_m(m: int) -> str:
     return "gemm"
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids (``triton.cdiv`` is a jit function: slow to call from Python)."""
+    return -(-a // b)
+
+
 def next_power_of_2(value: int) -> int:
     out = 1
     while out < value:
@@ -101,11 +106,22 @@ def dot_precision(x_dtype: torch.dtype) -> str:
     return "ieee" if x_dtype == torch.float32 else "tf32"
 
 
+#: packed-tensor signatures already validated: (scheme, K, then shape and dtype of each tensor)
+_CHECKED: set[tuple] = set()
+
+
 def prepare_rows(x: torch.Tensor, qweight, scales, zeros, scheme, where: str):
-    """Validate a launcher's call and flatten ``x [..., K]`` to rows: ``(x2 [M, K], M, N, K)``."""
+    """Validate a launcher's call and flatten ``x [..., K]`` to rows: ``(x2 [M, K], M, N, K)``.
+
+    The packed tensors' check depends only on shapes and dtypes, so each signature is checked once.
+    """
     check_activation(x, f"{where}({scheme.name})")
     k = x.shape[-1]
-    scheme.check_packed(qweight, scales, zeros, k)
+    signature = (scheme.name, k, qweight.shape, qweight.dtype, scales.shape, scales.dtype,
+                 None if zeros is None else (zeros.shape, zeros.dtype))  # fmt: skip
+    if signature not in _CHECKED:
+        scheme.check_packed(qweight, scales, zeros, k)
+        _CHECKED.add(signature)
     x2 = as_rows(x)
     return x2, x2.shape[0], scales.shape[0], k
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
 
 from qcompile.codegen.triton import autotune, candidates, common
 from qcompile.codegen.triton.int4_kernels import int4_dequantize_kernel, int4_linear_kernel
@@ -109,7 +108,7 @@ def int4_linear(
             weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
             block_k, aligned = aligned_block_k(cfg.block_k, group_size, False)
             words = bool(cfg.words) and words_ok and block_k % 8 == 0
-            int4_dequantize_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, block_k))](
+            int4_dequantize_kernel[(common.cdiv(n, cfg.block_n), common.cdiv(k, block_k))](
                 qweight, scales, scales if zeros is None else zeros, weight, n, k,
                 qweight.stride(0), scales.stride(0), weight.stride(0),
                 GROUP_SIZE=group_size, SYMMETRIC=zeros is None, GROUP_ALIGNED=aligned, WORDS=words,
@@ -119,7 +118,7 @@ def int4_linear(
         block_k, aligned = aligned_block_k(cfg.block_k, group_size, use_dot)
         words = bool(cfg.words) and words_ok and block_k % 8 == 0 and (not use_dot or block_k >= 128)
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+        grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
         int4_linear_kernel[grid](
             x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,

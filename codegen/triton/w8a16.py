@@ -175,14 +175,14 @@ def w8a16_linear(
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
         if cfg.dequant:
             weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
-            w8_dequantize_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))](
+            w8_dequantize_kernel[(common.cdiv(n, cfg.block_n), common.cdiv(k, cfg.block_k))](
                 qweight, scales, weight, n, k, qweight.stride(0), weight.stride(0),
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
             )  # fmt: skip
             return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
         words = bool(cfg.words) and path == "gemv" and words_ok and cfg.block_k % 4 == 0
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+        grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
         w8a16_linear_kernel[grid](
             x2, qweight, scales, scales if bias is None else bias, out, work, counts,

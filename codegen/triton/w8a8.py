@@ -194,7 +194,7 @@ def w8a8_linear(
 
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+        grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
         w8a8_linear_kernel[grid](
             x_q, x_scale, qweight, scales, scales if bias is None else bias, out, work, counts,

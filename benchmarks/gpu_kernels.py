@@ -39,6 +39,7 @@ def bench(calls, graphs: bool) -> float:
     With ``graphs`` the calls are captured in one CUDA graph and replayed: launch overhead drops out and the time is
     the GPU's. Without, ``triton.testing.do_bench`` times eager calls of the first copy (L2 flushed between runs).
     """
+    from qcompile.codegen.triton.autotune import graph_replay_ms
     from triton.testing import do_bench
 
     for call in calls:
@@ -47,29 +48,13 @@ def bench(calls, graphs: bool) -> float:
     if not graphs:
         return do_bench(calls[0], warmup=10, rep=50)
     rounds = max(1, 64 // len(calls))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def cycle():
         for _ in range(rounds):
             for call in calls:
                 call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / (rounds * len(calls)))
-    del graph
-    return sorted(samples)[len(samples) // 2]
+
+    return graph_replay_ms(cycle, samples=5) / (rounds * len(calls))
 
 
 def copies_for(nbytes: int) -> int:
@@ -125,39 +110,35 @@ def inductor_int8(weight: torch.Tensor):
     return lambda x: compiled(x, q, scales)
 
 
-def scaled_mm_rowwise(weight: torch.Tensor):
-    """``torch._scaled_mm`` fp8 e4m3 rowwise; the activation is quantized outside the timed call."""
-    from qcompile.schemes.fp8 import quantize_rowwise_fp8
-
-    w_fp8, w_scale = quantize_rowwise_fp8(weight)
-    w_scale = w_scale.reshape(1, -1).contiguous()
+def _rowwise_peer(weight: torch.Tensor, quantize, matmul):
+    """``x -> matmul(x_q, x_scale, w_q, w_scale [1, N])`` with both operands quantized per row by ``quantize``; the
+    activation is quantized once per shape, outside the timed calls."""
+    w_q, w_scale = quantize(weight)
+    w_scale = w_scale.reshape(1, -1).float().contiguous()
     cache = {}
 
     def run(x):
         if x.shape not in cache:
-            cache[x.shape] = quantize_rowwise_fp8(x)
-        x_fp8, x_scale = cache[x.shape]
-        return torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+            cache[x.shape] = quantize(x)
+        return matmul(*cache[x.shape], w_q, w_scale)
 
     return run
+
+
+def scaled_mm_rowwise(weight: torch.Tensor):
+    """``torch._scaled_mm`` fp8 e4m3 rowwise."""
+    from qcompile.schemes.fp8 import quantize_rowwise_fp8
+
+    return _rowwise_peer(weight, quantize_rowwise_fp8, lambda x_q, x_s, w_q, w_s: torch._scaled_mm(
+        x_q, w_q.t(), scale_a=x_s, scale_b=w_s, out_dtype=torch.bfloat16))  # fmt: skip
 
 
 def int_mm_rowwise(weight: torch.Tensor):
-    """``torch._int_mm`` (int8 x int8 -> int32) with per-row scales applied after; the activation is quantized
-    outside the timed call. cuBLASLt needs M > 16."""
+    """``torch._int_mm`` (int8 x int8 -> int32) with the per-row scales applied after; cuBLASLt needs M > 16."""
     from qcompile.schemes.w8a8 import quantize_per_token_int8
 
-    w_q, w_scale = quantize_per_token_int8(weight)
-    w_scale = w_scale.reshape(1, -1).float()
-    cache = {}
-
-    def run(x):
-        if x.shape not in cache:
-            cache[x.shape] = quantize_per_token_int8(x)
-        x_q, x_scale = cache[x.shape]
-        return (torch._int_mm(x_q, w_q.t()) * (x_scale * w_scale)).to(x.dtype)
-
-    return run
+    return _rowwise_peer(weight, quantize_per_token_int8, lambda x_q, x_s, w_q, w_s: (
+        torch._int_mm(x_q, w_q.t()) * (x_s * w_s)).to(torch.bfloat16))  # fmt: skip
 
 
 PEERS = {"tinygemm": tinygemm, "inductor-int8": inductor_int8, "scaled_mm": scaled_mm_rowwise,

@@ -226,6 +226,28 @@ TUNE_TOLERANCE = 2e-2
 TUNE_LOG_ENV = "QCOMPILE_TRITON_TUNE_LOG"
 
 
+def graph_replay_ms(fn: Callable[[], object], samples: int = 3) -> float:
+    """Fastest of ``samples`` replays (ms) of ``fn`` captured once in a CUDA graph, after one warm-up call on a side
+    stream (which compiles, allocates, and raises for a launch that cannot run)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(samples):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return min(times)
+
+
 class GraphTimer:
     """GPU time of one launch: ``REPEATS`` launches, each after an L2 flush, captured in a CUDA graph and replayed,
     minus the flushes alone. Python launch overhead is left out (it would swamp microsecond kernels) and every
@@ -236,32 +258,19 @@ class GraphTimer:
 
     def __init__(self, device: torch.device):
         self.flush = torch.empty(self.FLUSH_BYTES, dtype=torch.uint8, device=device)
-        self.baseline = self._replay_ms(lambda: None)
+        self.baseline = self._flushed_ms(lambda: None)
 
     def time(self, fn: Callable[[], object]) -> float:
         """Milliseconds per call of ``fn``."""
-        return max(0.0, self._replay_ms(fn) - self.baseline) / self.REPEATS
+        return max(0.0, self._flushed_ms(fn) - self.baseline) / self.REPEATS
 
-    def _replay_ms(self, fn) -> float:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()  # compile, allocate, raise for a config that cannot launch
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+    def _flushed_ms(self, fn) -> float:
+        def flushed():
             for _ in range(self.REPEATS):
                 self.flush.zero_()
                 fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        samples = []
-        for _ in range(3):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        return min(samples)
+
+        return graph_replay_ms(flushed)
 
 
 #: launcher-side memo: call signature -> chosen config (skips key strings and candidate lists on the hot path)

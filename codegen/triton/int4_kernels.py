@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices
+from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices, tile_pointers
 
 
 @triton.jit
@@ -77,14 +77,11 @@ def int4_linear_kernel(
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, mask_m, mask_n, x_rows, w_cols = tile_pointers(
+        x_ptr, qweight_ptr, pid_m, pid_n, M, N, stride_xm, stride_qn, BLOCK_M, BLOCK_N
+    )
     offs_h = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_rows = tl.zeros((BLOCK_K // 2, BLOCK_N), dtype=tl.float32)  # the one-row GEMV's elementwise sums
     offs_w = tl.arange(0, BLOCK_W)  # BLOCK_W = BLOCK_K / 8 with WORDS (1 otherwise, unused)

@@ -25,6 +25,18 @@ def tile_indices(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def tile_pointers(x_ptr, w_ptr, pid_m, pid_n, M, N, stride_xm, stride_wn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """``(offs_m, offs_n, mask_m, mask_n, x_rows, w_cols)`` of a ``[BLOCK_M, BLOCK_N]`` output tile: the row and
+    column indices, their bounds masks, and the row pointers of ``x`` / column pointers of the weight (int64)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    return offs_m, offs_n, offs_m < M, offs_n < N, x_rows, w_cols
+
+
+@triton.jit
 def split_k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
     """``[k_begin, k_end)`` of program 1-axis id: whole ``BLOCK_K`` tiles, the last split may be short or empty."""
     tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.triton import autotune, candidates, common
-from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices
+from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices, tile_pointers
 from qcompile.schemes import FP8, W8A8Int, as_scheme
 
 INT8_MAX = 127.0
@@ -136,13 +136,10 @@ def w8a8_linear_kernel(
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, mask_m, mask_n, x_rows, w_cols = tile_pointers(
+        xq_ptr, qweight_ptr, pid_m, pid_n, M, N, stride_xm, stride_qn, BLOCK_M, BLOCK_N
+    )
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_rows = xq_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_cols = qweight_ptr + offs_n.to(tl.int64)[None, :] * stride_qn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + offs_k

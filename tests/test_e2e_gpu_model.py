@@ -1,5 +1,6 @@
-"""The decoder in benchmarks/e2e_gpu.py, on CPU: its KV-cached decode step against a full causal forward written
-here independently, and the same step after ``qcompile.quantize`` (int8)."""
+"""The decoder of benchmarks/e2e_gpu.py (in benchmarks/llama_decoder.py), on CPU: its KV-cached decode step
+against a full causal forward written here independently, and the same step after ``qcompile.quantize``
+(int8)."""
 
 from __future__ import annotations
 

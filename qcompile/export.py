@@ -22,6 +22,7 @@ from qcompile.passes.capture import _fetch
 from qcompile.passes.lower import buffer_prefix
 from qcompile.runtime.qpt_format import ArtifactError
 from qcompile.runtime.qpt_graph import get_attr_targets, graph_from_json, graph_to_json
+from qcompile.runtime.qpt_kernels import adopt_kernels_json, kernels_to_json
 from qcompile.runtime.qpt_manifest import (
     check_call, check_graph_sites, check_inputs_json, check_packed_tensors, inputs_to_json, plan_from_json,
     plan_to_json,
@@ -95,7 +96,7 @@ def export(model, example_args=(), recipe=None, path: str | os.PathLike | None =
         "plan": plan_to_json(program.plan, buffer_prefix),
         "inputs": inputs,
         "symbols": symbols,
-        "kernels": {"configs": [], "binaries": []},
+        "kernels": kernels_to_json(program.plan),
         "metadata": dict(metadata if metadata is not None else getattr(program, "manifest", {}).get("metadata", {})),
     }
     tensor_members = {"weights": weights}
@@ -126,6 +127,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, verify:
         device_map = {} if device.type == "cpu" else {"cpu": device}
         gm = graph_from_json(artifact.json_members["graph"], weights, device_map)
         check_graph_sites(gm, plan, manifest["plan"])
+        adopt_kernels_json(manifest.get("kernels"))
     except ArtifactError as error:
         raise ArtifactError(f"{where}: {error}") from None
     except RecursionError:

@@ -10,7 +10,7 @@
 
 ``inputs``: one row per flat input, ``{"name", "dtype", "shape"}``; a dimension is an int (fixed) or a
 symbol name (dynamic; ``symbols`` gives its ``[min, max]``, ``null`` for unbounded).
-``kernels``: ``{"configs": [], "binaries": []}`` — tuned kernel configs and compiled binaries (none yet).
+``kernels``: ``{"configs": [...], "binaries": []}`` — tuned Triton configs (``qpt_kernels.py``); no binaries yet.
 """
 
 from __future__ import annotations

@@ -81,8 +81,9 @@ def w8a16_linear_kernel(
     """``out[M, N] = (x[M, K] @ float(qweight).T) * scales[N] + bias``.
 
     Shapes and dtypes: ``x`` fp16/bf16/fp32 ``[M, K]`` (unit stride along K); ``qweight`` int8 or float8_e4m3fn
-    ``[N, K]``; ``scales`` fp32 ``[N]`` (the ``[N, 1]`` tensor); ``bias`` ``[N]``; ``out`` ``[M, N]`` in x's dtype,
-    or fp32 zeros when ``ATOMIC`` (split-K). Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
+    ``[N, K]``; ``scales`` fp32 ``[N]`` (the ``[N, 1]`` tensor); ``bias`` ``[N]``; ``out`` ``[M, N]`` in x's dtype;
+    with ``SPLIT`` the splits meet in the fp32 workspace (``tiles.store_tile``).
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
     Constraints: with ``USE_DOT`` every block is ``>= 16``; ``USE_DOT=False`` is the GEMV form for tiny M.
     ``WORDS`` (GEMV only): the codes are loaded as int32 words, 4 a word, in 4 planes ``[BLOCK_W, BLOCK_N]``
     (``BLOCK_W = BLOCK_K / 4``; plane ``i`` holds columns ``4j + i``); needs ``K % 4 == 0`` and 4-byte aligned rows.

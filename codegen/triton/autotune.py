@@ -184,8 +184,8 @@ def choose_config(
 ) -> KernelConfig:
     """The tuned config for ``key``; on a GPU the first call times ``launch(config)`` for every candidate.
 
-    ``candidates`` may be a callable, called only when a search runs. Each candidate's output is first compared
-    with the default config's; one that differs by more than ``TUNE_TOLERANCE`` is dropped with a warning.
+    ``candidates`` may be a callable, called only when a search runs (:func:`search`, timed by
+    :class:`GraphTimer`).
     """
     if interpreting() or device.type != "cuda":
         return default
@@ -197,7 +197,23 @@ def choose_config(
     candidates = list(candidates() if callable(candidates) else candidates)
     if not candidates:
         return default
-    timer = GraphTimer(device)
+    best, timings = search(key, candidates, default, launch, GraphTimer(device).time)
+    if os.environ.get(TUNE_LOG_ENV) == "1":
+        lines = [f"  {ms * 1e3:9.1f} us  {config}" for ms, config in sorted(timings, key=lambda t: t[0])]
+        print(f"qcompile: tuned {key} ({len(timings)} of {len(candidates)} ran)\n" + "\n".join(lines[:8]), flush=True)
+    STORE.put(key, best)
+    return best
+
+
+def search(key: str, candidates: Sequence[KernelConfig], default: KernelConfig,
+           launch: Callable[[KernelConfig], torch.Tensor], time: Callable[[Callable[[], object]], float],
+           ) -> tuple[KernelConfig, list[tuple[float, KernelConfig]]]:  # fmt: skip
+    """``(fastest config, [(ms, config), ...])`` over the candidates that launch and agree with ``default``.
+
+    A candidate that raises (too much shared memory, too many registers) is skipped; one whose output differs
+    from the default config's by more than ``TUNE_TOLERANCE`` of its largest value is dropped with a warning.
+    With no survivor the default wins.
+    """
     expected = launch(default).float()
     tolerance = TUNE_TOLERANCE * expected.abs().max().item()
     timings = []
@@ -208,15 +224,10 @@ def choose_config(
                 log.warning("qcompile: tuning %s drops %s: max error %.3g against the default config", key, config,
                             error)  # fmt: skip
                 continue
-            timings.append((timer.time(functools.partial(launch, config)), config))
+            timings.append((time(functools.partial(launch, config)), config))
         except Exception as error:  # noqa: BLE001 - a config that does not fit (shared memory, registers) is skipped
             log.debug("qcompile: tuning %s skips %s (%s)", key, config, error)
-    best = min(timings, key=lambda t: t[0])[1] if timings else default
-    if os.environ.get(TUNE_LOG_ENV) == "1":
-        lines = [f"  {ms * 1e3:9.1f} us  {config}" for ms, config in sorted(timings, key=lambda t: t[0])]
-        print(f"qcompile: tuned {key} ({len(timings)} of {len(candidates)} ran)\n" + "\n".join(lines[:8]), flush=True)
-    STORE.put(key, best)
-    return best
+    return (min(timings, key=lambda t: t[0])[1] if timings else default), timings
 
 
 #: a candidate's output may differ from the default config's by this fraction of its largest value (summation

@@ -319,6 +319,30 @@ def test_choose_config_without_gpu_uses_default():
     assert chosen == default
 
 
+def test_search_picks_the_fastest_candidate_that_agrees_with_the_default(caplog):
+    """The tuner's search on real launches (interpreter), with a fake clock: a candidate that raises is skipped,
+    one with a wrong result is dropped with a warning however fast, and the fastest of the rest wins."""
+    qweight, scales, zeros = packed("int4-g32", 48, 64)
+    x = activation(1, 64, torch.float32)
+    default = autotune.KernelConfig(1, 16, 32)
+    good_slow, good_fast = autotune.KernelConfig(1, 32, 32, split_k=2), autotune.KernelConfig(1, 16, 32, split_k=2)
+    wrong, broken = autotune.KernelConfig(1, 32, 64), autotune.KernelConfig(2, 16, 32)
+
+    def launch(config):
+        if config == broken:
+            raise RuntimeError("out of shared memory")
+        y = int4.int4_linear(x, qweight, scales, zeros, None, "int4-g32", path="gemv", config=config)
+        return y * 1.5 if config == wrong else y
+
+    clock = {good_slow: 3.0, good_fast: 2.0, wrong: 1.0}
+    best, timings = autotune.search("k", [good_slow, wrong, broken, good_fast], default, launch,
+                                    lambda fn: clock[fn.args[0]])  # fmt: skip
+    assert best == good_fast
+    assert {config for _, config in timings} == {good_slow, good_fast}
+    assert any("drops" in record.message for record in caplog.records)
+    assert autotune.search("k", [wrong, broken], default, launch, lambda fn: 1.0)[0] == default
+
+
 def test_candidate_configs_respect_kernel_constraints():
     for path in ("gemv", "splitk", "gemm"):
         for m in (1, 4, 16, 64, 2048):

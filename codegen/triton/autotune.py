@@ -197,7 +197,12 @@ def choose_config(
     candidates = list(candidates() if callable(candidates) else candidates)
     if not candidates:
         return default
-    best, timings = search(key, candidates, default, launch, GraphTimer(device).time)
+    try:
+        timer = GraphTimer(device)
+    except Exception as error:  # noqa: BLE001 - no graphs here (a driver or allocator setting): tuning is skipped
+        _warn_once(f"qcompile: Triton kernels run with default configs: CUDA-graph timing failed ({error})")
+        return default
+    best, timings = search(key, candidates, default, launch, timer.time)
     if os.environ.get(TUNE_LOG_ENV) == "1":
         lines = [f"  {ms * 1e3:9.1f} us  {config}" for ms, config in sorted(timings, key=lambda t: t[0])]
         print(f"qcompile: tuned {key} ({len(timings)} of {len(candidates)} ran)\n" + "\n".join(lines[:8]), flush=True)
@@ -233,6 +238,15 @@ def search(key: str, candidates: Sequence[KernelConfig], default: KernelConfig,
 #: a candidate's output may differ from the default config's by this fraction of its largest value (summation
 #: order and split-K atomics); more means a broken config, which is dropped
 TUNE_TOLERANCE = 2e-2
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message)
+
+
 #: ``QCOMPILE_TRITON_TUNE_LOG=1`` prints the fastest candidates of every search
 TUNE_LOG_ENV = "QCOMPILE_TRITON_TUNE_LOG"
 

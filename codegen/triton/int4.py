@@ -36,25 +36,37 @@ def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.d
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) -> list[autotune.KernelConfig]:
     """Two dots of ``BLOCK_K / 2`` per tile: dot paths need ``BLOCK_K >= 32``. Every tile shape is tried with
-    bytes and with int32 words (``words``; dots need ``BLOCK_K >= 128`` then), dot tiles also as one whole tile
-    (``whole_tile``). With ``group_size``, BLOCK_K is shrunk to the group as the launcher would, and duplicates
-    dropped."""
+    bytes and with int32 words (``words``), dot tiles also as one whole tile (``whole_tile``). With ``group_size``,
+    BLOCK_K becomes what the launch would use (:func:`tile_plan`), word forms that would not apply are left out,
+    and duplicates dropped."""
     out = []
     for config in candidates.standard_candidates(path, m, k):
         if path != "gemv" and config.block_k < 32:
             continue
-        if group_size is not None and not config.dequant:
-            block_k, _ = aligned_block_k(config.block_k, group_size, path != "gemv")
-            config = dataclasses.replace(config, block_k=block_k)
         variants = [config, dataclasses.replace(config, words=1)]
         if path != "gemv" and not config.dequant:
             variants.append(dataclasses.replace(config, whole_tile=1))
         for variant in variants:
-            if variant.words and path != "gemv" and not variant.dequant and variant.block_k < 128:
-                continue  # a dot per 8-column plane needs planes of 16 columns
+            if group_size is not None:
+                use_dot = path != "gemv" and not variant.dequant
+                block_k, _, words = tile_plan(variant.block_k, bool(variant.words), group_size, use_dot, True)
+                if variant.words and not words:
+                    continue
+                variant = dataclasses.replace(variant, block_k=block_k)
             if variant not in out:
                 out.append(variant)
     return out
+
+
+def tile_plan(block_k: int, words: bool, group_size: int, use_dot: bool, words_ok: bool) -> tuple[int, bool, bool]:
+    """``(BLOCK_K, group aligned, words)`` of a launch. Word tiles may span whole groups (their scales are then
+    gathered once per word row), so a GEMV reads 128 bytes of a row per step even with groups of 128; byte tiles
+    shrink BLOCK_K to a divisor of the group. A dot per 8-column plane needs ``BLOCK_K >= 128``."""
+    words = words and words_ok and block_k % 8 == 0 and (not use_dot or block_k >= 128)
+    if words and block_k > group_size and block_k % group_size == 0:
+        return block_k, False, True
+    block_k, aligned = aligned_block_k(block_k, group_size, use_dot)
+    return block_k, aligned, words and block_k % 8 == 0 and (not use_dot or block_k >= 128)
 
 
 def default_config(path: str, m: int) -> autotune.KernelConfig:
@@ -106,8 +118,7 @@ def int4_linear(
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
         if cfg.dequant:
             weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
-            block_k, aligned = aligned_block_k(cfg.block_k, group_size, False)
-            words = bool(cfg.words) and words_ok and block_k % 8 == 0
+            block_k, aligned, words = tile_plan(cfg.block_k, bool(cfg.words), group_size, False, words_ok)
             int4_dequantize_kernel[(common.cdiv(n, cfg.block_n), common.cdiv(k, block_k))](
                 qweight, scales, scales if zeros is None else zeros, weight, n, k,
                 qweight.stride(0), scales.stride(0), weight.stride(0),
@@ -115,8 +126,7 @@ def int4_linear(
                 BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
             )  # fmt: skip
             return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
-        block_k, aligned = aligned_block_k(cfg.block_k, group_size, use_dot)
-        words = bool(cfg.words) and words_ok and block_k % 8 == 0 and (not use_dot or block_k >= 128)
+        block_k, aligned, words = tile_plan(cfg.block_k, bool(cfg.words), group_size, use_dot, words_ok)
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)

@@ -141,10 +141,14 @@ def test_int4_whole_tile_dot(dtype, scheme_name):
         ("int4-g8", "gemv", 1, 90, 8),  # one word per group
         ("int4-g128", "splitk", 5, 300, 128),  # a dot per 8-column plane
         ("int4-g128-sym", "gemm", 17, 300, 128),
+        ("int4-g32", "gemv", 1, 90, 64),  # word tiles spanning two groups: scales gathered per word row
+        ("int4-g64", "gemm", 17, 300, 128),
     ],
 )
 def test_int4_words(dtype, scheme_name, path, m, k, block_k):
     """int32-word loads (8 nibbles a word, 8 planes a tile) against the reference, split-K included."""
+    use_dot = path != "gemv"
+    assert int4.tile_plan(block_k, True, parse_scheme(scheme_name).group_size_for(k), use_dot, True)[2]
     n = 48
     qweight, scales, zeros = packed(scheme_name, n, k)
     assert int4.words_supported(qweight, parse_scheme(scheme_name).group_size_for(k))

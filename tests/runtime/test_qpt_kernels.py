@@ -13,20 +13,14 @@ from qcompile.export import export, load
 from qcompile.runtime.qpt_format import ArtifactError
 from qcompile.runtime.qpt_kernels import adopt_kernels_json
 
-SITE_KEY = "int4-gemv|m1|n32|k96|g32|Some GPU|triton-9.9"  # the model's `up` layer: N=32, K=96
+SITE_KEY = "int4-gemv|m1|n32|k96|g32|Some GPU|triton-9.9"  # the model's first layer: N=32, K=96
 OTHER_KEY = "int4-gemv|m1|n4096|k4096|g32|Some GPU|triton-9.9"
 CONFIG = autotune.KernelConfig(1, 64, 32, split_k=4, words=1)
 
 
-class _Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.up = torch.nn.Linear(96, 32)
-        self.down = torch.nn.Linear(32, 16)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(96, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
 
 
 @pytest.fixture
@@ -46,7 +40,7 @@ def _manifest(path) -> dict:
 def test_configs_for_the_model_shapes_round_trip(store, tmp_path):
     autotune.load_tuned_configs({"format": 1, "configs": {SITE_KEY: CONFIG.to_dict(), OTHER_KEY: CONFIG.to_dict()}})
     path = tmp_path / "m.qpt"
-    export(_Model().eval(), (torch.randn(4, 96),), "int4-g32", path, progress_bar=False)
+    export(_model(), (torch.randn(4, 96),), "int4-g32", path, progress_bar=False)
     rows = _manifest(path)["kernels"]["configs"]
     assert [row["key"] for row in rows] == [SITE_KEY]  # the 4096x4096 config is not this model's
     assert rows[0]["config"] == CONFIG.to_dict()
@@ -59,7 +53,7 @@ def test_configs_for_the_model_shapes_round_trip(store, tmp_path):
 
 def test_a_model_without_tuned_configs_writes_none(store, tmp_path):
     path = tmp_path / "m.qpt"
-    export(_Model().eval(), (torch.randn(4, 96),), "int8", path, progress_bar=False)
+    export(_model(), (torch.randn(4, 96),), "int8", path, progress_bar=False)
     assert _manifest(path)["kernels"] == {"configs": [], "binaries": []}
 
 
@@ -89,7 +83,7 @@ def test_a_damaged_section_in_a_file_names_the_file(store, tmp_path):
     from qcompile.runtime.qpt_writer import write_artifact
 
     path = tmp_path / "m.qpt"
-    export(_Model().eval(), (torch.randn(4, 96),), "int8", path, progress_bar=False)
+    export(_model(), (torch.randn(4, 96),), "int8", path, progress_bar=False)
     artifact = read_artifact(path)
     manifest = {k: v for k, v in artifact.manifest.items() if k not in ("format", "members")}
     manifest["kernels"] = {"configs": [{"key": SITE_KEY, "config": {"block_m": 3, "block_n": 64, "block_k": 32}}]}

@@ -51,8 +51,6 @@ class KernelConfig:
     num_stages: int = 3
     #: 1: dequantize the whole weight to the activation dtype (blocks are the dequantize tiles), then cuBLAS
     dequant: int = 0
-    #: int4 dot tiles: 0 two half-K dots over even/odd columns, 1 one dot over the whole tile unpacked by shifts
-    whole_tile: int = 0
     #: int4: 1 loads the packed bytes as int32 words, 8 nibbles each (ignored where rows or groups do not allow it)
     words: int = 0
 
@@ -63,8 +61,8 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{field} must be a power of two, got {value}")
         if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1 or self.group_m < 1:
             raise ValueError(f"KernelConfig fields must be positive: {self}")
-        if self.dequant not in (0, 1) or self.whole_tile not in (0, 1) or self.words not in (0, 1):
-            raise ValueError(f"KernelConfig.dequant, .whole_tile and .words must be 0 or 1: {self}")
+        if self.dequant not in (0, 1) or self.words not in (0, 1):
+            raise ValueError(f"KernelConfig.dequant and .words must be 0 or 1: {self}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,8 +8,8 @@ Reads the canonical packed layout (``qcompile.schemes.integer`` / ``packing``) d
 
 The kernels (``int4_kernels.py``) dequantize each tile in registers as ``code * scale - zero * scale`` (codes
 become floats by OR-ing exponent bits, no int→float conversion) and feed it to ``tl.dot`` or, for tiny M, to a
-broadcast product. Tile forms the tuner chooses among: half tiles (even/odd columns, one byte load), a whole tile
-unpacked by shifts, int32 words (8 nibble planes a tile), and, for large M, dequantize-then-cuBLAS. Columns
+broadcast product. Tile forms the tuner chooses among: half tiles (even/odd columns, one byte load), int32 words
+(8 nibble planes a tile), and, for large M, dequantize-then-cuBLAS. Columns
 ``K .. K_padded`` are masked (``K = x.shape[-1]``).
 
 Order of this file: autotune key, config generators, the launcher.
@@ -36,17 +36,13 @@ def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.d
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) -> list[autotune.KernelConfig]:
     """Two dots of ``BLOCK_K / 2`` per tile: dot paths need ``BLOCK_K >= 32``. Every tile shape is tried with
-    bytes and with int32 words (``words``), dot tiles also as one whole tile (``whole_tile``). With ``group_size``,
-    BLOCK_K becomes what the launch would use (:func:`tile_plan`), word forms that would not apply are left out,
-    and duplicates dropped."""
+    bytes and with int32 words (``words``). With ``group_size``, BLOCK_K becomes what the launch would use
+    (:func:`tile_plan`), word forms that would not apply are left out, and duplicates dropped."""
     out = []
     for config in candidates.standard_candidates(path, m, k):
         if path != "gemv" and config.block_k < 32:
             continue
-        variants = [config, dataclasses.replace(config, words=1)]
-        if path != "gemv" and not config.dequant:
-            variants.append(dataclasses.replace(config, whole_tile=1))
-        for variant in variants:
+        for variant in (config, dataclasses.replace(config, words=1)):
             if group_size is not None:
                 use_dot = path != "gemv" and not variant.dequant
                 block_k, _, words = tile_plan(variant.block_k, bool(variant.words), group_size, use_dot, True)
@@ -62,11 +58,14 @@ def tile_plan(block_k: int, words: bool, group_size: int, use_dot: bool, words_o
     """``(BLOCK_K, group aligned, words)`` of a launch. Word tiles may span whole groups (their scales are then
     gathered once per word row), so a GEMV reads 128 bytes of a row per step even with groups of 128; byte tiles
     shrink BLOCK_K to a divisor of the group. A dot per 8-column plane needs ``BLOCK_K >= 128``."""
-    words = words and words_ok and block_k % 8 == 0 and (not use_dot or block_k >= 128)
-    if words and block_k > group_size and block_k % group_size == 0:
+
+    def words_fit(bk: int) -> bool:
+        return words and words_ok and bk % 8 == 0 and (not use_dot or bk >= 128)
+
+    if words_fit(block_k) and block_k > group_size and block_k % group_size == 0:
         return block_k, False, True
     block_k, aligned = aligned_block_k(block_k, group_size, use_dot)
-    return block_k, aligned, words and block_k % 8 == 0 and (not use_dot or block_k >= 128)
+    return block_k, aligned, words_fit(block_k)
 
 
 def default_config(path: str, m: int) -> autotune.KernelConfig:
@@ -113,9 +112,8 @@ def int4_linear(
     scales, qweight = scales.contiguous(), qweight.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
 
-    words_ok = words_supported(qweight, group_size)
-
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
+        words_ok = bool(cfg.words) and words_supported(qweight, group_size)
         if cfg.dequant:
             weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
             block_k, aligned, words = tile_plan(cfg.block_k, bool(cfg.words), group_size, False, words_ok)
@@ -136,7 +134,7 @@ def int4_linear(
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
             USE_DOT=use_dot, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
-            SPLIT=cfg.split_k > 1, WHOLE_TILE=cfg.whole_tile == 1, WORDS=words, BLOCK_W=max(1, block_k // 8),
+            SPLIT=cfg.split_k > 1, WORDS=words, BLOCK_W=max(1, block_k // 8),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

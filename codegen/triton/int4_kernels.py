@@ -9,21 +9,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices, tile_pointers
-
-
-@triton.jit
-def as_float(nibble):
-    """int32 codes in [0, 15] as exact fp32 without an int→float conversion (those run at a fraction of the ALU
-    rate): the code is OR-ed into the mantissa of ``2**23`` and ``2**23`` subtracted."""
-    return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+from qcompile.codegen.triton.tiles import (
+    bits_as_float, load_bias, split_k_range, store_tile, tile_indices, tile_pointers,
+)
 
 
 @triton.jit
 def plane(words, i: tl.constexpr):
     """Nibble ``i`` of int32 ``words`` (element ``8 * word + i``) as exact fp32; ``& 0xF`` undoes the sign
     extension of ``>>`` on the top nibble."""
-    return as_float((words >> (4 * i)) & 0xF)
+    return bits_as_float((words >> (4 * i)) & 0xF, 0.0)
 
 
 @triton.jit
@@ -51,7 +46,7 @@ def int4_linear_kernel(
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    WHOLE_TILE: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
+    WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias``.
@@ -65,11 +60,10 @@ def int4_linear_kernel(
     ``GROUP_ALIGNED`` requires ``GROUP_SIZE % BLOCK_K == 0`` (one scale per column per tile), otherwise scales are
     gathered per element.
 
-    Forms. ``USE_DOT``: the tile is dequantized in registers and fed to ``tl.dot`` accumulating into ``acc``; as two
+    Forms. ``USE_DOT``: the tile is dequantized in registers and fed to ``tl.dot`` accumulating into ``acc``, as two
     half-K dots (low nibbles with the even columns of ``x``, high nibbles with the odd ones, one vector load of the
-    bytes) or, with ``WHOLE_TILE``, as one dot over the ``[BLOCK_K, BLOCK_N]`` codes unpacked by shifts (each byte
-    loaded for both its rows); the tuner tries both. Without ``USE_DOT`` (GEMV, tiny M): a broadcast product; for
-    one row it accumulates elementwise in a ``[BLOCK_K / 2, BLOCK_N]`` tile and reduces once after the loop.
+    bytes). Without ``USE_DOT`` (GEMV, tiny M): a broadcast product; for one row it accumulates elementwise in a
+    ``[BLOCK_K / 2, BLOCK_N]`` tile and reduces once after the loop.
     ``WORDS`` (any path): the bytes are loaded as int32 words, 8 nibbles each, and the tile is handled as 8 planes
     ``[BLOCK_K / 8, BLOCK_N]`` (plane ``i`` holds columns ``8j + i``; with ``USE_DOT`` one dot per plane, so
     ``BLOCK_K >= 128``): a quarter of the elements to address and unpack. Needs ``K_padded % 8 == 0``, a row
@@ -104,17 +98,6 @@ def int4_linear_kernel(
                     acc_words += tl.sum(x.to(tl.float32), axis=0)[:, None] * w
                 else:
                     acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
-        elif USE_DOT and WHOLE_TILE:
-            ks = k0 + offs_k
-            k_mask = ks < K
-            x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-            packed = tl.load(w_cols + (k0 // 2 + offs_k // 2)[:, None], mask=k_mask[:, None] & mask_n[None, :],
-                             other=0).to(tl.int32)  # fmt: skip
-            code = as_float((packed >> ((offs_k % 2) * 4)[:, None]) & 0xF)
-            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, ks, k_mask, stride_sn, k0,
-                                      GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-            w = code * scale - shift
-            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         else:
             k_even = k0 + 2 * offs_h
             k_mask = k_even < K
@@ -122,8 +105,8 @@ def int4_linear_kernel(
                              other=0).to(tl.int32)  # fmt: skip
             scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
                                       GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-            w_even = as_float(packed & 0xF) * scale - shift
-            w_odd = as_float((packed >> 4) & 0xF) * scale - shift
+            w_even = bits_as_float(packed & 0xF, 0.0) * scale - shift
+            w_odd = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
             if USE_DOT:
                 ks = k0 + offs_k
                 x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
@@ -159,8 +142,9 @@ def int4_dequantize_kernel(
 ):  # fmt: skip
     """``out[N, K] = (code - zero) * scale`` in out's dtype: the weight for a cuBLAS GEMM at large M.
 
-    One vector load of ``[BLOCK_N, BLOCK_K / 2]`` bytes; low and high nibbles are interleaved back in registers
-    (``tl.join``) and stored along K. Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))``.
+    Bytes: one vector load of ``[BLOCK_N, BLOCK_K / 2]``, low and high nibbles interleaved back in registers
+    (``tl.join``); ``WORDS``: int32 words, 8 nibble planes joined back. Stored along K.
+    Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))``.
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
@@ -196,8 +180,8 @@ def int4_dequantize_kernel(
         scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
                                   GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
         scale, shift = tl.trans(scale), tl.trans(shift)  # [BLOCK_N, 1] or [BLOCK_N, BLOCK_K / 2]
-        low = as_float(packed & 0xF) * scale - shift
-        high = as_float((packed >> 4) & 0xF) * scale - shift
+        low = bits_as_float(packed & 0xF, 0.0) * scale - shift
+        high = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
         weight = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
     mask = mask_n[:, None] & (offs_k < K)[None, :]
     tl.store(out_ptr + rows * stride_on + offs_k[None, :], weight.to(out_ptr.dtype.element_ty), mask=mask)

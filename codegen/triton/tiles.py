@@ -37,6 +37,14 @@ def tile_pointers(x_ptr, w_ptr, pid_m, pid_n, M, N, stride_xm, stride_wn,
 
 
 @triton.jit
+def bits_as_float(bits, OFFSET: tl.constexpr):
+    """``bits - OFFSET`` as exact fp32 for int32 ``bits`` in ``[0, 2**23)``, without an int→float conversion
+    (those run at a fraction of the ALU rate): the bits are OR-ed into the mantissa of ``2**23``, then
+    ``2**23 + OFFSET`` is subtracted (one constant)."""
+    return (bits | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
 def split_k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
     """``[k_begin, k_end)`` of program 1-axis id: whole ``BLOCK_K`` tiles, the last split may be short or empty."""
     tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)

@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.triton import autotune, candidates, common
-from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices, tile_pointers
+from qcompile.codegen.triton.tiles import (
+    bits_as_float, load_bias, split_k_range, store_tile, tile_indices, tile_pointers,
+)
 from qcompile.schemes import FP8, IntWeightOnly, as_scheme
 
 
@@ -54,19 +56,18 @@ def default_config(path: str, m: int) -> autotune.KernelConfig:
 # -- kernel -------------------------------------------------------------------------------------------------------
 @triton.jit
 def as_float(w):
-    """int8 or e4m3 codes as exact fp32. int8 skips the int→float conversion (a fraction of the ALU rate): the
-    byte, offset to ``q + 128``, is OR-ed into the mantissa of ``2**23`` and ``2**23 + 128`` subtracted."""
+    """int8 or e4m3 codes as exact fp32; int8 bytes go through :func:`byte_as_float`."""
     if w.dtype == tl.int8:
-        return (((w.to(tl.int32) & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        return byte_as_float(w.to(tl.int32) & 0xFF, tl.int8)
     return w.to(tl.float32)
 
 
 @triton.jit
-def byte_plane(words, i: tl.constexpr, CODE_DTYPE: tl.constexpr):
-    """Byte ``i`` of int32 ``words`` as the exact fp32 value of its int8 or e4m3 code."""
-    byte = (words >> (8 * i)) & 0xFF
+def byte_as_float(byte, CODE_DTYPE: tl.constexpr):
+    """The exact fp32 value of an int8 or e4m3 code held in the low 8 bits of int32 ``byte``. int8 skips the
+    int→float conversion: the byte, offset to ``q + 128``, goes through ``tiles.bits_as_float``."""
     if CODE_DTYPE == tl.int8:
-        return ((byte ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        return bits_as_float(byte ^ 0x80, 128.0)
     return byte.to(tl.uint8).to(CODE_DTYPE, bitcast=True).to(tl.float32)
 
 
@@ -104,7 +105,7 @@ def w8a16_linear_kernel(
             kw = k0 // 4 + offs_w
             words = tl.load(w_words + kw[:, None], mask=(kw * 4 < K)[:, None] & mask_n[None, :], other=0)
             for i in tl.static_range(4):
-                w = byte_plane(words, i, qweight_ptr.dtype.element_ty)
+                w = byte_as_float((words >> (8 * i)) & 0xFF, qweight_ptr.dtype.element_ty)
                 ks = kw * 4 + i
                 x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
                 if BLOCK_M == 1:

@@ -119,20 +119,6 @@ def test_int4_dequantize_then_dense_config(scheme_name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g64-sym"])
-def test_int4_whole_tile_dot(dtype, scheme_name):
-    """The one-dot tile form (codes unpacked by shifts) against the reference, ragged K and N, split-K included."""
-    m, k, n = 17, 90, 48
-    qweight, scales, zeros = packed(scheme_name, n, k)
-    x = activation(m, k, dtype)
-    bias = torch.randn(n).to(dtype).to(DEVICE)
-    for split_k in (1, 2):
-        config = autotune.KernelConfig(16, 16, 32, split_k=split_k, whole_tile=1)
-        y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path="gemm", config=config)
-        assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance_for(dtype))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "scheme_name,path,m,k,block_k",
     [

@@ -22,7 +22,7 @@ import dataclasses
 import torch
 
 from qcompile.codegen.triton import autotune, candidates, common
-from qcompile.codegen.triton.int4_kernels import int4_dequantize_kernel, int4_linear_kernel
+from qcompile.codegen.triton.int4_kernels import int4_dequantize_kernel, int4_gemv_kernel, int4_linear_kernel
 from qcompile.schemes import IntWeightOnly, as_scheme
 
 KERNEL_NAME = "int4"
@@ -128,13 +128,26 @@ def int4_linear(
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
+        if not use_dot:
+            block_k, aligned = aligned_block_k(cfg.block_k, group_size, False)
+            words = words_ok and aligned and block_k % 8 == 0
+            int4_gemv_kernel[grid](
+                x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
+                out, work, counts,
+                m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+                GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
+                SPLIT=cfg.split_k > 1, EVEN_K=k % block_k == 0, WORDS=words,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+            return out
         int4_linear_kernel[grid](
             x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
             out, work, counts,
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
             USE_DOT=use_dot, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
-            SPLIT=cfg.split_k > 1, WORDS=words, BLOCK_W=max(1, block_k // 8),
+            SPLIT=cfg.split_k > 1, WORDS=words, BLOCK_W=max(1, block_k // 8), EVEN_K=k % block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.triton.tiles import (
-    bits_as_float, load_bias, split_k_range, store_tile, tile_indices, tile_pointers,
+    bits_as_float, in_k, load_bias, split_k_range, store_tile, tile_indices, tile_pointers, tile_start,
 )
 
 
@@ -46,7 +46,7 @@ def int4_linear_kernel(
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
+    WORDS: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias``.
@@ -82,16 +82,18 @@ def int4_linear_kernel(
     w_words = w_cols.to(tl.pointer_type(tl.int32), bitcast=True)
     acc_words = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)  # the same, for WORDS
     for k0 in range(k_begin, k_end, BLOCK_K):
+        k0 = tile_start(k0, BLOCK_K)
         if WORDS:
             kw = k0 // 8 + offs_w
             k_first = kw * 8
-            words = tl.load(w_words + kw[:, None], mask=(k_first < K)[:, None] & mask_n[None, :], other=0)
-            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_first, k_first < K, stride_sn, k0,
+            w_mask = in_k(k_first, K, EVEN_K)
+            words = tl.load(w_words + kw[:, None], mask=w_mask[:, None] & mask_n[None, :], other=0)
+            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_first, w_mask, stride_sn, k0,
                                       GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
             for i in tl.static_range(8):
                 w = plane(words, i) * scale - shift
                 ks = k_first + i
-                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
+                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
                 if USE_DOT:
                     acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
                 elif BLOCK_M == 1:
@@ -100,7 +102,7 @@ def int4_linear_kernel(
                     acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
         else:
             k_even = k0 + 2 * offs_h
-            k_mask = k_even < K
+            k_mask = in_k(k_even, K, EVEN_K)
             packed = tl.load(w_cols + (k0 // 2 + offs_h)[:, None], mask=k_mask[:, None] & mask_n[None, :],
                              other=0).to(tl.int32)  # fmt: skip
             scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
@@ -109,14 +111,14 @@ def int4_linear_kernel(
             w_odd = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
             if USE_DOT:
                 ks = k0 + offs_k
-                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
+                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
                 x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # deinterleave in registers
                 acc = tl.dot(x_even.to(DOT_DTYPE), w_even.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
                 acc = tl.dot(x_odd.to(DOT_DTYPE), w_odd.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
             else:
                 x_mask = mask_m[:, None] & k_mask[None, :]
                 x_even = tl.load(x_rows + k_even[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=mask_m[:, None] & (k_even + 1 < K)[None, :],
+                x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=mask_m[:, None] & in_k(k_even + 1, K, EVEN_K)[None, :],
                                 other=0.0).to(tl.float32)  # fmt: skip
                 if BLOCK_M == 1:
                     x_even1 = tl.sum(x_even, axis=0)  # [BLOCK_K / 2]: the one row
@@ -130,6 +132,116 @@ def int4_linear_kernel(
             acc += tl.sum(acc_words, axis=0)[None, :]
         else:
             acc += tl.sum(acc_rows, axis=0)[None, :]
+    acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
+
+
+@triton.jit
+def rows_dot(x_even, x_odd, low, high, BLOCK_M: tl.constexpr):
+    """``x_even @ low.T + x_odd @ high.T`` as ``[BLOCK_M, BLOCK_N]`` for ``x_* [BLOCK_M, B]``, ``low/high
+    [BLOCK_N, B]``: one row is a 2-D product reduced along B (no 3-D broadcast)."""
+    if BLOCK_M == 1:
+        return tl.sum(x_even * low + x_odd * high, axis=1)[None, :]
+    return tl.sum(x_even[:, None, :] * low[None, :, :] + x_odd[:, None, :] * high[None, :, :], axis=2)
+
+
+@triton.jit
+def words_dot(words, x_rows, mask_m, k_first, K, OFFSET: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_M: tl.constexpr):  # fmt: skip
+    """``(sum_k x_k (c_k - OFFSET) as [BLOCK_M, BLOCK_N], sum_k x_k as [BLOCK_M])`` over a tile of int32 ``words
+    [BLOCK_N, BLOCK_W]`` (8 nibbles each, columns ``k_first [BLOCK_W] + 0..7``).
+
+    Nibble ``i`` is taken in place, ``words & (0xF << 4i)`` (the upper four from ``words >> 16``), so it converts
+    to ``(c - OFFSET) * 16**(i % 4)`` exactly with one mask and one subtraction, and the activation is scaled by
+    ``16**-(i % 4)`` instead (exact: a power of two), once per tile and shared by every row of the tile.
+    """
+    upper = words >> 16
+    elem = tl.zeros((BLOCK_M, words.shape[0], words.shape[1]), dtype=tl.float32)
+    elem1 = tl.zeros(words.shape, dtype=tl.float32)  # the same for one row, kept 2-D
+    x_sum = tl.zeros((BLOCK_M, words.shape[1]), dtype=tl.float32)
+    for i in tl.static_range(8):
+        if i < 4:
+            code = bits_as_float(words & (0xF << (4 * i)), OFFSET * (16**i))
+        else:
+            code = bits_as_float(upper & (0xF << (4 * (i - 4))), OFFSET * (16 ** (i - 4)))
+        ks = k_first + i
+        x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        x_sum += x
+        if BLOCK_M == 1:
+            elem1 += code * (x * (1.0 / 16 ** (i % 4)))
+        else:
+            elem += code[None, :, :] * (x * (1.0 / 16 ** (i % 4)))[:, None, :]
+    if BLOCK_M == 1:
+        return tl.sum(elem1, axis=1)[None, :], tl.sum(x_sum, axis=1)
+    return tl.sum(elem, axis=2), tl.sum(x_sum, axis=1)
+
+
+@triton.jit
+def int4_gemv_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
+    M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
+    GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
+    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, WORDS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``out[M, N] = x[M, K] @ dequant(qweight).T + bias`` for a few rows (``BLOCK_M <= 4``), without ``tl.dot``.
+
+    The tile is ``[BLOCK_N, BLOCK_K / 2]`` packed bytes with the weight's rows along the contiguous axis, so a
+    thread loads 16 bytes at once. When the tile lies in one group (``GROUP_ALIGNED``) the scale is applied once
+    per tile and row, not per weight: ``sum_k x_k (c_k - z) s = s * sum_k x_k c_k - s z * sum_k x_k``.
+    ``WORDS`` (needs ``GROUP_ALIGNED``, 4-byte aligned rows): the tile is read as int32 words and each nibble costs
+    a mask, a subtraction and a fused multiply-add (:func:`words_dot`); otherwise bytes, split into their two
+    nibbles, with the scales gathered per weight when a tile spans groups.
+    Same arguments and grid as :func:`int4_linear_kernel` (no ``GROUP_M``).
+    """
+    pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, 1)
+    k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_qn  # [BLOCK_N, 1]
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    offs_w = tl.arange(0, max(BLOCK_K // 8, 1))
+    offset: tl.constexpr = 8.0 if SYMMETRIC else 0.0  # symmetric codes become c - 8 in the conversion
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k0 = tile_start(k0, BLOCK_K)
+        if WORDS:
+            k_first = k0 + 8 * offs_w
+            w_mask = mask_n[:, None] & in_k(k_first, K, EVEN_K)[None, :]
+            words = tl.load(w_rows.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 8 + offs_w)[None, :],
+                            mask=w_mask, other=0)  # fmt: skip
+            part, x_sum = words_dot(words, x_rows, mask_m, k_first, K, offset, EVEN_K, BLOCK_M)
+        else:
+            k_even = k0 + 2 * offs_b
+            k_mask = in_k(k_even, K, EVEN_K)
+            packed = tl.load(w_rows + (k0 // 2 + offs_b)[None, :], mask=mask_n[:, None] & k_mask[None, :],
+                             other=0).to(tl.int32)  # fmt: skip
+            x_even = tl.load(x_rows + k_even[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+            x_odd = tl.load(x_rows + k_even[None, :] + 1,
+                            mask=mask_m[:, None] & in_k(k_even + 1, K, EVEN_K)[None, :], other=0.0)  # fmt: skip
+            x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
+            x_sum = tl.sum(x_even + x_odd, axis=1)
+            if GROUP_ALIGNED:
+                low = bits_as_float(packed & 0xF, offset)
+                high = bits_as_float((packed >> 4) & 0xF, offset)
+                part = rows_dot(x_even, x_odd, low, high, BLOCK_M)
+            else:
+                scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
+                                          GROUP_SIZE, SYMMETRIC, False)  # fmt: skip
+                scale, shift = tl.trans(scale), tl.trans(shift)
+                low = bits_as_float(packed & 0xF, 0.0) * scale - shift
+                high = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
+                acc += rows_dot(x_even, x_odd, low, high, BLOCK_M)
+        if GROUP_ALIGNED:
+            meta = offs_n * stride_sn + k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + meta, mask=mask_n, other=0.0)[None, :]
+            acc += part * scale
+            if not SYMMETRIC:
+                zero_scale = tl.load(zeros_ptr + meta, mask=mask_n, other=0.0)[None, :] * scale
+                acc -= x_sum[:, None] * zero_scale
     acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
 

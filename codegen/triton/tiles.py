@@ -45,6 +45,22 @@ def bits_as_float(bits, OFFSET: tl.constexpr):
 
 
 @triton.jit
+def in_k(ks, K, EVEN_K: tl.constexpr):
+    """The bounds mask ``ks < K``; all true when ``EVEN_K`` (K a multiple of BLOCK_K) so loads stay vectorized:
+    a mask that varies along the contiguous axis splits a 16-byte load into single elements."""
+    if EVEN_K:
+        return tl.full(ks.shape, 1, tl.int1)
+    return ks < K
+
+
+@triton.jit
+def tile_start(k0, BLOCK_K: tl.constexpr):
+    """``k0`` with its alignment stated: split ranges start on whole tiles, and without the hint the compiler
+    cannot prove it through the loop, so it loads packed bytes one at a time."""
+    return tl.multiple_of(k0, BLOCK_K)
+
+
+@triton.jit
 def split_k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
     """``[k_begin, k_end)`` of program 1-axis id: whole ``BLOCK_K`` tiles, the last split may be short or empty."""
     tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from qcompile.codegen.triton import autotune, candidates, common
 from qcompile.codegen.triton.tiles import (
-    bits_as_float, load_bias, split_k_range, store_tile, tile_indices, tile_pointers,
+    bits_as_float, in_k, load_bias, split_k_range, store_tile, tile_indices, tile_pointers, tile_start,
 )
 from qcompile.schemes import FP8, IntWeightOnly, as_scheme
 
@@ -76,7 +76,7 @@ def w8a16_linear_kernel(
     x_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_om,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
+    SPLIT: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = (x[M, K] @ float(qweight).T) * scales[N] + bias``.
@@ -101,20 +101,21 @@ def w8a16_linear_kernel(
     w_words = w_cols.to(tl.pointer_type(tl.int32), bitcast=True)
     acc_words = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)  # the same, for WORDS
     for k0 in range(k_begin, k_end, BLOCK_K):
+        k0 = tile_start(k0, BLOCK_K)
         if WORDS:
             kw = k0 // 4 + offs_w
-            words = tl.load(w_words + kw[:, None], mask=(kw * 4 < K)[:, None] & mask_n[None, :], other=0)
+            words = tl.load(w_words + kw[:, None], mask=in_k(kw * 4, K, EVEN_K)[:, None] & mask_n[None, :], other=0)
             for i in tl.static_range(4):
                 w = byte_as_float((words >> (8 * i)) & 0xFF, qweight_ptr.dtype.element_ty)
                 ks = kw * 4 + i
-                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)
+                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
                 if BLOCK_M == 1:
                     acc_words += tl.sum(x.to(tl.float32), axis=0)[:, None] * w
                 else:
                     acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
         else:
             ks = k0 + offs_k
-            mask_k = ks < K
+            mask_k = in_k(ks, K, EVEN_K)
             x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_cols + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if USE_DOT:
@@ -188,7 +189,7 @@ def w8a16_linear(
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, USE_DOT=path != "gemv", DOT_DTYPE=common.dot_dtype(x.dtype),
             DOT_PRECISION=common.dot_precision(x.dtype),
-            SPLIT=cfg.split_k > 1, WORDS=words, BLOCK_W=max(1, cfg.block_k // 4),
+            SPLIT=cfg.split_k > 1, WORDS=words, BLOCK_W=max(1, cfg.block_k // 4), EVEN_K=k % cfg.block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

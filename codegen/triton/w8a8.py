@@ -27,7 +27,9 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.triton import autotune, candidates, common
-from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices, tile_pointers
+from qcompile.codegen.triton.tiles import (
+    in_k, load_bias, split_k_range, store_tile, tile_indices, tile_pointers, tile_start,
+)
 from qcompile.schemes import FP8, W8A8Int, as_scheme
 
 INT8_MAX = 127.0
@@ -123,7 +125,7 @@ def quantize_rows_kernel(
 def w8a8_linear_kernel(
     xq_ptr, x_scale_ptr, qweight_ptr, scales_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_om,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = (xq[M, K] @ qweight.T) * x_scale[M] * scales[N] + bias``.
@@ -142,8 +144,8 @@ def w8a8_linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        mask_k = ks < K
+        ks = tile_start(k0, BLOCK_K) + offs_k
+        mask_k = in_k(ks, K, EVEN_K)
         a = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_cols + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
@@ -197,8 +199,8 @@ def w8a8_linear(
             x_q, x_scale, qweight, scales, scales if bias is None else bias, out, work, counts,
             m, n, k, cfg.split_k, x_q.stride(0), qweight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, ACC_DTYPE=tl.float32 if to_fp8 else tl.int32, SPLIT=cfg.split_k > 1,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         return out
 

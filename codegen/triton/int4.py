@@ -37,21 +37,31 @@ def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.d
 def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) -> list[autotune.KernelConfig]:
     """Two dots of ``BLOCK_K / 2`` per tile: dot paths need ``BLOCK_K >= 32``. Every tile shape is tried with
     bytes and with int32 words (``words``). With ``group_size``, BLOCK_K becomes what the launch would use
-    (:func:`tile_plan`), word forms that would not apply are left out, and duplicates dropped."""
+    (:func:`gemv_plan`, :func:`tile_plan`), word forms that would not apply are left out, and duplicates dropped."""
     out = []
     for config in candidates.standard_candidates(path, m, k):
         if path != "gemv" and config.block_k < 32:
             continue
         for variant in (config, dataclasses.replace(config, words=1)):
             if group_size is not None:
-                use_dot = path != "gemv" and not variant.dequant
-                block_k, _, words = tile_plan(variant.block_k, bool(variant.words), group_size, use_dot, True)
+                if path == "gemv" and not variant.dequant:
+                    block_k, _, words = gemv_plan(variant.block_k, bool(variant.words), group_size, True)
+                else:
+                    use_dot = not variant.dequant
+                    block_k, _, words = tile_plan(variant.block_k, bool(variant.words), group_size, use_dot, True)
                 if variant.words and not words:
                     continue
                 variant = dataclasses.replace(variant, block_k=block_k)
             if variant not in out:
                 out.append(variant)
     return out
+
+
+def gemv_plan(block_k: int, words: bool, group_size: int, words_ok: bool) -> tuple[int, bool, bool]:
+    """``(BLOCK_K, group aligned, words)`` of a GEMV launch: tiles lie within one group (BLOCK_K shrinks to divide
+    it) so the scale is applied per tile; words need such a tile of whole words."""
+    block_k, aligned = aligned_block_k(block_k, group_size, False)
+    return block_k, aligned, words and words_ok and aligned and block_k % 8 == 0
 
 
 def tile_plan(block_k: int, words: bool, group_size: int, use_dot: bool, words_ok: bool) -> tuple[int, bool, bool]:
@@ -124,13 +134,11 @@ def int4_linear(
                 BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
             )  # fmt: skip
             return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
-        block_k, aligned, words = tile_plan(cfg.block_k, bool(cfg.words), group_size, use_dot, words_ok)
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
         if not use_dot:
-            block_k, aligned = aligned_block_k(cfg.block_k, group_size, False)
-            words = words_ok and aligned and block_k % 8 == 0
+            block_k, aligned, words = gemv_plan(cfg.block_k, bool(cfg.words), group_size, words_ok)
             int4_gemv_kernel[grid](
                 x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
                 out, work, counts,
@@ -141,12 +149,13 @@ def int4_linear(
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
             return out
+        block_k, aligned, words = tile_plan(cfg.block_k, bool(cfg.words), group_size, True, words_ok)
         int4_linear_kernel[grid](
             x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
             out, work, counts,
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
-            USE_DOT=use_dot, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
+            DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
             SPLIT=cfg.split_k > 1, WORDS=words, BLOCK_W=max(1, block_k // 8), EVEN_K=k % block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

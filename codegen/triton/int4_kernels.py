@@ -10,7 +10,14 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.triton.tiles import (
-    bits_as_float, in_k, load_bias, split_k_range, store_tile, tile_indices, tile_pointers, tile_start,
+    bits_as_float,
+    in_k,
+    load_bias,
+    split_k_range,
+    store_tile,
+    tile_indices,
+    tile_pointers,
+    tile_start,
 )
 
 
@@ -45,29 +52,26 @@ def int4_linear_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     WORDS: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """``out[M, N] = x[M, K] @ dequant(qweight).T + bias``.
+    """``out[M, N] = x[M, K] @ dequant(qweight).T + bias`` with ``tl.dot`` (split-K and GEMM paths).
 
     Shapes and dtypes: ``x`` fp16/bf16/fp32 ``[M, K]`` (unit stride along K); ``qweight`` uint8 ``[N, K_padded/2]``;
     ``scales``/``zeros`` fp32 ``[N, K_padded/GROUP_SIZE]`` (``zeros`` unused when ``SYMMETRIC``); ``bias`` ``[N]``;
     ``out`` ``[M, N]`` in x's dtype; with ``SPLIT`` the splits meet in the fp32 workspace ``work [M, N]`` and the
     int32 tile counters ``count`` (zeros before and after, see ``tiles.store_tile``).
     Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
-    Constraints: ``BLOCK_K`` even; with ``USE_DOT`` ``BLOCK_M, BLOCK_N >= 16`` and ``BLOCK_K >= 32``;
-    ``GROUP_ALIGNED`` requires ``GROUP_SIZE % BLOCK_K == 0`` (one scale per column per tile), otherwise scales are
-    gathered per element.
+    Constraints: ``BLOCK_M, BLOCK_N >= 16`` and ``BLOCK_K >= 32``; ``GROUP_ALIGNED`` requires
+    ``GROUP_SIZE % BLOCK_K == 0`` (one scale per column per tile), otherwise scales are gathered per element.
 
-    Forms. ``USE_DOT``: the tile is dequantized in registers and fed to ``tl.dot`` accumulating into ``acc``, as two
-    half-K dots (low nibbles with the even columns of ``x``, high nibbles with the odd ones, one vector load of the
-    bytes). Without ``USE_DOT`` (GEMV, tiny M): a broadcast product; for one row it accumulates elementwise in a
-    ``[BLOCK_K / 2, BLOCK_N]`` tile and reduces once after the loop.
-    ``WORDS`` (any path): the bytes are loaded as int32 words, 8 nibbles each, and the tile is handled as 8 planes
-    ``[BLOCK_K / 8, BLOCK_N]`` (plane ``i`` holds columns ``8j + i``; with ``USE_DOT`` one dot per plane, so
-    ``BLOCK_K >= 128``): a quarter of the elements to address and unpack. Needs ``K_padded % 8 == 0``, a row
-    stride and base aligned to 4 bytes and ``GROUP_SIZE % 8 == 0``.
+    The tile is dequantized in registers and fed to ``tl.dot`` as two half-K dots (low nibbles with the even
+    columns of ``x``, high nibbles with the odd ones, one vector load of the bytes). ``WORDS``: the bytes are
+    loaded as int32 words, 8 nibbles each, and the tile is handled as 8 planes ``[BLOCK_K / 8, BLOCK_N]`` (plane
+    ``i`` holds columns ``8j + i``), one dot per plane, so ``BLOCK_K >= 128``. Needs ``K_padded % 8 == 0``, a row
+    stride and base aligned to 4 bytes and ``GROUP_SIZE % 8 == 0``. The one-to-four-row GEMV is
+    :func:`int4_gemv_kernel`.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
@@ -77,10 +81,8 @@ def int4_linear_kernel(
     offs_h = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_rows = tl.zeros((BLOCK_K // 2, BLOCK_N), dtype=tl.float32)  # the one-row GEMV's elementwise sums
     offs_w = tl.arange(0, BLOCK_W)  # BLOCK_W = BLOCK_K / 8 with WORDS (1 otherwise, unused)
     w_words = w_cols.to(tl.pointer_type(tl.int32), bitcast=True)
-    acc_words = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)  # the same, for WORDS
     for k0 in range(k_begin, k_end, BLOCK_K):
         k0 = tile_start(k0, BLOCK_K)
         if WORDS:
@@ -94,12 +96,7 @@ def int4_linear_kernel(
                 w = plane(words, i) * scale - shift
                 ks = k_first + i
                 x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
-                if USE_DOT:
-                    acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-                elif BLOCK_M == 1:
-                    acc_words += tl.sum(x.to(tl.float32), axis=0)[:, None] * w
-                else:
-                    acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+                acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         else:
             k_even = k0 + 2 * offs_h
             k_mask = in_k(k_even, K, EVEN_K)
@@ -109,29 +106,11 @@ def int4_linear_kernel(
                                       GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
             w_even = bits_as_float(packed & 0xF, 0.0) * scale - shift
             w_odd = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
-            if USE_DOT:
-                ks = k0 + offs_k
-                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
-                x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # deinterleave in registers
-                acc = tl.dot(x_even.to(DOT_DTYPE), w_even.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-                acc = tl.dot(x_odd.to(DOT_DTYPE), w_odd.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-            else:
-                x_mask = mask_m[:, None] & k_mask[None, :]
-                x_even = tl.load(x_rows + k_even[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=mask_m[:, None] & in_k(k_even + 1, K, EVEN_K)[None, :],
-                                other=0.0).to(tl.float32)  # fmt: skip
-                if BLOCK_M == 1:
-                    x_even1 = tl.sum(x_even, axis=0)  # [BLOCK_K / 2]: the one row
-                    x_odd1 = tl.sum(x_odd, axis=0)
-                    acc_rows += x_even1[:, None] * w_even + x_odd1[:, None] * w_odd
-                else:
-                    acc += tl.sum(x_even[:, :, None] * w_even[None, :, :], axis=1)
-                    acc += tl.sum(x_odd[:, :, None] * w_odd[None, :, :], axis=1)
-    if not USE_DOT and BLOCK_M == 1:
-        if WORDS:
-            acc += tl.sum(acc_words, axis=0)[None, :]
-        else:
-            acc += tl.sum(acc_rows, axis=0)[None, :]
+            ks = k0 + offs_k
+            x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # deinterleave in registers
+            acc = tl.dot(x_even.to(DOT_DTYPE), w_even.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x_odd.to(DOT_DTYPE), w_odd.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
 

@@ -21,7 +21,14 @@ import triton.language as tl
 
 from qcompile.codegen.triton import autotune, candidates, common
 from qcompile.codegen.triton.tiles import (
-    bits_as_float, in_k, load_bias, split_k_range, store_tile, tile_indices, tile_pointers, tile_start,
+    bits_as_float,
+    in_k,
+    load_bias,
+    split_k_range,
+    store_tile,
+    tile_indices,
+    tile_pointers,
+    tile_start,
 )
 from qcompile.schemes import FP8, IntWeightOnly, as_scheme
 

@@ -28,7 +28,13 @@ import triton.language as tl
 
 from qcompile.codegen.triton import autotune, candidates, common
 from qcompile.codegen.triton.tiles import (
-    in_k, load_bias, split_k_range, store_tile, tile_indices, tile_pointers, tile_start,
+    in_k,
+    load_bias,
+    split_k_range,
+    store_tile,
+    tile_indices,
+    tile_pointers,
+    tile_start,
 )
 from qcompile.schemes import FP8, W8A8Int, as_scheme
 

@@ -226,22 +226,24 @@ def report_rows(cases, capability: int = DEFAULT_CAPABILITY) -> list[dict]:
 
 
 def default_cases(k: int = 4096, n: int = 14336) -> list[Case]:
-    """The forms that matter at decode and prefill on Llama-8B-like shapes."""
-    from qcompile.codegen.triton import candidates, int4, w8a16
+    """The forms that matter at decode and prefill on a Llama-8B-like shape (the GPU defaults, tuned or not)."""
+    from qcompile.codegen.triton import candidates, int4, w8a8, w8a16
     from qcompile.codegen.triton.autotune import KernelConfig
 
     gemv = candidates.standard_default("gemv", 1)
-    out = []
-    for words in (0, 1):
-        cfg = dataclasses.replace(gemv, words=words)
-        out.append(Case("int4", "int4-g128", "gemv", 1, k, n, cfg))
-        out.append(Case("w8a16", "int8", "gemv", 1, k, n, cfg))
-    out.append(Case("int4", "int4-g128", "gemv", 1, k, n, KernelConfig(1, 128, 256, split_k=4, num_warps=8,
-                                                                       num_stages=2)))  # fmt: skip
-    out.append(Case("int4", "int4-g128", "splitk", 16, k, n, candidates.standard_default("splitk", 16)))
+    out = [
+        Case("int4", "int4-g128", "gemv", 1, k, n, KernelConfig(1, 64, 128, split_k=4, num_stages=2)),
+        Case("int4", "int4-g128", "gemv", 1, k, n, KernelConfig(1, 128, 128, split_k=8, num_stages=2, words=1)),
+        Case("int4", "int4-g128-sym", "gemv", 1, k, n, KernelConfig(1, 256, 128, split_k=4, num_stages=2, words=1)),
+        Case("int4", "int4-g128", "gemv", 4, k, n, KernelConfig(4, 64, 128, split_k=4, num_stages=2, words=1)),
+        Case("w8a16", "int8", "gemv", 1, k, n, gemv),
+        Case("w8a16", "int8", "gemv", 1, k, n, dataclasses.replace(gemv, words=1)),
+        Case("int4", "int4-g128", "splitk", 16, k, n, int4.default_config("splitk", 16)),
+    ]
     for m in (64, 256):
         out.append(Case("int4", "int4-g128", "gemm", m, k, n, int4.default_config("gemm", m)))
         out.append(Case("w8a16", "int8", "gemm", m, k, n, w8a16.default_config("gemm", m)))
+    out.append(Case("w8a8", "w8a8", "gemm", 256, k, n, w8a8.default_config(256)))
     out.append(Case("int4", "int4-g128", "gemm", 2048, k, n, candidates.DEQUANT_CONFIG))
     return out
 

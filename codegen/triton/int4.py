@@ -6,11 +6,11 @@ Reads the canonical packed layout (``qcompile.schemes.integer`` / ``packing``) d
     scales  float32 [N, G]            G = K_padded / group_size
     zeros   float32 [N, G]            asymmetric: w = (u - zero) * scale;  symmetric (no zeros): w = (u - 8) * scale
 
-The kernels (``int4_kernels.py``) dequantize each tile in registers as ``code * scale - zero * scale`` (codes
-become floats by OR-ing exponent bits, no int→float conversion) and feed it to ``tl.dot`` or, for tiny M, to a
-broadcast product. Tile forms the tuner chooses among: half tiles (even/odd columns, one byte load), int32 words
-(8 nibble planes a tile), and, for large M, dequantize-then-cuBLAS. Columns
-``K .. K_padded`` are masked (``K = x.shape[-1]``).
+The kernels (``int4_kernels.py``): for one to four rows a GEMV without ``tl.dot`` that applies each group's scale
+once per tile (bytes, or int32 words at two instructions a nibble); from five rows a dot kernel that dequantizes
+the weight tile in registers (``code * scale - zero * scale``; codes become floats by OR-ing exponent bits, no
+int→float conversion) and feeds it to ``tl.dot`` as the first operand of the transposed product; for large M
+also dequantize-then-cuBLAS. Columns ``K .. K_padded`` are masked (``K = x.shape[-1]``).
 
 Order of this file: autotune key, config generators, the launcher.
 """
@@ -35,20 +35,17 @@ def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.d
 
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) -> list[autotune.KernelConfig]:
-    """Two dots of ``BLOCK_K / 2`` per tile: dot paths need ``BLOCK_K >= 32``. Every tile shape is tried with
-    bytes and with int32 words (``words``). With ``group_size``, BLOCK_K becomes what the launch would use
-    (:func:`gemv_plan`, :func:`tile_plan`), word forms that would not apply are left out, and duplicates dropped."""
+    """The standard candidates (dot paths need ``BLOCK_K >= 32``); GEMV and dequantize tiles also with int32 words
+    (``words``). With ``group_size``, BLOCK_K becomes what the launch would use (:func:`plan`), word forms that
+    would not apply are left out, and duplicates dropped."""
     out = []
     for config in candidates.standard_candidates(path, m, k):
-        if path != "gemv" and config.block_k < 32:
+        dot = path != "gemv" and not config.dequant
+        if dot and config.block_k < 32:
             continue
-        for variant in (config, dataclasses.replace(config, words=1)):
+        for variant in (config,) if dot else (config, dataclasses.replace(config, words=1)):
             if group_size is not None:
-                if path == "gemv" and not variant.dequant:
-                    block_k, _, words = gemv_plan(variant.block_k, bool(variant.words), group_size, True)
-                else:
-                    use_dot = not variant.dequant
-                    block_k, _, words = tile_plan(variant.block_k, bool(variant.words), group_size, use_dot, True)
+                block_k, _, words = plan(path, variant, group_size, True)
                 if variant.words and not words:
                     continue
                 variant = dataclasses.replace(variant, block_k=block_k)
@@ -57,29 +54,29 @@ def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) 
     return out
 
 
-def gemv_plan(block_k: int, words: bool, group_size: int, words_ok: bool) -> tuple[int, bool, bool]:
-    """``(BLOCK_K, group aligned, words)`` of a GEMV launch: tiles lie within one group (BLOCK_K shrinks to divide
-    it) so the scale is applied per tile; words need such a tile of whole words."""
-    block_k, aligned = aligned_block_k(block_k, group_size, False)
-    return block_k, aligned, words and words_ok and aligned and block_k % 8 == 0
+def plan(path: str, config: autotune.KernelConfig, group_size: int, words_ok: bool) -> tuple[int, bool, bool]:
+    """``(BLOCK_K, group aligned, words)`` of a launch with ``config``; ``words_ok``: the rows can be read as words.
 
-
-def tile_plan(block_k: int, words: bool, group_size: int, use_dot: bool, words_ok: bool) -> tuple[int, bool, bool]:
-    """``(BLOCK_K, group aligned, words)`` of a launch. Word tiles may span whole groups (their scales are then
-    gathered once per word row), so a GEMV reads 128 bytes of a row per step even with groups of 128; byte tiles
-    shrink BLOCK_K to a divisor of the group. A dot per 8-column plane needs ``BLOCK_K >= 128``."""
-
-    def words_fit(bk: int) -> bool:
-        return words and words_ok and bk % 8 == 0 and (not use_dot or bk >= 128)
-
-    if words_fit(block_k) and block_k > group_size and block_k % group_size == 0:
-        return block_k, False, True
-    block_k, aligned = aligned_block_k(block_k, group_size, use_dot)
-    return block_k, aligned, words_fit(block_k)
+    GEMV and dot tiles lie within one group where they can (BLOCK_K shrinks to divide it), so a tile reads one
+    scale per row; GEMV words need such a tile of whole words, dot tiles take bytes. Dequantize word tiles may span
+    whole groups (scales gathered once per word)."""
+    words = bool(config.words) and words_ok
+    if config.dequant:
+        if words and config.block_k % 8 == 0 and config.block_k > group_size and config.block_k % group_size == 0:
+            return config.block_k, False, True
+        block_k, aligned = aligned_block_k(config.block_k, group_size, False)
+        return block_k, aligned, words and block_k % 8 == 0
+    block_k, aligned = aligned_block_k(config.block_k, group_size, path != "gemv")
+    return block_k, aligned, path == "gemv" and words and aligned and block_k % 8 == 0
 
 
 def default_config(path: str, m: int) -> autotune.KernelConfig:
-    return candidates.standard_default(path, m)
+    """The standard default; on a GPU the GEMV reads words (two instructions a nibble, sm_90 SASS) in tiles of
+    128 rows, split 8 ways so that even N = 4096 gives 256 programs."""
+    config = candidates.standard_default(path, m)
+    if path == "gemv" and not common.interpreting():
+        config = dataclasses.replace(config, block_n=128, split_k=8, words=1)
+    return config
 
 
 def aligned_block_k(block_k: int, group_size: int, use_dot: bool) -> tuple[int, bool]:
@@ -123,40 +120,40 @@ def int4_linear(
     zeros = zeros.contiguous() if zeros is not None else None
 
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
-        words_ok = bool(cfg.words) and words_supported(qweight, group_size)
+        words_ok = words_supported(qweight, group_size)
         if cfg.dequant:
             weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
-            block_k, aligned, words = tile_plan(cfg.block_k, bool(cfg.words), group_size, False, words_ok)
+            block_k, aligned, words = plan(path, cfg, group_size, words_ok)
             int4_dequantize_kernel[(common.cdiv(n, cfg.block_n), common.cdiv(k, block_k))](
                 qweight, scales, scales if zeros is None else zeros, weight, n, k,
                 qweight.stride(0), scales.stride(0), weight.stride(0),
                 GROUP_SIZE=group_size, SYMMETRIC=zeros is None, GROUP_ALIGNED=aligned, WORDS=words,
-                BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
+                EVEN_K=k % block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
             )  # fmt: skip
             return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
         if not use_dot:
-            block_k, aligned, words = gemv_plan(cfg.block_k, bool(cfg.words), group_size, words_ok)
+            block_k, aligned, words = plan(path, cfg, group_size, words_ok)
             int4_gemv_kernel[grid](
                 x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
                 out, work, counts,
                 m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
                 GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
-                SPLIT=cfg.split_k > 1, EVEN_K=k % block_k == 0, WORDS=words,
+                SPLIT=cfg.split_k > 1, EVEN_K=k % block_k == 0, EVEN_M=m % cfg.block_m == 0, WORDS=words,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
             return out
-        block_k, aligned, words = tile_plan(cfg.block_k, bool(cfg.words), group_size, True, words_ok)
+        block_k, aligned, _ = plan(path, cfg, group_size, False)
         int4_linear_kernel[grid](
             x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
             out, work, counts,
             m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
             DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
-            SPLIT=cfg.split_k > 1, WORDS=words, BLOCK_W=max(1, block_k // 8), EVEN_K=k % block_k == 0,
+            SPLIT=cfg.split_k > 1, EVEN_K=k % block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

@@ -16,7 +16,6 @@ from qcompile.codegen.triton.tiles import (
     split_k_range,
     store_tile,
     tile_indices,
-    tile_pointers,
     tile_start,
 )
 
@@ -52,8 +51,7 @@ def int4_linear_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    WORDS: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias`` with ``tl.dot`` (split-K and GEMM paths).
@@ -66,51 +64,38 @@ def int4_linear_kernel(
     Constraints: ``BLOCK_M, BLOCK_N >= 16`` and ``BLOCK_K >= 32``; ``GROUP_ALIGNED`` requires
     ``GROUP_SIZE % BLOCK_K == 0`` (one scale per column per tile), otherwise scales are gathered per element.
 
-    The tile is dequantized in registers and fed to ``tl.dot`` as two half-K dots (low nibbles with the even
-    columns of ``x``, high nibbles with the odd ones, one vector load of the bytes). ``WORDS``: the bytes are
-    loaded as int32 words, 8 nibbles each, and the tile is handled as 8 planes ``[BLOCK_K / 8, BLOCK_N]`` (plane
-    ``i`` holds columns ``8j + i``), one dot per plane, so ``BLOCK_K >= 128``. Needs ``K_padded % 8 == 0``, a row
-    stride and base aligned to 4 bytes and ``GROUP_SIZE % 8 == 0``. The one-to-four-row GEMV is
-    :func:`int4_gemv_kernel`.
+    The product is computed transposed, ``out.T = dequant(W) @ x.T``: the dequantized weight tile is the dot's
+    first operand, which the tensor cores take straight from registers (on Hopper, ``wgmma`` with A in registers),
+    so it is never written to shared memory; the activations, a small tile, are the second. The packed tile
+    ``[BLOCK_N, BLOCK_K / 2]`` lies along the weight rows (16-byte loads); its low and high nibbles are joined
+    back into ``[BLOCK_N, BLOCK_K]`` in registers. The one-to-four-row GEMV is :func:`int4_gemv_kernel`.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
-    offs_m, offs_n, mask_m, mask_n, x_rows, w_cols = tile_pointers(
-        x_ptr, qweight_ptr, pid_m, pid_n, M, N, stride_xm, stride_qn, BLOCK_M, BLOCK_N
-    )
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # [1, BLOCK_M]: x.T's columns
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_qn  # [BLOCK_N, 1]
     offs_h = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_w = tl.arange(0, BLOCK_W)  # BLOCK_W = BLOCK_K / 8 with WORDS (1 otherwise, unused)
-    w_words = w_cols.to(tl.pointer_type(tl.int32), bitcast=True)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out.T's tile
     for k0 in range(k_begin, k_end, BLOCK_K):
         k0 = tile_start(k0, BLOCK_K)
-        if WORDS:
-            kw = k0 // 8 + offs_w
-            k_first = kw * 8
-            w_mask = in_k(k_first, K, EVEN_K)
-            words = tl.load(w_words + kw[:, None], mask=w_mask[:, None] & mask_n[None, :], other=0)
-            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_first, w_mask, stride_sn, k0,
-                                      GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-            for i in tl.static_range(8):
-                w = plane(words, i) * scale - shift
-                ks = k_first + i
-                x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
-                acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        else:
-            k_even = k0 + 2 * offs_h
-            k_mask = in_k(k_even, K, EVEN_K)
-            packed = tl.load(w_cols + (k0 // 2 + offs_h)[:, None], mask=k_mask[:, None] & mask_n[None, :],
-                             other=0).to(tl.int32)  # fmt: skip
-            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
-                                      GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-            w_even = bits_as_float(packed & 0xF, 0.0) * scale - shift
-            w_odd = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
-            ks = k0 + offs_k
-            x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # deinterleave in registers
-            acc = tl.dot(x_even.to(DOT_DTYPE), w_even.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(x_odd.to(DOT_DTYPE), w_odd.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        k_even = k0 + 2 * offs_h
+        k_mask = in_k(k_even, K, EVEN_K)
+        packed = tl.load(w_rows + (k0 // 2 + offs_h)[None, :], mask=mask_n[:, None] & k_mask[None, :],
+                         other=0).to(tl.int32)  # fmt: skip
+        scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
+                                  GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
+        scale, shift = tl.trans(scale), tl.trans(shift)  # [BLOCK_N, 1] or [BLOCK_N, BLOCK_K / 2]
+        low = bits_as_float(packed & 0xF, 0.0) * scale - shift
+        high = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
+        weight = tl.reshape(tl.join(low.to(DOT_DTYPE), high.to(DOT_DTYPE)), (BLOCK_N, BLOCK_K))
+        ks = k0 + offs_k
+        x_t = tl.load(x_cols + ks[:, None], mask=in_k(ks, K, EVEN_K)[:, None] & mask_m[None, :], other=0.0)
+        acc = tl.dot(weight, x_t.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+    acc = tl.trans(acc)
     acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
 
@@ -124,36 +109,44 @@ def rows_dot(x_even, x_odd, low, high, BLOCK_M: tl.constexpr):
     return tl.sum(x_even[:, None, :] * low[None, :, :] + x_odd[:, None, :] * high[None, :, :], axis=2)
 
 
-@triton.jit
-def words_dot(words, x_rows, mask_m, k_first, K, OFFSET: tl.constexpr, EVEN_K: tl.constexpr,
-              BLOCK_M: tl.constexpr):  # fmt: skip
-    """``(sum_k x_k (c_k - OFFSET) as [BLOCK_M, BLOCK_N], sum_k x_k as [BLOCK_M])`` over a tile of int32 ``words
-    [BLOCK_N, BLOCK_W]`` (8 nibbles each, columns ``k_first [BLOCK_W] + 0..7``).
+#: ``words_dot`` sums ``c * x * 2**-DENORMAL_SHIFT``: the activation is scaled up by ``2**(149 - DENORMAL_SHIFT)``
+DENORMAL_SHIFT = tl.constexpr(64)
 
-    Nibble ``i`` is taken in place, ``words & (0xF << 4i)`` (the upper four from ``words >> 16``), so it converts
-    to ``(c - OFFSET) * 16**(i % 4)`` exactly with one mask and one subtraction, and the activation is scaled by
-    ``16**-(i % 4)`` instead (exact: a power of two), once per tile and shared by every row of the tile.
+
+@triton.jit
+def words_dot(words, x_rows, mask_m, k_first, K, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``sum_k x_k c_k * 2**-DENORMAL_SHIFT`` as ``[BLOCK_M, BLOCK_N]`` over a tile of int32
+    ``words [BLOCK_N, BLOCK_W]`` (8 nibble codes ``c`` each, for columns ``k_first [BLOCK_W] + 0..7``).
+
+    A nibble costs one AND and one fused multiply-add. Masked in place, ``words & (0xF << 4i)`` is a float32 bit
+    pattern below ``2**24``, whose value is exactly ``c * 16**i * 2**-149`` (a subnormal, or the smallest normal
+    binade, where float value and bit pattern are proportional); nibbles 6 and 7 are shifted down by 12 bits
+    first. The activation is scaled by ``2**(149 - DENORMAL_SHIFT) / 16**i`` to match (exact: a power of two),
+    once per tile for all the rows of the tile, so every product is ``c * x * 2**-DENORMAL_SHIFT`` as in float64.
+    GPUs keep subnormal operands of ``fma.rn.f32`` (triton does not flush them). Range: ``|x| < 2**42`` (larger
+    activations overflow to inf, visibly), and terms with ``|c x| < 2**-62`` lose relative precision.
     """
-    upper = words >> 16
+    upper = words.to(tl.uint32, bitcast=True) >> 12
     elem = tl.zeros((BLOCK_M, words.shape[0], words.shape[1]), dtype=tl.float32)
     elem1 = tl.zeros(words.shape, dtype=tl.float32)  # the same for one row, kept 2-D
-    x_sum = tl.zeros((BLOCK_M, words.shape[1]), dtype=tl.float32)
     for i in tl.static_range(8):
-        if i < 4:
-            code = bits_as_float(words & (0xF << (4 * i)), OFFSET * (16**i))
+        if i < 6:
+            unit = 16**i
+            bits = words & (0xF * unit)
         else:
-            code = bits_as_float(upper & (0xF << (4 * (i - 4))), OFFSET * (16 ** (i - 4)))
+            unit = 16 ** (i - 3)
+            bits = (upper & (0xF * unit)).to(tl.int32, bitcast=True)
+        code = bits.to(tl.float32, bitcast=True)
         ks = k_first + i
         x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
-        x = x.to(tl.float32)
-        x_sum += x
+        x_scaled = x.to(tl.float32) * ((2.0 ** (149 - DENORMAL_SHIFT)) / unit)
         if BLOCK_M == 1:
-            elem1 += code * (x * (1.0 / 16 ** (i % 4)))
+            elem1 += code * x_scaled
         else:
-            elem += code[None, :, :] * (x * (1.0 / 16 ** (i % 4)))[:, None, :]
+            elem += code[None, :, :] * x_scaled[:, None, :]
     if BLOCK_M == 1:
-        return tl.sum(elem1, axis=1)[None, :], tl.sum(x_sum, axis=1)
-    return tl.sum(elem, axis=2), tl.sum(x_sum, axis=1)
+        return tl.sum(elem1, axis=1)[None, :]
+    return tl.sum(elem, axis=2)
 
 
 @triton.jit
@@ -161,7 +154,7 @@ def int4_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, WORDS: tl.constexpr,
+    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_M: tl.constexpr, WORDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias`` for a few rows (``BLOCK_M <= 4``), without ``tl.dot``.
@@ -172,13 +165,15 @@ def int4_gemv_kernel(
     ``WORDS`` (needs ``GROUP_ALIGNED``, 4-byte aligned rows): the tile is read as int32 words and each nibble costs
     a mask, a subtraction and a fused multiply-add (:func:`words_dot`); otherwise bytes, split into their two
     nibbles, with the scales gathered per weight when a tile spans groups.
-    Same arguments and grid as :func:`int4_linear_kernel` (no ``GROUP_M``).
+    Same arguments and grid as :func:`int4_linear_kernel` (no ``GROUP_M``), plus ``EVEN_M`` (M a multiple of
+    BLOCK_M: activation loads need no row mask).
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, 1)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
+    mask_m = tl.full((BLOCK_M,), 1, tl.int1) if EVEN_M else offs_m < M
+    mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_qn  # [BLOCK_N, 1]
     offs_b = tl.arange(0, BLOCK_K // 2)
@@ -192,7 +187,11 @@ def int4_gemv_kernel(
             w_mask = mask_n[:, None] & in_k(k_first, K, EVEN_K)[None, :]
             words = tl.load(w_rows.to(tl.pointer_type(tl.int32), bitcast=True) + (k0 // 8 + offs_w)[None, :],
                             mask=w_mask, other=0)  # fmt: skip
-            part, x_sum = words_dot(words, x_rows, mask_m, k_first, K, offset, EVEN_K, BLOCK_M)
+            ks = k0 + tl.arange(0, BLOCK_K)  # the tile's activations once more, contiguous, for their sum
+            x_tile = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
+            x_sum = tl.sum(x_tile.to(tl.float32), axis=1)
+            part = words_dot(words, x_rows, mask_m, k_first, K, EVEN_K, BLOCK_M) * (2.0**DENORMAL_SHIFT)
+            part -= offset * x_sum[:, None]
         else:
             k_even = k0 + 2 * offs_b
             k_mask = in_k(k_even, K, EVEN_K)
@@ -229,7 +228,7 @@ def int4_gemv_kernel(
 def int4_dequantize_kernel(
     qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_on,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_ALIGNED: tl.constexpr, WORDS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``out[N, K] = (code - zero) * scale`` in out's dtype: the weight for a cuBLAS GEMM at large M.
 
@@ -245,9 +244,10 @@ def int4_dequantize_kernel(
     if WORDS:  # 8 planes of [BLOCK_N, BLOCK_K / 8], interleaved back by three rounds of joins
         kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         k_first = kw * 8
+        w_mask = in_k(k_first, K, EVEN_K)
         words = tl.load((qweight_ptr + rows * stride_qn).to(tl.pointer_type(tl.int32), bitcast=True) + kw[None, :],
-                        mask=mask_n[:, None] & (k_first < K)[None, :], other=0)  # fmt: skip
-        scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_first, k_first < K, stride_sn, k0,
+                        mask=mask_n[:, None] & w_mask[None, :], other=0)  # fmt: skip
+        scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_first, w_mask, stride_sn, k0,
                                   GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
         scale, shift = tl.trans(scale), tl.trans(shift)
         p0 = plane(words, 0) * scale - shift
@@ -265,7 +265,7 @@ def int4_dequantize_kernel(
     else:
         offs_h = tl.arange(0, BLOCK_K // 2)
         k_even = k0 + 2 * offs_h
-        k_mask = k_even < K
+        k_mask = in_k(k_even, K, EVEN_K)
         packed = tl.load(qweight_ptr + rows * stride_qn + (k0 // 2 + offs_h)[None, :],
                          mask=mask_n[:, None] & k_mask[None, :], other=0).to(tl.int32)  # fmt: skip
         scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
@@ -274,5 +274,5 @@ def int4_dequantize_kernel(
         low = bits_as_float(packed & 0xF, 0.0) * scale - shift
         high = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
         weight = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
-    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    mask = mask_n[:, None] & in_k(offs_k, K, EVEN_K)[None, :]
     tl.store(out_ptr + rows * stride_on + offs_k[None, :], weight.to(out_ptr.dtype.element_ty), mask=mask)

@@ -120,31 +120,42 @@ def test_int4_dequantize_then_dense_config(scheme_name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "scheme_name,path,m,k,block_k",
+    "scheme_name,m,k,block_k",
     [
-        ("int4-g32", "gemv", 1, 90, 32),  # one row, ragged K (the last word is half padding)
-        ("int4-g64-sym", "gemv", 3, 90, 64),  # several rows
-        ("int4-g8", "gemv", 1, 90, 8),  # one word per group
-        ("int4-g128", "splitk", 5, 300, 128),  # a dot per 8-column plane
-        ("int4-g128-sym", "gemm", 17, 300, 128),
-        ("int4-g32", "gemv", 1, 90, 64),  # word tiles spanning two groups: scales gathered per word row
-        ("int4-g64", "gemm", 17, 300, 128),
+        ("int4-g32", 1, 90, 32),  # one row, ragged K (the last word is half padding)
+        ("int4-g64-sym", 3, 90, 64),  # several rows
+        ("int4-g8", 1, 90, 8),  # one word per group
+        ("int4-g32", 1, 90, 64),  # BLOCK_K shrinks to the group
+        ("int4-g128-sym", 4, 300, 128),
     ],
 )
-def test_int4_words(dtype, scheme_name, path, m, k, block_k):
-    """int32-word loads (8 nibbles a word, 8 planes a tile) against the reference, split-K included."""
-    use_dot = path != "gemv"
-    assert int4.tile_plan(block_k, True, parse_scheme(scheme_name).group_size_for(k), use_dot, True)[2]
+def test_int4_gemv_words(dtype, scheme_name, m, k, block_k):
+    """The GEMV's int32-word form (8 nibbles a word, two instructions a nibble) against the reference, split-K
+    included."""
     n = 48
     qweight, scales, zeros = packed(scheme_name, n, k)
-    assert int4.words_supported(qweight, parse_scheme(scheme_name).group_size_for(k))
+    group_size = parse_scheme(scheme_name).group_size_for(k)
+    assert int4.words_supported(qweight, group_size)
     x = activation(m, k, dtype)
     bias = torch.randn(n).to(dtype).to(DEVICE)
-    block_m = 16 if path != "gemv" else common.m_bucket(m)
     for split_k in (1, 2):
-        config = autotune.KernelConfig(block_m, 16, block_k, split_k=split_k, words=1)
-        y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path=path, config=config)
+        config = autotune.KernelConfig(common.m_bucket(m), 16, block_k, split_k=split_k, words=1)
+        assert int4.plan("gemv", config, group_size, True)[2]
+        y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path="gemv", config=config)
         assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance_for(dtype))
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-6, 1.0, 1e6, 1e12])
+@pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g32-sym"])
+def test_int4_gemv_words_activation_range(scheme_name, scale):
+    """The word GEMV multiplies subnormal-coded nibbles by activations scaled by 2**85: exact over a wide range of
+    activation magnitudes (fp32, so the reference's own rounding is the only error)."""
+    k, n = 128, 32
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    x = activation(2, k, torch.float32) * scale
+    config = autotune.KernelConfig(2, 16, 64, split_k=1, words=1)
+    y = int4.int4_linear(x, qweight, scales, zeros, None, scheme_name, path="gemv", config=config)
+    assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, 1e-5)
 
 
 @pytest.mark.parametrize("scheme_name,k", [("int4-g32", 90), ("int4-g8-sym", 90), ("int4", 90)])

@@ -1,0 +1,68 @@
+"""What the GPU would run: the Triton kernels compiled for sm_90 on this machine (``codegen/triton/asm.py``).
+
+No GPU is needed: triton's NVIDIA backend and its ``ptxas``/``cuobjdump`` compile and disassemble on any host. The
+properties pinned here decide the memory-bound speed of the decode kernels, and each was once wrong: packed weight
+bytes loaded one at a time (the loop offsets' alignment was unknown to the compiler), and a GEMV spending 24
+instructions a weight byte. Compilation runs in a subprocess, since the other kernel tests import triton with
+``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = """
+import json
+from qcompile.codegen.triton import asm
+from qcompile.codegen.triton.autotune import KernelConfig as C
+cases = [
+    asm.Case("int4", "int4-g128", "gemv", 1, 1024, 512, C(1, 128, 128, split_k=8, num_stages=2, words=1)),
+    asm.Case("int4", "int4-g128-sym", "gemv", 1, 1024, 512, C(1, 256, 128, split_k=4, num_stages=2, words=1)),
+    asm.Case("int4", "int4-g128", "gemv", 1, 1024, 512, C(1, 64, 128, split_k=4, num_stages=2)),
+    asm.Case("int4", "int4-g128", "gemm", 64, 1024, 512, C(64, 128, 64, num_warps=4, num_stages=3)),
+    asm.Case("w8a16", "int8", "gemv", 1, 1024, 512, C(1, 64, 128, split_k=4, num_stages=2, words=1)),
+]
+print(json.dumps({case.label: asm.report_rows([case])[0] for case in cases}))
+"""
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict:
+    from qcompile.codegen.triton import asm
+
+    if not os.path.exists(os.path.join(os.path.dirname(asm.triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton ships no NVIDIA backend tools")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_weight_tiles_load_16_bytes_at_once(rows):
+    """No kernel loads packed weights byte by byte: GEMVs issue 16-byte global loads, dot kernels copy tiles
+    asynchronously (no plain global load of the weight at all)."""
+    for label, row in rows.items():
+        assert not any(variant.endswith((".b8", ".u8", ".s8")) for variant in row["loads"]), (label, row["loads"])
+        if "gemv" in label:
+            assert "ld.global.v4.b32" in row["loads"], (label, row["loads"])
+
+
+def test_no_register_spills(rows):
+    for label, row in rows.items():
+        assert row["spills"] == 0, (label, row)
+
+
+def test_int4_gemv_words_instruction_budget(rows):
+    """The word GEMV's hot loop: one AND and one FMA a nibble plus the shared activation work, so about 6 to 8
+    instructions a packed weight byte, against 24 for the first kernels (the byte form is about 15)."""
+    per_byte = {label: row["instructions_per_weight_byte"] for label, row in rows.items() if "gemv" in label}
+    words = [value for label, value in per_byte.items() if "int4" in label and label.endswith("words")]
+    assert words and max(words) < 9.0, per_byte
+    assert min(words) < per_byte[next(label for label in per_byte if label.endswith("bytes"))], per_byte

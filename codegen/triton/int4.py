@@ -25,7 +25,8 @@ from qcompile.codegen.triton import autotune, candidates, common
 from qcompile.codegen.triton.int4_kernels import int4_dequantize_kernel, int4_gemv_kernel, int4_linear_kernel
 from qcompile.schemes import IntWeightOnly, as_scheme
 
-KERNEL_NAME = "int4"
+#: the tuning key's kernel name, with the kernels' revision: configs tuned for earlier kernels are not reused
+KERNEL_NAME = "int4v2"
 
 
 # -- autotune key -------------------------------------------------------------------------------------------------

@@ -135,29 +135,23 @@ def int4_linear(
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
-        if not use_dot:
-            block_k, aligned, words = plan(path, cfg, group_size, words_ok)
-            int4_gemv_kernel[grid](
-                x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
-                out, work, counts,
-                m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-                GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
-                SPLIT=cfg.split_k > 1, EVEN_K=k % block_k == 0, EVEN_M=m % cfg.block_m == 0, WORDS=words,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )  # fmt: skip
-            return out
-        block_k, aligned, _ = plan(path, cfg, group_size, False)
-        int4_linear_kernel[grid](
+        block_k, aligned, words = plan(path, cfg, group_size, words_ok)
+        args = (
             x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
-            out, work, counts,
-            m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-            GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
-            DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
-            SPLIT=cfg.split_k > 1, EVEN_K=k % block_k == 0,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            out, work, counts, m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
         )  # fmt: skip
+        shared = dict(
+            GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
+            SPLIT=cfg.split_k > 1, EVEN_K=k % block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if use_dot:
+            int4_linear_kernel[grid](
+                *args, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
+                GROUP_M=cfg.group_m, **shared,
+            )  # fmt: skip
+        else:
+            int4_gemv_kernel[grid](*args, EVEN_M=m % cfg.block_m == 0, WORDS=words, **shared)
         return out
 
     if config is None:

@@ -3,7 +3,7 @@
 | module      | job                                                                          |
 |-------------|------------------------------------------------------------------------------|
 | `int4`      | W4A16 (`int4-gN`, symmetric and asymmetric): configs and launcher             |
-| `int4_kernels` | the W4A16 ``@triton.jit`` kernels (linear, dequantize)                     |
+| `int4_kernels` | the W4A16 ``@triton.jit`` kernels (GEMV, dot, dequantize)                  |
 | `w8a16`     | W8A16 (`int8` per channel) and FP8 weight-only (`fp8`)                         |
 | `w8a8`      | W8A8 (`w8a8` int8, `fp8-w8a8`): per-row activation quantization + 8-bit GEMM   |
 | `paths`     | the path table (GEMV / split-K / GEMM by M) registered in the dispatch table   |
@@ -11,6 +11,7 @@
 | `candidates`| candidate and default launch configs by path and M bucket                      |
 | `tiles`     | ``@triton.jit`` helpers shared by the kernels                                 |
 | `common`    | interpreter detection, M buckets, dtypes                                      |
+| `asm`       | compiles the real launches for a GPU target on any host and reads the code    |
 
 See ``docs/gpu-kernels.md``.
 """

@@ -1,7 +1,8 @@
-"""W4A16 ``@triton.jit`` kernels: ``int4-gN`` weights dequantized in registers right before ``tl.dot``.
+"""W4A16 ``@triton.jit`` kernels: ``int4-gN`` weights dequantized in registers, in the loop that reads them.
 
-The launcher, its configs and the layout notes are in ``int4.py``. Order: code helpers, the linear kernel,
-the dequantize kernel (the weight for a cuBLAS GEMM at large M).
+The launcher, its configs and the layout notes are in ``int4.py``. Order: code helpers, the dot kernel (split-K and
+GEMM paths), the GEMV helpers and kernel (one to four rows), the dequantize kernel (the weight for a cuBLAS GEMM at
+large M). ``python -m qcompile.codegen.triton.asm`` shows what each compiles to.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def int4_gemv_kernel(
     w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_qn  # [BLOCK_N, 1]
     offs_b = tl.arange(0, BLOCK_K // 2)
     offs_w = tl.arange(0, max(BLOCK_K // 8, 1))
-    offset: tl.constexpr = 8.0 if SYMMETRIC else 0.0  # symmetric codes become c - 8 in the conversion
+    offset: tl.constexpr = 8.0 if SYMMETRIC else 0.0  # symmetric weights are (c - 8) * scale
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k0 = tile_start(k0, BLOCK_K)

@@ -163,9 +163,10 @@ def int4_gemv_kernel(
     The tile is ``[BLOCK_N, BLOCK_K / 2]`` packed bytes with the weight's rows along the contiguous axis, so a
     thread loads 16 bytes at once. When the tile lies in one group (``GROUP_ALIGNED``) the scale is applied once
     per tile and row, not per weight: ``sum_k x_k (c_k - z) s = s * sum_k x_k c_k - s z * sum_k x_k``.
+    The zero (8 when ``SYMMETRIC``) enters through the tile's activation sum in the same way.
     ``WORDS`` (needs ``GROUP_ALIGNED``, 4-byte aligned rows): the tile is read as int32 words and each nibble costs
-    a mask, a subtraction and a fused multiply-add (:func:`words_dot`); otherwise bytes, split into their two
-    nibbles, with the scales gathered per weight when a tile spans groups.
+    one AND and one fused multiply-add (:func:`words_dot`); otherwise bytes, split into their two nibbles, with the
+    scales gathered per weight when a tile spans groups.
     Same arguments and grid as :func:`int4_linear_kernel` (no ``GROUP_M``), plus ``EVEN_M`` (M a multiple of
     BLOCK_M: activation loads need no row mask).
     """
@@ -179,7 +180,6 @@ def int4_gemv_kernel(
     w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_qn  # [BLOCK_N, 1]
     offs_b = tl.arange(0, BLOCK_K // 2)
     offs_w = tl.arange(0, max(BLOCK_K // 8, 1))
-    offset: tl.constexpr = 8.0 if SYMMETRIC else 0.0  # symmetric weights are (c - 8) * scale
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k0 = tile_start(k0, BLOCK_K)
@@ -192,7 +192,6 @@ def int4_gemv_kernel(
             x_tile = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & in_k(ks, K, EVEN_K)[None, :], other=0.0)
             x_sum = tl.sum(x_tile.to(tl.float32), axis=1)
             part = words_dot(words, x_rows, mask_m, k_first, K, EVEN_K, BLOCK_M) * (2.0**DENORMAL_SHIFT)
-            part -= offset * x_sum[:, None]
         else:
             k_even = k0 + 2 * offs_b
             k_mask = in_k(k_even, K, EVEN_K)
@@ -204,8 +203,8 @@ def int4_gemv_kernel(
             x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
             x_sum = tl.sum(x_even + x_odd, axis=1)
             if GROUP_ALIGNED:
-                low = bits_as_float(packed & 0xF, offset)
-                high = bits_as_float((packed >> 4) & 0xF, offset)
+                low = bits_as_float(packed & 0xF, 0.0)
+                high = bits_as_float((packed >> 4) & 0xF, 0.0)
                 part = rows_dot(x_even, x_odd, low, high, BLOCK_M)
             else:
                 scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
@@ -217,10 +216,11 @@ def int4_gemv_kernel(
         if GROUP_ALIGNED:
             meta = offs_n * stride_sn + k0 // GROUP_SIZE
             scale = tl.load(scales_ptr + meta, mask=mask_n, other=0.0)[None, :]
-            acc += part * scale
-            if not SYMMETRIC:
-                zero_scale = tl.load(zeros_ptr + meta, mask=mask_n, other=0.0)[None, :] * scale
-                acc -= x_sum[:, None] * zero_scale
+            if SYMMETRIC:
+                zero = 8.0
+            else:
+                zero = tl.load(zeros_ptr + meta, mask=mask_n, other=0.0)[None, :]
+            acc += (part - x_sum[:, None] * zero) * scale
     acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
 

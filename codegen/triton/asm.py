@@ -4,8 +4,9 @@ Triton's NVIDIA backend (``ptxas`` and ``cuobjdump`` ship with the wheel) compil
 a GPU. :func:`record` captures the launches a launcher makes (grid, arguments, constexprs) without running them;
 :func:`compile_launch` compiles one the way the JIT would on that target (pointer and integer specialization
 included); :func:`code_stats` reads the result: global load widths, registers, spills and the instructions of
-the hottest loop. ``benchmarks/kernel_asm.py`` prints them per kernel form; ``tests/codegen/test_kernel_asm.py``
-pins the properties that decide memory-bound speed (16-byte weight loads, no spills).
+the hottest loop. ``python -m qcompile.codegen.triton.asm`` prints them per kernel form;
+``tests/codegen/test_kernel_asm.py`` pins the properties that decide memory-bound speed (16-byte weight loads, no
+spills, instruction budgets).
 """
 
 from __future__ import annotations
@@ -226,22 +227,28 @@ def report_rows(cases, capability: int = DEFAULT_CAPABILITY) -> list[dict]:
 
 
 def default_cases(k: int = 4096, n: int = 14336) -> list[Case]:
-    """The forms that matter at decode and prefill on a Llama-8B-like shape (the GPU defaults, tuned or not)."""
+    """The forms that matter at decode and prefill on a Llama-8B-like shape: the GPU defaults, and the byte forms
+    they replaced beside them."""
     from qcompile.codegen.triton import candidates, int4, w8a8, w8a16
     from qcompile.codegen.triton.autotune import KernelConfig
 
     gemv = candidates.standard_default("gemv", 1)
     out = [
         Case("int4", "int4-g128", "gemv", 1, k, n, KernelConfig(1, 64, 128, split_k=4, num_stages=2)),
-        Case("int4", "int4-g128", "gemv", 1, k, n, KernelConfig(1, 128, 128, split_k=8, num_stages=2, words=1)),
+        Case("int4", "int4-g128", "gemv", 1, k, n, int4.default_config("gemv", 1)),
         Case("int4", "int4-g128-sym", "gemv", 1, k, n, KernelConfig(1, 256, 128, split_k=4, num_stages=2, words=1)),
         Case("int4", "int4-g128", "gemv", 4, k, n, KernelConfig(4, 64, 128, split_k=4, num_stages=2, words=1)),
+        Case("int4", "int4-g128", "gemv", 4, k, n, int4.default_config("gemv", 4)),
         Case("w8a16", "int8", "gemv", 1, k, n, gemv),
         Case("w8a16", "int8", "gemv", 1, k, n, dataclasses.replace(gemv, words=1)),
-        Case("int4", "int4-g128", "splitk", 16, k, n, int4.default_config("splitk", 16)),
+        Case("int4", "int4-g128", "splitk", 16, k, n, candidates.standard_default("splitk", 16)),
     ]
+    for scheme in ("int4-g128", "int4-g128-sym"):
+        out.append(Case("int4", scheme, "splitk", 16, k, n, int4.default_config("splitk", 16, scheme.endswith("sym"))))
     for m in (64, 256):
-        out.append(Case("int4", "int4-g128", "gemm", m, k, n, int4.default_config("gemm", m)))
+        out.append(Case("int4", "int4-g128", "gemm", m, k, n, candidates.standard_default("gemm", m)))
+        for scheme in ("int4-g128", "int4-g128-sym"):
+            out.append(Case("int4", scheme, "gemm", m, k, n, int4.default_config("gemm", m, scheme.endswith("sym"))))
         out.append(Case("w8a16", "int8", "gemm", m, k, n, w8a16.default_config("gemm", m)))
     out.append(Case("w8a8", "w8a8", "gemm", 256, k, n, w8a8.default_config(256)))
     out.append(Case("int4", "int4-g128", "gemm", 2048, k, n, candidates.DEQUANT_CONFIG))

@@ -94,11 +94,14 @@ def dot_dtype(x_dtype: torch.dtype):
     The interpreter computes bf16 dots wrongly, so there bf16 activations get fp32 dots (the reference math);
     fp16 and fp32 dots are right there. fp32 dots run at ``ieee`` precision, see :func:`dot_precision`.
     """
+    return tl_dtype(torch.float32 if interpreting() and x_dtype == torch.bfloat16 else x_dtype)
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The ``tl`` dtype of a float ``torch`` dtype (fp16, bf16, fp32)."""
     import triton.language as tl
 
-    if interpreting() and x_dtype == torch.bfloat16:
-        return tl.float32
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x_dtype]
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
 def dot_precision(x_dtype: torch.dtype) -> str:

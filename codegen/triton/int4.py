@@ -26,25 +26,35 @@ from qcompile.codegen.triton.int4_kernels import int4_dequantize_kernel, int4_ge
 from qcompile.schemes import IntWeightOnly, as_scheme
 
 #: the tuning key's kernel name, with the kernels' revision: configs tuned for earlier kernels are not reused
-KERNEL_NAME = "int4v2"
+KERNEL_NAME = "int4v3"
 
 
 # -- autotune key -------------------------------------------------------------------------------------------------
-def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.device) -> str:
-    return autotune.tune_key(f"{KERNEL_NAME}-{path}", m, n, k, group_size, device)
+def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.device, symmetric: bool = True) -> str:
+    """The autotune key; symmetric and asymmetric weights are tuned apart (their word-form costs differ)."""
+    return autotune.tune_key(f"{KERNEL_NAME}-{path}{'-sym' if symmetric else ''}", m, n, k, group_size, device)
 
 
 # -- config generators --------------------------------------------------------------------------------------------
-def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) -> list[autotune.KernelConfig]:
-    """The standard candidates (dot paths need ``BLOCK_K >= 32``); GEMV and dequantize tiles also with int32 words
-    (``words``). With ``group_size``, BLOCK_K becomes what the launch would use (:func:`plan`), word forms that
-    would not apply are left out, and duplicates dropped."""
+def candidate_configs(
+    path: str, m: int, k: int, group_size: int | None = None, symmetric: bool = True
+) -> list[autotune.KernelConfig]:
+    """The standard candidates (dot paths need ``BLOCK_K >= 32``), each also with int32 words (``words``); the GEMV
+    path also tries the word-form dot kernel (:func:`uses_dot`, 16-row tiles). With ``group_size``, BLOCK_K becomes
+    what the launch would use (:func:`plan`), word forms that would not apply are left out, and duplicates
+    dropped. Asymmetric word-form dots sum the activations per tile, which costs more than it saves past 64 rows."""
     out = []
-    for config in candidates.standard_candidates(path, m, k):
-        dot = path != "gemv" and not config.dequant
+    standard = candidates.standard_candidates(path, m, k)
+    if path == "gemv":
+        standard += [autotune.KernelConfig(16, bn, 128, split_k=sk, num_stages=3, words=1)
+                     for bn in (64, 128) for sk in (2, 4, 8) if k >= 128 * sk]  # fmt: skip
+    for config in standard:
+        dot = uses_dot(path, config) and not config.dequant
         if dot and config.block_k < 32:
             continue
-        for variant in (config,) if dot else (config, dataclasses.replace(config, words=1)):
+        for variant in (config, dataclasses.replace(config, words=1)):
+            if variant.words and dot and not symmetric and variant.block_m > 64:
+                continue
             if group_size is not None:
                 block_k, _, words = plan(path, variant, group_size, True)
                 if variant.words and not words:
@@ -56,27 +66,54 @@ def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) 
 
 
 def plan(path: str, config: autotune.KernelConfig, group_size: int, words_ok: bool) -> tuple[int, bool, bool]:
-    """``(BLOCK_K, group aligned, words)`` of a launch with ``config``; ``words_ok``: the rows can be read as words.
+    """``(BLOCK_K, group aligned, words)`` of a launch with ``config``; ``words_ok``: the rows can be read as words
+    (and, for the dot kernel, the activations are 16-bit).
 
     GEMV and dot tiles lie within one group where they can (BLOCK_K shrinks to divide it), so a tile reads one
-    scale per row; GEMV words need such a tile of whole words, dot tiles take bytes. Dequantize word tiles may span
-    whole groups (scales gathered once per word)."""
+    scale per row; word forms need such a tile of whole words. Dequantize word tiles may span whole groups (scales
+    gathered once per word)."""
     words = bool(config.words) and words_ok
     if config.dequant:
         if words and config.block_k % 8 == 0 and config.block_k > group_size and config.block_k % group_size == 0:
             return config.block_k, False, True
         block_k, aligned = aligned_block_k(config.block_k, group_size, False)
         return block_k, aligned, words and block_k % 8 == 0
-    block_k, aligned = aligned_block_k(config.block_k, group_size, path != "gemv")
-    return block_k, aligned, path == "gemv" and words and aligned and block_k % 8 == 0
+    block_k, aligned = aligned_block_k(config.block_k, group_size, uses_dot(path, config))
+    return block_k, aligned, words and aligned and block_k % 8 == 0
 
 
-def default_config(path: str, m: int) -> autotune.KernelConfig:
-    """The standard default; on a GPU the GEMV reads words (two instructions a nibble, sm_90 SASS) in tiles of
-    128 rows, split 8 ways so that even N = 4096 gives 256 programs."""
+def uses_dot(path: str, config: autotune.KernelConfig) -> bool:
+    """Whether a launch runs the ``tl.dot`` kernel: the split-K and GEMM paths, and GEMV-path configs of 16 rows
+    (tensor cores for one to four rows: the word form's dequantization is cheaper than the GEMV's)."""
+    return path != "gemv" or config.block_m >= 16
+
+
+#: bit patterns of the 16-bit float whose spacing is 1 (128.0 in bf16, 1024.0 in fp16), by code dtype
+CODE_BITS = {torch.bfloat16: 0x4300, torch.float16: 0x6400}
+
+
+def code_dtype(x_dtype: torch.dtype) -> torch.dtype | None:
+    """The 16-bit float dtype the dot kernel's word form makes codes in (the activation's), or ``None`` (fp32
+    activations take bytes). The interpreter has no bf16 bit casts: there codes are fp16 and the dot fp32."""
+    if x_dtype == torch.bfloat16 and common.interpreting():
+        return torch.float16
+    return x_dtype if x_dtype in CODE_BITS else None
+
+
+def default_config(path: str, m: int, symmetric: bool = True) -> autotune.KernelConfig:
+    """The standard default; on a GPU the word forms (sm_90 SASS, triton 3.7.1: 6 to 11 instructions per weight
+    byte against 12 to 27 for bytes). One row: the GEMV in tiles of 128 rows, split 8 ways so that even N = 4096
+    gives 256 programs. Two to sixteen rows: the word-form dot, 16 x 128 x 128 tiles split 4 ways. GEMMs: 128-deep
+    K tiles (the scale is applied per tile, after the dot); asymmetric ones past 64 rows keep bytes."""
     config = candidates.standard_default(path, m)
-    if path == "gemv" and not common.interpreting():
-        config = dataclasses.replace(config, block_n=128, split_k=8, words=1)
+    if common.interpreting() or config.dequant:
+        return config
+    if path == "gemv" and m == 1:
+        return dataclasses.replace(config, block_n=128, split_k=8, words=1)
+    if path != "gemm":
+        return autotune.KernelConfig(16, 128, 128, split_k=4, num_stages=3, words=1)
+    if symmetric or config.block_m <= 64:
+        return dataclasses.replace(config, block_k=128, words=1)
     return config
 
 
@@ -116,12 +153,14 @@ def int4_linear(
     x2, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "int4_linear")
     group_size = scheme.group_size_for(k)
     path = path or common.path_for_m(m)
-    use_dot = path != "gemv"
+    codes = code_dtype(x.dtype)
+    code_args = dict(CODE_DTYPE=common.tl_dtype(codes or torch.float16), CODE_BITS=CODE_BITS[codes or torch.float16])
     scales, qweight = scales.contiguous(), qweight.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
 
     def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
-        words_ok = words_supported(qweight, group_size)
+        use_dot = uses_dot(path, cfg)
+        words_ok = words_supported(qweight, group_size) and (codes is not None or not use_dot)
         if cfg.dequant:
             weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
             block_k, aligned, words = plan(path, cfg, group_size, words_ok)
@@ -148,7 +187,7 @@ def int4_linear(
         if use_dot:
             int4_linear_kernel[grid](
                 *args, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
-                GROUP_M=cfg.group_m, **shared,
+                WORDS=words, GROUP_M=cfg.group_m, **code_args, **shared,
             )  # fmt: skip
         else:
             int4_gemv_kernel[grid](*args, EVEN_M=m % cfg.block_m == 0, WORDS=words, **shared)
@@ -156,10 +195,11 @@ def int4_linear(
 
     if config is None:
         config = autotune.memoized_choice(
-            (KERNEL_NAME, path, common.m_bucket(m), n, k, group_size, x.device),
+            (KERNEL_NAME, path, common.m_bucket(m), n, k, group_size, zeros is None, x.device),
             lambda: autotune.choose_config(
-                tune_key(path, m, n, k, group_size, x.device), lambda: candidate_configs(path, m, k, group_size),
-                default_config(path, m), launch, x.device,
+                tune_key(path, m, n, k, group_size, x.device, zeros is None),
+                lambda: candidate_configs(path, m, k, group_size, zeros is None),
+                default_config(path, m, zeros is None), launch, x.device,
             ),
         )  # fmt: skip
     return launch(config).reshape(*x.shape[:-1], n)

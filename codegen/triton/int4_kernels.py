@@ -29,6 +29,33 @@ def plane(words, i: tl.constexpr):
 
 
 @triton.jit
+def code_pairs(words, i: tl.constexpr, CODE_DTYPE: tl.constexpr, CODE_BITS: tl.constexpr):
+    """Nibbles ``i`` and ``i + 4`` of int32 ``words [R, W]`` as 16-bit floats ``base + c``, ``[R, 2 W]``.
+
+    ``(word >> 4i) & 0x000F000F`` leaves one nibble in each 16-bit half; OR-ed with the bits of ``base``
+    (``CODE_BITS``: 128.0 in bf16, 1024.0 in fp16, where the spacing of floats is 1) each half is the 16-bit float
+    ``base + c``, exactly: two codes for a shift and two logic operations, no conversion."""
+    bits = ((words >> (4 * i)) & 0x000F000F) | (CODE_BITS * 0x10001)
+    pair = tl.join(bits.to(tl.int16), (bits >> 16).to(tl.int16)).to(CODE_DTYPE, bitcast=True)
+    return tl.reshape(pair, (words.shape[0], 2 * words.shape[1]))
+
+
+@triton.jit
+def word_codes(words, CODE_DTYPE: tl.constexpr, CODE_BITS: tl.constexpr, OFFSET_BITS: tl.constexpr):
+    """The codes of int32 ``words [R, W]`` minus an offset as exact 16-bit floats ``[R, 8 W]``, in column order.
+
+    Word ``j`` holds columns ``8j .. 8j+7``; :func:`code_pairs` gives columns ``(8j+i, 8j+i+4)`` and the joins
+    put column ``8j + 4h + 2a + b`` at ``[.., 2j + h, a, b]``, i.e. back in order. ``OFFSET_BITS`` is the 16-bit
+    float ``base + offset`` subtracted (``offset`` 8 for symmetric codes, else 0; exact, packed pairs)."""
+    p0 = code_pairs(words, 0, CODE_DTYPE, CODE_BITS)
+    p1 = code_pairs(words, 1, CODE_DTYPE, CODE_BITS)
+    p2 = code_pairs(words, 2, CODE_DTYPE, CODE_BITS)
+    p3 = code_pairs(words, 3, CODE_DTYPE, CODE_BITS)
+    codes = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (words.shape[0], 8 * words.shape[1]))
+    return codes - tl.full(codes.shape, OFFSET_BITS, tl.int16).to(CODE_DTYPE, bitcast=True)
+
+
+@triton.jit
 def group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, ks, k_mask, stride_sn, k0,
                GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, GROUP_ALIGNED: tl.constexpr):  # fmt: skip
     """``(scale, zero * scale)`` of the tile's columns ``ks``: ``[1, BLOCK_N]`` when the tile lies in one group,
@@ -53,6 +80,7 @@ def int4_linear_kernel(
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    WORDS: tl.constexpr, CODE_DTYPE: tl.constexpr, CODE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias`` with ``tl.dot`` (split-K and GEMM paths).
@@ -69,7 +97,14 @@ def int4_linear_kernel(
     first operand, which the tensor cores take straight from registers (on Hopper, ``wgmma`` with A in registers),
     so it is never written to shared memory; the activations, a small tile, are the second. The packed tile
     ``[BLOCK_N, BLOCK_K / 2]`` lies along the weight rows (16-byte loads); its low and high nibbles are joined
-    back into ``[BLOCK_N, BLOCK_K]`` in registers. The one-to-four-row GEMV is :func:`int4_gemv_kernel`.
+    back into ``[BLOCK_N, BLOCK_K]`` in registers and dequantized, ``code * scale - zero * scale`` in fp32.
+
+    ``WORDS`` (needs ``GROUP_ALIGNED``, 4-byte aligned rows, 16-bit ``CODE_DTYPE``): the tile is read as int32 words
+    and the dot takes the **codes** themselves, ``c - 8`` (symmetric) or ``c``, exact 16-bit floats made with a
+    shift and two logic operations per pair (:func:`word_codes`, ``CODE_BITS`` the bits of the base 128.0 / 1024.0);
+    the group's scale (one per row: the tile lies in one group) is applied to the tile's fp32 dot product,
+    ``acc += (codes @ x.T - zero * sum(x)) * scale``. Products and sums are then exact fp32 where the dequantized
+    form rounds every weight to the activation dtype. The one-to-four-row GEMV is :func:`int4_gemv_kernel`.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
@@ -81,21 +116,35 @@ def int4_linear_kernel(
     offs_h = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out.T's tile
+    offs_w = tl.arange(0, max(BLOCK_K // 8, 1))
+    w_words = w_rows.to(tl.pointer_type(tl.int32), bitcast=True)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k0 = tile_start(k0, BLOCK_K)
-        k_even = k0 + 2 * offs_h
-        k_mask = in_k(k_even, K, EVEN_K)
-        packed = tl.load(w_rows + (k0 // 2 + offs_h)[None, :], mask=mask_n[:, None] & k_mask[None, :],
-                         other=0).to(tl.int32)  # fmt: skip
-        scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
-                                  GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
-        scale, shift = tl.trans(scale), tl.trans(shift)  # [BLOCK_N, 1] or [BLOCK_N, BLOCK_K / 2]
-        low = bits_as_float(packed & 0xF, 0.0) * scale - shift
-        high = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
-        weight = tl.reshape(tl.join(low.to(DOT_DTYPE), high.to(DOT_DTYPE)), (BLOCK_N, BLOCK_K))
         ks = k0 + offs_k
         x_t = tl.load(x_cols + ks[:, None], mask=in_k(ks, K, EVEN_K)[:, None] & mask_m[None, :], other=0.0)
-        acc = tl.dot(weight, x_t.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        if WORDS:
+            w_mask = mask_n[:, None] & in_k(k0 + 8 * offs_w, K, EVEN_K)[None, :]
+            words = tl.load(w_words + (k0 // 8 + offs_w)[None, :], mask=w_mask, other=0)
+            codes = word_codes(words, CODE_DTYPE, CODE_BITS, CODE_BITS + 8 if SYMMETRIC else CODE_BITS)
+            part = tl.dot(codes.to(DOT_DTYPE), x_t.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            meta = offs_n * stride_sn + k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + meta, mask=mask_n, other=0.0)[:, None]
+            if not SYMMETRIC:
+                zero = tl.load(zeros_ptr + meta, mask=mask_n, other=0.0)[:, None]
+                part -= zero * tl.sum(x_t.to(tl.float32), axis=0)[None, :]
+            acc += part * scale
+        else:
+            k_even = k0 + 2 * offs_h
+            k_mask = in_k(k_even, K, EVEN_K)
+            packed = tl.load(w_rows + (k0 // 2 + offs_h)[None, :], mask=mask_n[:, None] & k_mask[None, :],
+                             other=0).to(tl.int32)  # fmt: skip
+            scale, shift = group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, k_even, k_mask, stride_sn, k0,
+                                      GROUP_SIZE, SYMMETRIC, GROUP_ALIGNED)  # fmt: skip
+            scale, shift = tl.trans(scale), tl.trans(shift)  # [BLOCK_N, 1] or [BLOCK_N, BLOCK_K / 2]
+            low = bits_as_float(packed & 0xF, 0.0) * scale - shift
+            high = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
+            weight = tl.reshape(tl.join(low.to(DOT_DTYPE), high.to(DOT_DTYPE)), (BLOCK_N, BLOCK_K))
+            acc = tl.dot(weight, x_t.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     acc = tl.trans(acc)
     acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)

@@ -27,6 +27,9 @@ cases = [
     asm.Case("int4", "int4-g128-sym", "gemv", 1, 1024, 512, C(1, 256, 128, split_k=4, num_stages=2, words=1)),
     asm.Case("int4", "int4-g128", "gemv", 1, 1024, 512, C(1, 64, 128, split_k=4, num_stages=2)),
     asm.Case("int4", "int4-g128", "gemm", 64, 1024, 512, C(64, 128, 64, num_warps=4, num_stages=3)),
+    asm.Case("int4", "int4-g128", "splitk", 16, 1024, 512, C(16, 128, 128, split_k=4, num_stages=3)),
+    asm.Case("int4", "int4-g128", "splitk", 16, 1024, 512, C(16, 128, 128, split_k=4, num_stages=3, words=1)),
+    asm.Case("int4", "int4-g128-sym", "splitk", 16, 1024, 512, C(16, 128, 128, split_k=4, num_stages=3, words=1)),
     asm.Case("w8a16", "int8", "gemv", 1, 1024, 512, C(1, 64, 128, split_k=4, num_stages=2, words=1)),
 ]
 print(json.dumps({case.label: asm.report_rows([case])[0] for case in cases}))
@@ -66,3 +69,15 @@ def test_int4_gemv_words_instruction_budget(rows):
     words = [value for label, value in per_byte.items() if "int4" in label and label.endswith("words")]
     assert words and max(words) < 9.0, per_byte
     assert min(words) < per_byte[next(label for label in per_byte if label.endswith("bytes"))], per_byte
+
+
+def test_int4_dot_words_instruction_budget(rows):
+    """The word-form dot makes exact 16-bit codes with a shift and two logic operations per pair of nibbles and
+    scales the tile's product once: cheaper than dequantizing every weight in fp32 (the byte form), about 7
+    instructions a packed weight byte when symmetric (no activation sum), 9 when not."""
+    per_byte = {label: row["instructions_per_weight_byte"] for label, row in rows.items() if "splitk" in label}
+    bytes_form = per_byte[next(label for label in per_byte if label.endswith("bytes"))]
+    symmetric = per_byte[next(label for label in per_byte if "-sym " in label)]
+    asymmetric = per_byte[next(label for label in per_byte if label.endswith("words") and "-sym " not in label)]
+    assert symmetric < 8.5 and asymmetric < 10.5, per_byte
+    assert symmetric < asymmetric < bytes_form, per_byte

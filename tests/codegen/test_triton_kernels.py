@@ -158,6 +158,56 @@ def test_int4_gemv_words_activation_range(scheme_name, scale):
     assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "scheme_name,path,m,k,block_k",
+    [
+        ("int4-g32", "splitk", 5, 90, 32),  # ragged K: the last word is half padding, the last tile masked
+        ("int4-g64-sym", "gemm", 17, 90, 64),  # two row tiles
+        ("int4-g128", "gemv", 3, 300, 128),  # one to four rows on tensor cores
+        ("int4-g128-sym", "gemv", 1, 256, 128),
+    ],
+)
+def test_int4_dot_words(dtype, scheme_name, path, m, k, block_k):
+    """The dot kernel's word form: exact codes ``c - 8`` / ``c`` into ``tl.dot``, each group's scale (and zero,
+    through the tile's activation sum) applied to the fp32 product. Only the output's rounding to 16 bits remains,
+    so the tolerance is one unit in the last place (the interpreter truncates fp32 to bf16), not 2%."""
+    n = 48
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    group_size = parse_scheme(scheme_name).group_size_for(k)
+    x = activation(m, k, dtype)
+    bias = torch.randn(n).to(dtype).to(DEVICE)
+    for split_k in (1, 2):
+        config = autotune.KernelConfig(16, 16, block_k, split_k=split_k, words=1)
+        assert int4.uses_dot(path, config) and int4.plan(path, config, group_size, True)[2]
+        y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path=path, config=config)
+        tolerance = 2**-7 if dtype == torch.bfloat16 else 2**-10
+        assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_code_bits_are_exact_floats(dtype):
+    """``CODE_BITS | c`` is the 16-bit float ``base + c`` for every nibble (checked with torch's own bit casts, as
+    the interpreter has no bf16 ones), and ``CODE_BITS + 8`` is ``base + 8``, the symmetric offset."""
+    bits = int4.CODE_BITS[dtype]
+    codes = torch.arange(16, dtype=torch.int16)
+    values = (codes | bits).view(dtype).double()
+    base = torch.tensor([bits], dtype=torch.int16).view(dtype).double()
+    assert torch.equal(values - base, codes.double())
+    assert torch.tensor([bits + 8], dtype=torch.int16).view(dtype).double() == base + 8
+    assert int4.code_dtype(torch.float32) is None
+
+
+def test_int4_word_dots_in_the_candidates():
+    """The GEMV path also tries 16-row word-form dots; asymmetric word dots stop at 64 rows."""
+    gemv = int4.candidate_configs("gemv", 2, 4096, 128)
+    assert any(c.block_m == 16 and c.words for c in gemv) and any(c.block_m == 2 for c in gemv)
+    sym = int4.candidate_configs("gemm", 256, 4096, 128, symmetric=True)
+    asym = int4.candidate_configs("gemm", 256, 4096, 128, symmetric=False)
+    assert any(c.words and c.block_m > 64 for c in sym)
+    assert not any(c.words and c.block_m > 64 for c in asym)
+
+
 @pytest.mark.parametrize("scheme_name,k", [("int4-g32", 90), ("int4-g8-sym", 90), ("int4", 90)])
 def test_int4_words_dequantize_and_fallback(scheme_name, k):
     """The dequantize kernel with words; per-channel int4 with 45-byte rows cannot use words and falls back."""

@@ -193,7 +193,11 @@ def record_case(case: Case) -> list[Launch]:
     packed = scheme.pack(scheme.quantize(torch.randn(case.n, case.k) * 0.05))
     x = torch.randn(case.m, case.k, dtype=torch.bfloat16)
     module, launcher, names = {
-        "int4": (int4, int4.int4_linear, ("int4_linear_kernel", "int4_gemv_kernel", "int4_dequantize_kernel")),
+        "int4": (
+            int4,
+            int4.int4_linear,
+            ("int4_linear_kernel", "int4_gemv_kernel", "int4_dequantize_kernel", "group_sums_kernel"),
+        ),
         "w8a16": (w8a16, w8a16.w8a16_linear, ("w8a16_linear_kernel", "w8_dequantize_kernel")),
         "w8a8": (w8a8, w8a8.w8a8_linear, ("w8a8_linear_kernel", "quantize_rows_kernel")),
     }[case.family]
@@ -244,11 +248,11 @@ def default_cases(k: int = 4096, n: int = 14336) -> list[Case]:
         Case("int4", "int4-g128", "splitk", 16, k, n, candidates.standard_default("splitk", 16)),
     ]
     for scheme in ("int4-g128", "int4-g128-sym"):
-        out.append(Case("int4", scheme, "splitk", 16, k, n, int4.default_config("splitk", 16, scheme.endswith("sym"))))
+        out.append(Case("int4", scheme, "splitk", 16, k, n, int4.default_config("splitk", 16)))
     for m in (64, 256):
         out.append(Case("int4", "int4-g128", "gemm", m, k, n, candidates.standard_default("gemm", m)))
         for scheme in ("int4-g128", "int4-g128-sym"):
-            out.append(Case("int4", scheme, "gemm", m, k, n, int4.default_config("gemm", m, scheme.endswith("sym"))))
+            out.append(Case("int4", scheme, "gemm", m, k, n, int4.default_config("gemm", m)))
         out.append(Case("w8a16", "int8", "gemm", m, k, n, w8a16.default_config("gemm", m)))
     out.append(Case("w8a8", "w8a8", "gemm", 256, k, n, w8a8.default_config(256)))
     out.append(Case("int4", "int4-g128", "gemm", 2048, k, n, candidates.DEQUANT_CONFIG))

@@ -22,7 +22,12 @@ import dataclasses
 import torch
 
 from qcompile.codegen.triton import autotune, candidates, common
-from qcompile.codegen.triton.int4_kernels import int4_dequantize_kernel, int4_gemv_kernel, int4_linear_kernel
+from qcompile.codegen.triton.int4_kernels import (
+    group_sums_kernel,
+    int4_dequantize_kernel,
+    int4_gemv_kernel,
+    int4_linear_kernel,
+)
 from qcompile.schemes import IntWeightOnly, as_scheme
 
 #: the tuning key's kernel name, with the kernels' revision: configs tuned for earlier kernels are not reused
@@ -36,13 +41,11 @@ def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.d
 
 
 # -- config generators --------------------------------------------------------------------------------------------
-def candidate_configs(
-    path: str, m: int, k: int, group_size: int | None = None, symmetric: bool = True
-) -> list[autotune.KernelConfig]:
+def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) -> list[autotune.KernelConfig]:
     """The standard candidates (dot paths need ``BLOCK_K >= 32``), each also with int32 words (``words``); the GEMV
     path also tries the word-form dot kernel (:func:`uses_dot`, 16-row tiles). With ``group_size``, BLOCK_K becomes
     what the launch would use (:func:`plan`), word forms that would not apply are left out, and duplicates
-    dropped. Asymmetric word-form dots sum the activations per tile, which costs more than it saves past 64 rows."""
+    dropped."""
     out = []
     standard = candidates.standard_candidates(path, m, k)
     if path == "gemv":
@@ -53,8 +56,6 @@ def candidate_configs(
         if dot and config.block_k < 32:
             continue
         for variant in (config, dataclasses.replace(config, words=1)):
-            if variant.words and dot and not symmetric and variant.block_m > 64:
-                continue
             if group_size is not None:
                 block_k, _, words = plan(path, variant, group_size, True)
                 if variant.words and not words:
@@ -100,11 +101,11 @@ def code_dtype(x_dtype: torch.dtype) -> torch.dtype | None:
     return x_dtype if x_dtype in CODE_BITS else None
 
 
-def default_config(path: str, m: int, symmetric: bool = True) -> autotune.KernelConfig:
+def default_config(path: str, m: int) -> autotune.KernelConfig:
     """The standard default; on a GPU the word forms (sm_90 SASS, triton 3.7.1: 6 to 11 instructions per weight
     byte against 12 to 27 for bytes). One row: the GEMV in tiles of 128 rows, split 8 ways so that even N = 4096
-    gives 256 programs. Two to sixteen rows: the word-form dot, 16 x 128 x 128 tiles split 4 ways. GEMMs: 128-deep
-    K tiles (the scale is applied per tile, after the dot); asymmetric ones past 64 rows keep bytes."""
+    gives 256 programs. Two to sixteen rows: the word-form dot, 16 x 128 x 128 tiles split 4 ways. GEMMs: the
+    word-form dot with 128-deep K tiles (the scale is applied per tile, after the dot)."""
     config = candidates.standard_default(path, m)
     if common.interpreting() or config.dequant:
         return config
@@ -112,9 +113,7 @@ def default_config(path: str, m: int, symmetric: bool = True) -> autotune.Kernel
         return dataclasses.replace(config, block_n=128, split_k=8, words=1)
     if path != "gemm":
         return autotune.KernelConfig(16, 128, 128, split_k=4, num_stages=3, words=1)
-    if symmetric or config.block_m <= 64:
-        return dataclasses.replace(config, block_k=128, words=1)
-    return config
+    return dataclasses.replace(config, block_k=128, words=1)
 
 
 def aligned_block_k(block_k: int, group_size: int, use_dot: bool) -> tuple[int, bool]:
@@ -133,6 +132,22 @@ def words_supported(qweight: torch.Tensor, group_size: int) -> bool:
     """Whether the packed rows can be read as int32 words: 8 nibbles per word, groups of whole words, aligned."""
     return (qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0
             and group_size % 8 == 0)  # fmt: skip
+
+
+#: asymmetric word-form dots with row tiles above this read the activations' group sums from a separate launch
+GROUP_SUMS_MIN_BLOCK_M = 16
+
+
+def group_sums(x2: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """``[cdiv(K, group_size), M]`` fp32 sums of the activation rows over each group (one launch)."""
+    groups = common.cdiv(k, group_size)
+    out = torch.empty((groups, x2.shape[0]), device=x2.device, dtype=torch.float32)
+    block_s = common.next_power_of_2(group_size)
+    block_g = min(max(1, 2048 // block_s), common.next_power_of_2(groups))
+    group_sums_kernel[(x2.shape[0], common.cdiv(groups, block_g))](
+        x2, out, x2.shape[0], k, x2.stride(0), GROUP_SIZE=group_size, BLOCK_G=block_g, BLOCK_S=block_s
+    )
+    return out
 
 
 def int4_linear(
@@ -175,22 +190,23 @@ def int4_linear(
         grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
         work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
         block_k, aligned, words = plan(path, cfg, group_size, words_ok)
-        args = (
-            x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
-            out, work, counts, m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-        )  # fmt: skip
+        pointers = (x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
+                    out, work, counts)  # fmt: skip
+        sizes = (m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0))
         shared = dict(
             GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
             SPLIT=cfg.split_k > 1, EVEN_K=k % block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if use_dot:
+            sums = words and zeros is not None and cfg.block_m > GROUP_SUMS_MIN_BLOCK_M
             int4_linear_kernel[grid](
-                *args, DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
-                WORDS=words, GROUP_M=cfg.group_m, **code_args, **shared,
+                *pointers, group_sums(x2, k, group_size) if sums else scales, *sizes,
+                DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
+                WORDS=words, GROUP_SUMS=sums, GROUP_M=cfg.group_m, **code_args, **shared,
             )  # fmt: skip
         else:
-            int4_gemv_kernel[grid](*args, EVEN_M=m % cfg.block_m == 0, WORDS=words, **shared)
+            int4_gemv_kernel[grid](*pointers, *sizes, EVEN_M=m % cfg.block_m == 0, WORDS=words, **shared)
         return out
 
     if config is None:
@@ -198,8 +214,7 @@ def int4_linear(
             (KERNEL_NAME, path, common.m_bucket(m), n, k, group_size, zeros is None, x.device),
             lambda: autotune.choose_config(
                 tune_key(path, m, n, k, group_size, x.device, zeros is None),
-                lambda: candidate_configs(path, m, k, group_size, zeros is None),
-                default_config(path, m, zeros is None), launch, x.device,
+                lambda: candidate_configs(path, m, k, group_size), default_config(path, m), launch, x.device,
             ),
         )  # fmt: skip
     return launch(config).reshape(*x.shape[:-1], n)

@@ -76,11 +76,11 @@ def group_meta(scales_ptr, zeros_ptr, offs_n, mask_n, ks, k_mask, stride_sn, k0,
 
 @triton.jit
 def int4_linear_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, work_ptr, count_ptr,
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, work_ptr, count_ptr, sums_ptr,
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-    WORDS: tl.constexpr, CODE_DTYPE: tl.constexpr, CODE_BITS: tl.constexpr,
+    WORDS: tl.constexpr, CODE_DTYPE: tl.constexpr, CODE_BITS: tl.constexpr, GROUP_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias`` with ``tl.dot`` (split-K and GEMM paths).
@@ -104,7 +104,9 @@ def int4_linear_kernel(
     shift and two logic operations per pair (:func:`word_codes`, ``CODE_BITS`` the bits of the base 128.0 / 1024.0);
     the group's scale (one per row: the tile lies in one group) is applied to the tile's fp32 dot product,
     ``acc += (codes @ x.T - zero * sum(x)) * scale``. Products and sums are then exact fp32 where the dequantized
-    form rounds every weight to the activation dtype. The one-to-four-row GEMV is :func:`int4_gemv_kernel`.
+    form rounds every weight to the activation dtype. The activation sums of asymmetric tiles come from ``sums``
+    ``[G, M]`` fp32 (:func:`group_sums_kernel`) when ``GROUP_SUMS``: summed in the tile, they cost more than the
+    dequantization saved past 16 rows. The one-to-four-row GEMV is :func:`int4_gemv_kernel`.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
@@ -131,7 +133,11 @@ def int4_linear_kernel(
             scale = tl.load(scales_ptr + meta, mask=mask_n, other=0.0)[:, None]
             if not SYMMETRIC:
                 zero = tl.load(zeros_ptr + meta, mask=mask_n, other=0.0)[:, None]
-                part -= zero * tl.sum(x_t.to(tl.float32), axis=0)[None, :]
+                if GROUP_SUMS:
+                    x_sum = tl.load(sums_ptr + (k0 // GROUP_SIZE) * M + offs_m, mask=mask_m, other=0.0)
+                else:
+                    x_sum = tl.sum(x_t.to(tl.float32), axis=0)
+                part -= zero * x_sum[None, :]
             acc += part * scale
         else:
             k_even = k0 + 2 * offs_h
@@ -148,6 +154,22 @@ def int4_linear_kernel(
     acc = tl.trans(acc)
     acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
+
+
+@triton.jit
+def group_sums_kernel(x_ptr, out_ptr, M, K, stride_xm, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                      BLOCK_S: tl.constexpr):  # fmt: skip
+    """``out[g, m] = sum(x[m, g*GROUP_SIZE : (g+1)*GROUP_SIZE])`` in fp32 (columns past K count as zeros), ``out``
+    ``[cdiv(K, GROUP_SIZE), M]`` (rows of a tile side by side: the dot kernel loads them as vectors): the activation
+    sums of the asymmetric word-form dot. Grid: ``(M, cdiv(G, BLOCK_G))``; ``BLOCK_S >= GROUP_SIZE``, powers of two."""
+    groups = tl.cdiv(K, GROUP_SIZE)
+    offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    ks = offs_g[:, None] * GROUP_SIZE + offs_s[None, :]
+    mask = (offs_s[None, :] < GROUP_SIZE) & (ks < K)
+    x = tl.load(x_ptr + tl.program_id(0).to(tl.int64) * stride_xm + ks, mask=mask, other=0.0)
+    sums = tl.sum(x.to(tl.float32), axis=1)
+    tl.store(out_ptr + offs_g.to(tl.int64) * M + tl.program_id(0), sums, mask=offs_g < groups)
 
 
 @triton.jit

@@ -164,6 +164,7 @@ def test_int4_gemv_words_activation_range(scheme_name, scale):
     [
         ("int4-g32", "splitk", 5, 90, 32),  # ragged K: the last word is half padding, the last tile masked
         ("int4-g64-sym", "gemm", 17, 90, 64),  # two row tiles
+        ("int4-g32", "gemm", 33, 90, 32),  # 32-row tiles: the activations' group sums come from their own launch
         ("int4-g128", "gemv", 3, 300, 128),  # one to four rows on tensor cores
         ("int4-g128-sym", "gemv", 1, 256, 128),
     ],
@@ -178,7 +179,7 @@ def test_int4_dot_words(dtype, scheme_name, path, m, k, block_k):
     x = activation(m, k, dtype)
     bias = torch.randn(n).to(dtype).to(DEVICE)
     for split_k in (1, 2):
-        config = autotune.KernelConfig(16, 16, block_k, split_k=split_k, words=1)
+        config = autotune.KernelConfig(32 if m > 32 else 16, 16, block_k, split_k=split_k, words=1)
         assert int4.uses_dot(path, config) and int4.plan(path, config, group_size, True)[2]
         y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path=path, config=config)
         tolerance = 2**-7 if dtype == torch.bfloat16 else 2**-10
@@ -199,13 +200,11 @@ def test_int4_code_bits_are_exact_floats(dtype):
 
 
 def test_int4_word_dots_in_the_candidates():
-    """The GEMV path also tries 16-row word-form dots; asymmetric word dots stop at 64 rows."""
+    """The GEMV path also tries 16-row word-form dots; every dot path tries words and bytes."""
     gemv = int4.candidate_configs("gemv", 2, 4096, 128)
     assert any(c.block_m == 16 and c.words for c in gemv) and any(c.block_m == 2 for c in gemv)
-    sym = int4.candidate_configs("gemm", 256, 4096, 128, symmetric=True)
-    asym = int4.candidate_configs("gemm", 256, 4096, 128, symmetric=False)
-    assert any(c.words and c.block_m > 64 for c in sym)
-    assert not any(c.words and c.block_m > 64 for c in asym)
+    gemm = int4.candidate_configs("gemm", 256, 4096, 128)
+    assert any(c.words and c.block_m > 64 for c in gemm) and any(not c.words and not c.dequant for c in gemm)
 
 
 @pytest.mark.parametrize("scheme_name,k", [("int4-g32", 90), ("int4-g8-sym", 90), ("int4", 90)])

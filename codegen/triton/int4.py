@@ -7,10 +7,12 @@ Reads the canonical packed layout (``qcompile.schemes.integer`` / ``packing``) d
     zeros   float32 [N, G]            asymmetric: w = (u - zero) * scale;  symmetric (no zeros): w = (u - 8) * scale
 
 The kernels (``int4_kernels.py``): for one to four rows a GEMV without ``tl.dot`` that applies each group's scale
-once per tile (bytes, or int32 words at two instructions a nibble); from five rows a dot kernel that dequantizes
-the weight tile in registers (``code * scale - zero * scale``; codes become floats by OR-ing exponent bits, no
-int→float conversion) and feeds it to ``tl.dot`` as the first operand of the transposed product; for large M
-also dequantize-then-cuBLAS. Columns ``K .. K_padded`` are masked (``K = x.shape[-1]``).
+once per tile (bytes, or int32 words at two instructions a nibble); a dot kernel (from five rows, and 16-row
+configs of the GEMV path) that feeds ``tl.dot`` the first operand of the transposed product, either the weight
+tile dequantized in registers (bytes: ``code * scale - zero * scale``, codes become floats by OR-ing exponent bits,
+no int→float conversion) or, in the word form, the exact codes as 16-bit floats with each group's scale applied to
+the tile's fp32 product; for large M also dequantize-then-cuBLAS. Columns ``K .. K_padded`` are masked
+(``K = x.shape[-1]``).
 
 Order of this file: autotune key, config generators, the launcher.
 """

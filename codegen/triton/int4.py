@@ -14,7 +14,7 @@ no int→float conversion) or, in the word form, the exact codes as 16-bit float
 the tile's fp32 product; for large M also dequantize-then-cuBLAS. Columns ``K .. K_padded`` are masked
 (``K = x.shape[-1]``).
 
-Order of this file: autotune key, config generators, the launcher.
+Order of this file: autotune key, config generators, the launcher (a call signature's bound launches).
 """
 
 from __future__ import annotations
@@ -152,6 +152,117 @@ def group_sums(x2: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """A call signature: what a launch depends on besides the tensors' addresses."""
+
+    path: str
+    m: int
+    n: int
+    k: int
+    group_size: int
+    dtype: torch.dtype
+    symmetric: bool
+    has_bias: bool
+
+
+class Launch:
+    """One config's launch for one call signature: grid and every kernel argument but the tensors, worked out once."""
+
+    def __init__(self, call: Call, cfg: autotune.KernelConfig, words_ok: bool):
+        self.call, self.config = call, cfg
+        self.use_dot = uses_dot(call.path, cfg)
+        codes = code_dtype(call.dtype)
+        words_ok = words_ok and (codes is not None or not self.use_dot)
+        block_k, aligned, words = plan(call.path, cfg, call.group_size, words_ok)
+        meta = dict(GROUP_SIZE=call.group_size, SYMMETRIC=call.symmetric, GROUP_ALIGNED=aligned,
+                    EVEN_K=call.k % block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                    num_warps=cfg.num_warps)  # fmt: skip
+        self.dequant = bool(cfg.dequant)
+        if self.dequant:
+            self.grid = (common.cdiv(call.n, cfg.block_n), common.cdiv(call.k, block_k))
+            self.kwargs = dict(meta, WORDS=words)
+            return
+        self.grid = (common.cdiv(call.m, cfg.block_m) * common.cdiv(call.n, cfg.block_n), cfg.split_k)
+        self.kwargs = dict(meta, HAS_BIAS=call.has_bias, SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m,
+                           num_stages=cfg.num_stages, WORDS=words)  # fmt: skip
+        self.sums = self.use_dot and words and not call.symmetric and cfg.block_m > GROUP_SUMS_MIN_BLOCK_M
+        if self.use_dot:
+            codes = codes or torch.float16  # fp32 activations: bytes, the code arguments unused
+            self.kwargs.update(
+                DOT_DTYPE=common.dot_dtype(call.dtype), DOT_PRECISION=common.dot_precision(call.dtype),
+                GROUP_SUMS=self.sums, GROUP_M=cfg.group_m, CODE_DTYPE=common.tl_dtype(codes),
+                CODE_BITS=CODE_BITS[codes],
+            )  # fmt: skip
+        else:
+            self.kwargs.update(EVEN_M=call.m % cfg.block_m == 0)
+
+    def __call__(self, x2, qweight, scales, zeros, bias) -> torch.Tensor:
+        """``[M, N]`` for rows ``x2 [M, K]`` (unit stride along K) and contiguous packed tensors (so their row
+        strides are their widths)."""
+        call, split_k = self.call, self.config.split_k
+        zeros_or = scales if zeros is None else zeros
+        if self.dequant:
+            weight = torch.empty((call.n, call.k), device=x2.device, dtype=x2.dtype)
+            int4_dequantize_kernel[self.grid](
+                qweight, scales, zeros_or, weight, call.n, call.k, qweight.stride(0), scales.stride(0),
+                weight.stride(0), **self.kwargs,
+            )  # fmt: skip
+            return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
+        out = torch.empty((call.m, call.n), device=x2.device, dtype=x2.dtype)
+        work, counts = common.split_workspace(x2.device, call.m * call.n, self.grid[0]) if split_k > 1 else (out, out)
+        pointers = (x2, qweight, scales, zeros_or, scales if bias is None else bias, out, work, counts)
+        sizes = (call.m, call.n, call.k, split_k, x2.stride(0), qweight.shape[1], scales.shape[1], call.n)
+        if self.use_dot:
+            sums = group_sums(x2, call.k, call.group_size) if self.sums else scales
+            int4_linear_kernel[self.grid](*pointers, sums, *sizes, **self.kwargs)
+        else:
+            int4_gemv_kernel[self.grid](*pointers, *sizes, **self.kwargs)
+        return out
+
+
+def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, config=None):
+    """``launch(x, qweight, scales, zeros, bias) -> y`` for calls with this one's signature (scheme, M, N, K,
+    dtypes, device, bias or not): the dispatch table's ``bind``. Validation happens here, once; the config is
+    chosen (tuned, on a GPU) on the first call and its kernel arguments worked out once per config, so a later
+    call reshapes the activation, allocates the output and launches. ``config`` fixes the config."""
+    scheme = as_scheme(scheme)
+    if not (isinstance(scheme, IntWeightOnly) and scheme.bits == 4):
+        raise ValueError(f"int4_linear serves int4 weight-only schemes, got {scheme.name}")
+    _, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "int4_linear")
+    path = path or common.path_for_m(m)
+    call = Call(path, m, n, k, scheme.group_size_for(k), x.dtype, zeros is None, bias is not None)
+    device = x.device
+    memo = (KERNEL_NAME, path, common.m_bucket(m), n, k, call.group_size, call.symmetric, device)
+    launches: dict[tuple, Launch] = {}
+
+    def launch_with(cfg, words_ok, x2, qweight, scales, zeros, bias) -> torch.Tensor:
+        launch = launches.get((cfg, words_ok))
+        if launch is None:
+            launch = launches[(cfg, words_ok)] = Launch(call, cfg, words_ok)
+        return launch(x2, qweight, scales, zeros, bias)
+
+    words_shape = words_supported(qweight.contiguous(), call.group_size)  # the part that depends on shapes alone
+
+    def run(x, qweight, scales, zeros, bias) -> torch.Tensor:
+        x2 = x if x.dim() == 2 and x.stride(1) == 1 else common.as_rows(x)
+        qweight, scales = qweight.contiguous(), scales.contiguous()
+        zeros = None if zeros is None else zeros.contiguous()
+        words_ok = words_shape and qweight.data_ptr() % 4 == 0
+        cfg = config or autotune.memoized_choice(
+            memo,
+            lambda: autotune.choose_config(
+                tune_key(path, m, n, k, call.group_size, device, call.symmetric),
+                lambda: candidate_configs(path, m, k, call.group_size), default_config(path, m),
+                lambda c: launch_with(c, words_ok, x2, qweight, scales, zeros, bias), device,
+            ),
+        )  # fmt: skip
+        out = launch_with(cfg, words_ok, x2, qweight, scales, zeros, bias)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+
+    return run
+
+
 def int4_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -164,59 +275,4 @@ def int4_linear(
     config: autotune.KernelConfig | None = None,
 ) -> torch.Tensor:
     """``qcompile::linear`` for ``int4-gN`` schemes. ``path`` (``gemv``/``splitk``/``gemm``) defaults by M."""
-    scheme = as_scheme(scheme)
-    if not (isinstance(scheme, IntWeightOnly) and scheme.bits == 4):
-        raise ValueError(f"int4_linear serves int4 weight-only schemes, got {scheme.name}")
-    x2, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "int4_linear")
-    group_size = scheme.group_size_for(k)
-    path = path or common.path_for_m(m)
-    codes = code_dtype(x.dtype)
-    code_args = dict(CODE_DTYPE=common.tl_dtype(codes or torch.float16), CODE_BITS=CODE_BITS[codes or torch.float16])
-    scales, qweight = scales.contiguous(), qweight.contiguous()
-    zeros = zeros.contiguous() if zeros is not None else None
-
-    def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
-        use_dot = uses_dot(path, cfg)
-        words_ok = words_supported(qweight, group_size) and (codes is not None or not use_dot)
-        if cfg.dequant:
-            weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
-            block_k, aligned, words = plan(path, cfg, group_size, words_ok)
-            int4_dequantize_kernel[(common.cdiv(n, cfg.block_n), common.cdiv(k, block_k))](
-                qweight, scales, scales if zeros is None else zeros, weight, n, k,
-                qweight.stride(0), scales.stride(0), weight.stride(0),
-                GROUP_SIZE=group_size, SYMMETRIC=zeros is None, GROUP_ALIGNED=aligned, WORDS=words,
-                EVEN_K=k % block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
-            )  # fmt: skip
-            return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
-        work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
-        block_k, aligned, words = plan(path, cfg, group_size, words_ok)
-        pointers = (x2, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias,
-                    out, work, counts)  # fmt: skip
-        sizes = (m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0))
-        shared = dict(
-            GROUP_SIZE=group_size, SYMMETRIC=zeros is None, HAS_BIAS=bias is not None, GROUP_ALIGNED=aligned,
-            SPLIT=cfg.split_k > 1, EVEN_K=k % block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-        if use_dot:
-            sums = words and zeros is not None and cfg.block_m > GROUP_SUMS_MIN_BLOCK_M
-            int4_linear_kernel[grid](
-                *pointers, group_sums(x2, k, group_size) if sums else scales, *sizes,
-                DOT_DTYPE=common.dot_dtype(x.dtype), DOT_PRECISION=common.dot_precision(x.dtype),
-                WORDS=words, GROUP_SUMS=sums, GROUP_M=cfg.group_m, **code_args, **shared,
-            )  # fmt: skip
-        else:
-            int4_gemv_kernel[grid](*pointers, *sizes, EVEN_M=m % cfg.block_m == 0, WORDS=words, **shared)
-        return out
-
-    if config is None:
-        config = autotune.memoized_choice(
-            (KERNEL_NAME, path, common.m_bucket(m), n, k, group_size, zeros is None, x.device),
-            lambda: autotune.choose_config(
-                tune_key(path, m, n, k, group_size, x.device, zeros is None),
-                lambda: candidate_configs(path, m, k, group_size), default_config(path, m), launch, x.device,
-            ),
-        )  # fmt: skip
-    return launch(config).reshape(*x.shape[:-1], n)
+    return bind(scheme, x, qweight, scales, zeros, bias, path=path, config=config)(x, qweight, scales, zeros, bias)

@@ -52,17 +52,24 @@ class KernelPath:
     path: str | None  # the launcher's ``path`` argument; None for single-path families
     min_m: int
     max_m: float
+    #: ``binder(scheme, x, qweight, scales, zeros, bias, path=...) -> launch``: a launcher bound to one call
+    #: signature (its per-call Python work is a reshape, an allocation and the launch), where the family has one
+    binder: Callable[..., Callable[..., torch.Tensor]] | None = None
 
     def run(self, scheme, x, qweight, scales, zeros, bias) -> torch.Tensor:
         extra = {} if self.path is None else {"path": self.path}
         return self.launcher(x, qweight, scales, zeros, bias, scheme, **extra)
 
+    def bind(self, scheme, x, qweight, scales, zeros, bias) -> Callable[..., torch.Tensor]:
+        return self.binder(scheme, x, qweight, scales, zeros, bias, path=self.path)
+
 
 PATHS: tuple[KernelPath, ...] = (
-    KernelPath("triton-int4-gemv", _int4_serves, int4.int4_linear, "gemv", 1, common.GEMV_MAX_M),
+    KernelPath("triton-int4-gemv", _int4_serves, int4.int4_linear, "gemv", 1, common.GEMV_MAX_M, int4.bind),
     KernelPath("triton-int4-splitk", _int4_serves, int4.int4_linear, "splitk", common.GEMV_MAX_M + 1,
-               common.SPLITK_MAX_M),
-    KernelPath("triton-int4-gemm", _int4_serves, int4.int4_linear, "gemm", common.SPLITK_MAX_M + 1, UNBOUNDED),
+               common.SPLITK_MAX_M, int4.bind),
+    KernelPath("triton-int4-gemm", _int4_serves, int4.int4_linear, "gemm", common.SPLITK_MAX_M + 1, UNBOUNDED,
+               int4.bind),
     KernelPath("triton-w8a16-gemv", w8a16.serves, w8a16.w8a16_linear, "gemv", 1, common.GEMV_MAX_M),
     KernelPath("triton-w8a16-splitk", w8a16.serves, w8a16.w8a16_linear, "splitk", common.GEMV_MAX_M + 1,
                common.SPLITK_MAX_M),
@@ -121,6 +128,7 @@ def kernel_entries() -> list[KernelEntry]:
             supports=functools.partial(_supports, row),
             run=row.run,
             priority=PRIORITY,
+            bind=None if row.binder is None else row.bind,
         )
         for row in PATHS
     ]

@@ -108,6 +108,25 @@ def test_int4_batched_activation_and_tuned_config():
     assert_matches_reference(y, x, qweight, scales, zeros, None, "int4-g32", 1e-5)
 
 
+@pytest.mark.parametrize("path", ["gemv", "splitk", "gemm"])
+def test_int4_bound_launcher_serves_later_calls(path, monkeypatch):
+    """The dispatch rows' ``bind``: a launcher bound to the first call's signature serves later calls with other
+    activations of that signature (a batched one, a row-strided view) and works each config out once."""
+    scheme_name, m, k, n = "int4-g32", 3, 90, 48
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    row = next(r for r in paths.PATHS if r.name == f"triton-int4-{path}")
+    built, original = [], int4.Launch
+    monkeypatch.setattr(int4, "Launch", lambda *args: built.append(args) or original(*args))
+    first = activation(m, k, torch.bfloat16)
+    launch = row.bind(parse_scheme(scheme_name), first, qweight, scales, zeros, None)
+    wide = activation(m, k + 6, torch.bfloat16, seed=3)[:, :k]  # rows k + 6 apart
+    for x in (first, activation(1, k, torch.bfloat16, seed=2, lead=(m,))[:, 0], wide, first.reshape(1, m, k)):
+        y = launch(x, qweight, scales, zeros, None)
+        assert y.shape == (*x.shape[:-1], n)
+        assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, tolerance_for(torch.bfloat16))
+    assert len(built) == 1, built
+
+
 @pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g64-sym", "int4"])
 def test_int4_dequantize_then_dense_config(scheme_name):
     m, k, n = 5, 90, 48

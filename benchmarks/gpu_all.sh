@@ -4,8 +4,8 @@
 # installs qcompile (no dependencies), runs the Triton kernel tests on CUDA (compiled, not interpreted), then the
 # kernel table (benchmarks/gpu_kernels.py) and the decode benchmark (benchmarks/e2e_gpu.py). Each stage has a time
 # limit in seconds so one slow stage cannot take the others' results, and writes its own log in RESULTS_DIR.
-# Environment: STAGES (default "tests kernels e2e more"), TESTS_S, KERNELS_S, E2E_S, MORE_S (limits),
-# KERNEL_ARGS / MORE_ARGS / E2E_ARGS (extra arguments), TESTS (pytest selection).
+# Environment: STAGES (default "tests kernels e2e more"; also "launch"), TESTS_S, KERNELS_S, E2E_S, MORE_S,
+# LAUNCH_S (limits), KERNEL_ARGS / MORE_ARGS / E2E_ARGS (extra arguments), TESTS (pytest selection).
 set -u
 RESULTS=$(realpath -m "${1:-gpu-results}")
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,6 +35,10 @@ if wants kernels; then
     stage "kernels: W4A16 and W8A16"
     timeout "${KERNELS_S:-240}" $PY "$REPO/benchmarks/gpu_kernels.py" --schemes int4-g128 int8 ${KERNEL_ARGS:-} 2>&1 \
         | tee "$RESULTS/kernels-w4-w8.txt"
+fi
+if wants launch; then
+    stage "launch: Python work per eager call"
+    timeout "${LAUNCH_S:-60}" $PY "$REPO/benchmarks/triton_launch.py" --device cuda 2>&1 | tee "$RESULTS/launch.txt"
 fi
 if wants e2e; then
     stage "decode"

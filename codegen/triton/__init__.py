@@ -7,7 +7,8 @@
 | `w8a16`     | W8A16 (`int8` per channel) and FP8 weight-only (`fp8`)                         |
 | `w8a8`      | W8A8 (`w8a8` int8, `fp8-w8a8`): per-row activation quantization + 8-bit GEMM   |
 | `paths`     | the path table (GEMV / split-K / GEMM by M) registered in the dispatch table   |
-| `autotune`  | tuned configs: per-key search on a GPU, on-disk cache, JSON export/import      |
+| `autotune`  | tuned configs: per-key search on a GPU, on-disk cache, JSON export/import;   |
+|             | the bound launches of one call signature                                     |
 | `candidates`| candidate and default launch configs by path and M bucket                      |
 | `tiles`     | ``@triton.jit`` helpers shared by the kernels                                 |
 | `common`    | interpreter detection, M buckets, dtypes                                      |

@@ -309,3 +309,35 @@ def memoized_choice(signature: tuple, choose: Callable[[], KernelConfig]) -> Ker
         if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             _CHOICES[signature] = config
     return config
+
+
+class BoundLaunches:
+    """The launches of one call signature, for launchers bound to it (the dispatch rows' ``bind``).
+
+    ``bound(variant, *tensors)`` picks the config (``config`` when given; else :func:`memoized_choice` of ``memo``,
+    searching ``candidates()`` against ``default`` under ``key()`` on the first call) and runs the launch that
+    ``build(config, variant)`` made for it, once per ``(config, variant)``. ``variant`` is whatever the family's
+    launch depends on beyond the signature (e.g. whether the weight's address allows word loads).
+    """
+
+    def __init__(self, memo: tuple, key: Callable[[], str], candidates: Callable[[], list[KernelConfig]],
+                 default: Callable[[], KernelConfig], build: Callable, device: torch.device,
+                 config: KernelConfig | None = None):  # fmt: skip
+        self.memo, self.key, self.candidates, self.default = memo, key, candidates, default
+        self.build, self.device, self.config = build, device, config
+        self.launches: dict[tuple, Callable[..., torch.Tensor]] = {}
+
+    def __call__(self, variant, *tensors) -> torch.Tensor:
+        config = self.config or memoized_choice(
+            self.memo,
+            lambda: choose_config(
+                self.key(), self.candidates, self.default(), lambda c: self.run(c, variant, tensors), self.device
+            ),  # fmt: skip
+        )
+        return self.run(config, variant, tensors)
+
+    def run(self, config: KernelConfig, variant, tensors: tuple) -> torch.Tensor:
+        launch = self.launches.get((config, variant))
+        if launch is None:
+            launch = self.launches[(config, variant)] = self.build(config, variant)
+        return launch(*tensors)

@@ -233,31 +233,19 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
     path = path or common.path_for_m(m)
     call = Call(path, m, n, k, scheme.group_size_for(k), x.dtype, zeros is None, bias is not None)
     device = x.device
-    memo = (KERNEL_NAME, path, common.m_bucket(m), n, k, call.group_size, call.symmetric, device)
-    launches: dict[tuple, Launch] = {}
-
-    def launch_with(cfg, words_ok, x2, qweight, scales, zeros, bias) -> torch.Tensor:
-        launch = launches.get((cfg, words_ok))
-        if launch is None:
-            launch = launches[(cfg, words_ok)] = Launch(call, cfg, words_ok)
-        return launch(x2, qweight, scales, zeros, bias)
-
+    bound = autotune.BoundLaunches(
+        (KERNEL_NAME, path, common.m_bucket(m), n, k, call.group_size, call.symmetric, device),
+        lambda: tune_key(path, m, n, k, call.group_size, device, call.symmetric),
+        lambda: candidate_configs(path, m, k, call.group_size), lambda: default_config(path, m),
+        lambda cfg, words_ok: Launch(call, cfg, words_ok), device, config,
+    )  # fmt: skip
     words_shape = words_supported(qweight.contiguous(), call.group_size)  # the part that depends on shapes alone
 
     def run(x, qweight, scales, zeros, bias) -> torch.Tensor:
         x2 = x if x.dim() == 2 and x.stride(1) == 1 else common.as_rows(x)
         qweight, scales = qweight.contiguous(), scales.contiguous()
         zeros = None if zeros is None else zeros.contiguous()
-        words_ok = words_shape and qweight.data_ptr() % 4 == 0
-        cfg = config or autotune.memoized_choice(
-            memo,
-            lambda: autotune.choose_config(
-                tune_key(path, m, n, k, call.group_size, device, call.symmetric),
-                lambda: candidate_configs(path, m, k, call.group_size), default_config(path, m),
-                lambda c: launch_with(c, words_ok, x2, qweight, scales, zeros, bias), device,
-            ),
-        )  # fmt: skip
-        out = launch_with(cfg, words_ok, x2, qweight, scales, zeros, bias)
+        out = bound(words_shape and qweight.data_ptr() % 4 == 0, x2, qweight, scales, zeros, bias)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
     return run

@@ -70,11 +70,12 @@ PATHS: tuple[KernelPath, ...] = (
                common.SPLITK_MAX_M, int4.bind),
     KernelPath("triton-int4-gemm", _int4_serves, int4.int4_linear, "gemm", common.SPLITK_MAX_M + 1, UNBOUNDED,
                int4.bind),
-    KernelPath("triton-w8a16-gemv", w8a16.serves, w8a16.w8a16_linear, "gemv", 1, common.GEMV_MAX_M),
+    KernelPath("triton-w8a16-gemv", w8a16.serves, w8a16.w8a16_linear, "gemv", 1, common.GEMV_MAX_M, w8a16.bind),
     KernelPath("triton-w8a16-splitk", w8a16.serves, w8a16.w8a16_linear, "splitk", common.GEMV_MAX_M + 1,
-               common.SPLITK_MAX_M),
-    KernelPath("triton-w8a16-gemm", w8a16.serves, w8a16.w8a16_linear, "gemm", common.SPLITK_MAX_M + 1, UNBOUNDED),
-    KernelPath("triton-w8a8-gemm", w8a8.serves, w8a8.w8a8_linear, None, 1, UNBOUNDED),
+               common.SPLITK_MAX_M, w8a16.bind),
+    KernelPath("triton-w8a16-gemm", w8a16.serves, w8a16.w8a16_linear, "gemm", common.SPLITK_MAX_M + 1, UNBOUNDED,
+               w8a16.bind),
+    KernelPath("triton-w8a8-gemm", w8a8.serves, w8a8.w8a8_linear, None, 1, UNBOUNDED, w8a8.bind),
 )  # fmt: skip
 
 

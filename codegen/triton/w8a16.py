@@ -158,6 +158,63 @@ def w8_dequantize_kernel(
 
 
 # -- launcher -----------------------------------------------------------------------------------------------------
+def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, config=None):
+    """``launch(x, qweight, scales, zeros, bias) -> y`` for calls with this one's signature, validated once; the
+    config and its kernel arguments are worked out on the first call (see ``int4.bind``)."""
+    scheme = as_scheme(scheme)
+    reason = serves(scheme)
+    if reason is not None:
+        raise ValueError(f"w8a16_linear: {reason}")
+    _, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "w8a16_linear")
+    path = path or common.path_for_m(m)
+    dtype, device, has_bias = x.dtype, x.device, bias is not None
+
+    def build(cfg: autotune.KernelConfig, words_ok: bool):
+        if cfg.dequant:
+            grid = (common.cdiv(n, cfg.block_n), common.cdiv(k, cfg.block_k))
+            meta = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+
+            def dequantize_then_linear(x2, qweight, scales, bias):
+                weight = torch.empty((n, k), device=x2.device, dtype=x2.dtype)
+                w8_dequantize_kernel[grid](qweight, scales, weight, n, k, k, k, **meta)
+                return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
+
+            return dequantize_then_linear
+        grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
+        meta = dict(
+            HAS_BIAS=has_bias, USE_DOT=path != "gemv", DOT_DTYPE=common.dot_dtype(dtype),
+            DOT_PRECISION=common.dot_precision(dtype), SPLIT=cfg.split_k > 1,
+            WORDS=bool(cfg.words) and path == "gemv" and words_ok and cfg.block_k % 4 == 0,
+            BLOCK_W=max(1, cfg.block_k // 4), EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+        def linear(x2, qweight, scales, bias):
+            out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+            work, counts = common.split_workspace(x2.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
+            w8a16_linear_kernel[grid](
+                x2, qweight, scales, scales if bias is None else bias, out, work, counts,
+                m, n, k, cfg.split_k, x2.stride(0), k, n, **meta,
+            )  # fmt: skip
+            return out
+
+        return linear
+
+    bound = autotune.BoundLaunches(
+        ("w8a16", scheme.name, path, common.m_bucket(m), n, k, device),
+        lambda: tune_key(scheme.name, path, m, n, k, device), lambda: candidate_configs(path, m, k),
+        lambda: default_config(path, m), build, device, config,
+    )  # fmt: skip
+
+    def run(x, qweight, scales, zeros, bias) -> torch.Tensor:
+        x2 = x if x.dim() == 2 and x.stride(1) == 1 else common.as_rows(x)
+        qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()
+        out = bound(k % 4 == 0 and qweight.data_ptr() % 4 == 0, x2, qweight, scales, bias)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+
+    return run
+
+
 def w8a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -170,44 +227,4 @@ def w8a16_linear(
     config: autotune.KernelConfig | None = None,
 ) -> torch.Tensor:
     """``qcompile::linear`` for ``int8`` and ``fp8`` (weight-only). ``path`` defaults by M."""
-    scheme = as_scheme(scheme)
-    reason = serves(scheme)
-    if reason is not None:
-        raise ValueError(f"w8a16_linear: {reason}")
-    x2, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "w8a16_linear")
-    path = path or common.path_for_m(m)
-    qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()
-    words_ok = k % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0
-
-    def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
-        if cfg.dequant:
-            weight = torch.empty((n, k), device=x.device, dtype=x.dtype)
-            w8_dequantize_kernel[(common.cdiv(n, cfg.block_n), common.cdiv(k, cfg.block_k))](
-                qweight, scales, weight, n, k, qweight.stride(0), weight.stride(0),
-                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-            )  # fmt: skip
-            return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
-        words = bool(cfg.words) and path == "gemv" and words_ok and cfg.block_k % 4 == 0
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
-        work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
-        w8a16_linear_kernel[grid](
-            x2, qweight, scales, scales if bias is None else bias, out, work, counts,
-            m, n, k, cfg.split_k, x2.stride(0), qweight.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, USE_DOT=path != "gemv", DOT_DTYPE=common.dot_dtype(x.dtype),
-            DOT_PRECISION=common.dot_precision(x.dtype),
-            SPLIT=cfg.split_k > 1, WORDS=words, BLOCK_W=max(1, cfg.block_k // 4), EVEN_K=k % cfg.block_k == 0,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-        return out
-
-    if config is None:
-        config = autotune.memoized_choice(
-            ("w8a16", scheme.name, path, common.m_bucket(m), n, k, x.device),
-            lambda: autotune.choose_config(
-                tune_key(scheme.name, path, m, n, k, x.device), lambda: candidate_configs(path, m, k),
-                default_config(path, m), launch, x.device,
-            ),
-        )  # fmt: skip
-    return launch(config).reshape(*x.shape[:-1], n)
+    return bind(scheme, x, qweight, scales, zeros, bias, path=path, config=config)(x, qweight, scales, zeros, bias)

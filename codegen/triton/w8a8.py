@@ -177,6 +177,50 @@ def quantize_rows(x2: torch.Tensor, to_fp8: bool) -> tuple[torch.Tensor, torch.T
     return q, x_scale
 
 
+def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, config=None):
+    """``launch(x, qweight, scales, zeros, bias) -> y`` for calls with this one's signature, validated once; the
+    config and its kernel arguments are worked out on the first call (see ``int4.bind``). ``path`` is unused (one
+    GEMM kernel serves every M)."""
+    scheme = as_scheme(scheme)
+    reason = serves(scheme)
+    if reason is not None:
+        raise ValueError(f"w8a8_linear: {reason}")
+    _, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "w8a8_linear")
+    to_fp8, device, has_bias = isinstance(scheme, FP8), x.device, bias is not None
+
+    def build(cfg: autotune.KernelConfig, _):
+        grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
+        meta = dict(
+            HAS_BIAS=has_bias, ACC_DTYPE=tl.float32 if to_fp8 else tl.int32, SPLIT=cfg.split_k > 1,
+            EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+        def linear(x_q, x_scale, qweight, scales, bias, dtype):
+            out = torch.empty((m, n), device=x_q.device, dtype=dtype)
+            work, counts = common.split_workspace(x_q.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
+            w8a8_linear_kernel[grid](
+                x_q, x_scale, qweight, scales, scales if bias is None else bias, out, work, counts,
+                m, n, k, cfg.split_k, x_q.stride(0), k, n, **meta,
+            )  # fmt: skip
+            return out
+
+        return linear
+
+    bound = autotune.BoundLaunches(
+        ("w8a8", scheme.name, common.m_bucket(m), n, k, device), lambda: tune_key(scheme.name, m, n, k, device),
+        lambda: candidate_configs(m, k), lambda: default_config(m), build, device, config,
+    )  # fmt: skip
+
+    def run(x, qweight, scales, zeros, bias) -> torch.Tensor:
+        x2 = x if x.dim() == 2 and x.stride(1) == 1 else common.as_rows(x)
+        x_q, x_scale = quantize_rows(x2, to_fp8)
+        out = bound(None, x_q, x_scale, qweight.contiguous(), scales.reshape(-1).contiguous(), bias, x.dtype)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+
+    return run
+
+
 def w8a8_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -188,34 +232,4 @@ def w8a8_linear(
     config: autotune.KernelConfig | None = None,
 ) -> torch.Tensor:
     """``qcompile::linear`` for ``w8a8`` and ``fp8-w8a8``."""
-    scheme = as_scheme(scheme)
-    reason = serves(scheme)
-    if reason is not None:
-        raise ValueError(f"w8a8_linear: {reason}")
-    x2, m, n, k = common.prepare_rows(x, qweight, scales, zeros, scheme, "w8a8_linear")
-    to_fp8 = isinstance(scheme, FP8)
-    x_q, x_scale = quantize_rows(x2, to_fp8)
-    qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()
-
-    def launch(cfg: autotune.KernelConfig) -> torch.Tensor:
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        grid = (common.cdiv(m, cfg.block_m) * common.cdiv(n, cfg.block_n), cfg.split_k)
-        work, counts = common.split_workspace(x.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
-        w8a8_linear_kernel[grid](
-            x_q, x_scale, qweight, scales, scales if bias is None else bias, out, work, counts,
-            m, n, k, cfg.split_k, x_q.stride(0), qweight.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, ACC_DTYPE=tl.float32 if to_fp8 else tl.int32, SPLIT=cfg.split_k > 1,
-            EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-        return out
-
-    if config is None:
-        config = autotune.memoized_choice(
-            ("w8a8", scheme.name, common.m_bucket(m), n, k, x.device),
-            lambda: autotune.choose_config(
-                tune_key(scheme.name, m, n, k, x.device), lambda: candidate_configs(m, k), default_config(m),
-                launch, x.device,
-            ),
-        )  # fmt: skip
-    return launch(config).reshape(*x.shape[:-1], n)
+    return bind(scheme, x, qweight, scales, zeros, bias, config=config)(x, qweight, scales, zeros, bias)

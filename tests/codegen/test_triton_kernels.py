@@ -108,15 +108,20 @@ def test_int4_batched_activation_and_tuned_config():
     assert_matches_reference(y, x, qweight, scales, zeros, None, "int4-g32", 1e-5)
 
 
-@pytest.mark.parametrize("path", ["gemv", "splitk", "gemm"])
-def test_int4_bound_launcher_serves_later_calls(path, monkeypatch):
+@pytest.mark.parametrize("row_name", [row.name for row in paths.PATHS])
+def test_bound_launchers_serve_later_calls(row_name, monkeypatch):
     """The dispatch rows' ``bind``: a launcher bound to the first call's signature serves later calls with other
-    activations of that signature (a batched one, a row-strided view) and works each config out once."""
-    scheme_name, m, k, n = "int4-g32", 3, 90, 48
+    activations of that signature (a batched one, a row-strided view) and builds each config's launch once."""
+    row = next(r for r in paths.PATHS if r.name == row_name)
+    scheme_name = {"int4": "int4-g32", "w8a16": "int8", "w8a8": "w8a8"}[row_name.split("-")[1]]
+    m, k, n = {"gemv": 3, "splitk": 6, "gemm": 17}.get(row_name.split("-")[-1], 3), 90, 48
     qweight, scales, zeros = packed(scheme_name, n, k)
-    row = next(r for r in paths.PATHS if r.name == f"triton-int4-{path}")
-    built, original = [], int4.Launch
-    monkeypatch.setattr(int4, "Launch", lambda *args: built.append(args) or original(*args))
+    built, init = [], autotune.BoundLaunches.__init__
+
+    def counting_init(self, memo, key, candidates, default, build, *rest):
+        init(self, memo, key, candidates, default, lambda *args: built.append(args) or build(*args), *rest)
+
+    monkeypatch.setattr(autotune.BoundLaunches, "__init__", counting_init)
     first = activation(m, k, torch.bfloat16)
     launch = row.bind(parse_scheme(scheme_name), first, qweight, scales, zeros, None)
     wide = activation(m, k + 6, torch.bfloat16, seed=3)[:, :k]  # rows k + 6 apart

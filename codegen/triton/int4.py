@@ -44,24 +44,31 @@ def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.d
 
 # -- config generators --------------------------------------------------------------------------------------------
 def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) -> list[autotune.KernelConfig]:
-    """The standard candidates (dot paths need ``BLOCK_K >= 32``), each also with int32 words (``words``); the GEMV
-    path also tries the word-form dot kernel (:func:`uses_dot`, 16-row tiles). With ``group_size``, BLOCK_K becomes
-    what the launch would use (:func:`plan`), word forms that would not apply are left out, and duplicates
-    dropped."""
+    """The standard candidates (dot paths need ``BLOCK_K >= 32``) in their word forms (int32 words: half the
+    instructions of the byte forms or less, sm_90 SASS), plus the byte form of the standard default tile as a
+    reference; dequantize tiles with bytes and words; the GEMV path also tries 16-row word-form dots
+    (:func:`uses_dot`). With ``group_size``, BLOCK_K becomes what the launch would use (:func:`plan`), word forms
+    that would not apply become byte forms, and duplicates are dropped. A word-form config launches the byte form
+    wherever a call cannot use words (fp32 activations in dots, unaligned rows)."""
     out = []
     standard = candidates.standard_candidates(path, m, k)
+    reference = candidates.standard_default(path, m)
     if path == "gemv":
         standard += [autotune.KernelConfig(16, bn, 128, split_k=sk, num_stages=3, words=1)
                      for bn in (64, 128) for sk in (2, 4, 8) if k >= 128 * sk]  # fmt: skip
+    if not reference.dequant:
+        standard.append(reference)
     for config in standard:
-        dot = uses_dot(path, config) and not config.dequant
-        if dot and config.block_k < 32:
+        if uses_dot(path, config) and not config.dequant and config.block_k < 32:
             continue
-        for variant in (config, dataclasses.replace(config, words=1)):
+        words = dataclasses.replace(config, words=1)
+        for variant in [config, words] if config.dequant else [config] if config is reference else [words]:
             if group_size is not None:
-                block_k, _, words = plan(path, variant, group_size, True)
-                if variant.words and not words:
-                    continue
+                block_k, _, words_used = plan(path, variant, group_size, True)
+                if variant.words and not words_used:
+                    if config.dequant:
+                        continue
+                    variant = dataclasses.replace(variant, words=0)
                 variant = dataclasses.replace(variant, block_k=block_k)
             if variant not in out:
                 out.append(variant)

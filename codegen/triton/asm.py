@@ -196,7 +196,7 @@ def record_case(case: Case) -> list[Launch]:
         "int4": (
             int4,
             int4.int4_linear,
-            ("int4_linear_kernel", "int4_gemv_kernel", "int4_dequantize_kernel", "group_sums_kernel"),
+            ("int4_linear_kernel", "int4_gemv_kernel", "int4_dequantize_kernel", "tile_sums_kernel"),
         ),
         "w8a16": (w8a16, w8a16.w8a16_linear, ("w8a16_linear_kernel", "w8_dequantize_kernel")),
         "w8a8": (w8a8, w8a8.w8a8_linear, ("w8a8_linear_kernel", "quantize_rows_kernel")),

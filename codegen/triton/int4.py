@@ -25,10 +25,10 @@ import torch
 
 from qcompile.codegen.triton import autotune, candidates, common
 from qcompile.codegen.triton.int4_kernels import (
-    group_sums_kernel,
     int4_dequantize_kernel,
     int4_gemv_kernel,
     int4_linear_kernel,
+    tile_sums_kernel,
 )
 from qcompile.schemes import IntWeightOnly, as_scheme
 
@@ -143,18 +143,19 @@ def words_supported(qweight: torch.Tensor, group_size: int) -> bool:
             and group_size % 8 == 0)  # fmt: skip
 
 
-#: asymmetric word-form dots with row tiles above this read the activations' group sums from a separate launch
-GROUP_SUMS_MIN_BLOCK_M = 16
+#: asymmetric word-form dots with row tiles above this read the activations' tile sums from a separate launch
+TILE_SUMS_MIN_BLOCK_M = 16
 
 
-def group_sums(x2: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """``[cdiv(K, group_size), M]`` fp32 sums of the activation rows over each group (one launch)."""
-    groups = common.cdiv(k, group_size)
-    out = torch.empty((groups, x2.shape[0]), device=x2.device, dtype=torch.float32)
-    block_s = common.next_power_of_2(group_size)
-    block_g = min(max(1, 2048 // block_s), common.next_power_of_2(groups))
-    group_sums_kernel[(x2.shape[0], common.cdiv(groups, block_g))](
-        x2, out, x2.shape[0], k, x2.stride(0), GROUP_SIZE=group_size, BLOCK_G=block_g, BLOCK_S=block_s
+def tile_sums(x2: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    """``[cdiv(K, width), M]`` fp32 sums of the activation rows over each ``width`` columns (one launch): the
+    per-tile sums of the asymmetric word-form dot (``width`` = its BLOCK_K, which divides the group)."""
+    tiles = common.cdiv(k, width)
+    out = torch.empty((tiles, x2.shape[0]), device=x2.device, dtype=torch.float32)
+    block_s = common.next_power_of_2(width)
+    block_t = min(max(1, 2048 // block_s), common.next_power_of_2(tiles))
+    tile_sums_kernel[(x2.shape[0], common.cdiv(tiles, block_t))](
+        x2, out, x2.shape[0], k, x2.stride(0), WIDTH=width, BLOCK_T=block_t, BLOCK_S=block_s
     )
     return out
 
@@ -193,12 +194,12 @@ class Launch:
         self.grid = (common.cdiv(call.m, cfg.block_m) * common.cdiv(call.n, cfg.block_n), cfg.split_k)
         self.kwargs = dict(meta, HAS_BIAS=call.has_bias, SPLIT=cfg.split_k > 1, BLOCK_M=cfg.block_m,
                            num_stages=cfg.num_stages, WORDS=words)  # fmt: skip
-        self.sums = self.use_dot and words and not call.symmetric and cfg.block_m > GROUP_SUMS_MIN_BLOCK_M
+        self.sums = self.use_dot and words and not call.symmetric and cfg.block_m > TILE_SUMS_MIN_BLOCK_M
         if self.use_dot:
             codes = codes or torch.float16  # fp32 activations: bytes, the code arguments unused
             self.kwargs.update(
                 DOT_DTYPE=common.dot_dtype(call.dtype), DOT_PRECISION=common.dot_precision(call.dtype),
-                GROUP_SUMS=self.sums, GROUP_M=cfg.group_m, CODE_DTYPE=common.tl_dtype(codes),
+                TILE_SUMS=self.sums, GROUP_M=cfg.group_m, CODE_DTYPE=common.tl_dtype(codes),
                 CODE_BITS=CODE_BITS[codes],
             )  # fmt: skip
         else:
@@ -221,7 +222,7 @@ class Launch:
         pointers = (x2, qweight, scales, zeros_or, scales if bias is None else bias, out, work, counts)
         sizes = (call.m, call.n, call.k, split_k, x2.stride(0), qweight.shape[1], scales.shape[1], call.n)
         if self.use_dot:
-            sums = group_sums(x2, call.k, call.group_size) if self.sums else scales
+            sums = tile_sums(x2, call.k, self.kwargs["BLOCK_K"]) if self.sums else scales
             int4_linear_kernel[self.grid](*pointers, sums, *sizes, **self.kwargs)
         else:
             int4_gemv_kernel[self.grid](*pointers, *sizes, **self.kwargs)

@@ -80,7 +80,7 @@ def int4_linear_kernel(
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-    WORDS: tl.constexpr, CODE_DTYPE: tl.constexpr, CODE_BITS: tl.constexpr, GROUP_SUMS: tl.constexpr,
+    WORDS: tl.constexpr, CODE_DTYPE: tl.constexpr, CODE_BITS: tl.constexpr, TILE_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias`` with ``tl.dot`` (split-K and GEMM paths).
@@ -105,8 +105,8 @@ def int4_linear_kernel(
     the group's scale (one per row: the tile lies in one group) is applied to the tile's fp32 dot product,
     ``acc += (codes @ x.T - zero * sum(x)) * scale``. Products and sums are then exact fp32 where the dequantized
     form rounds every weight to the activation dtype. The activation sums of asymmetric tiles come from ``sums``
-    ``[G, M]`` fp32 (:func:`group_sums_kernel`) when ``GROUP_SUMS``: summed in the tile, they cost more than the
-    dequantization saved past 16 rows. The one-to-four-row GEMV is :func:`int4_gemv_kernel`.
+    ``[cdiv(K, BLOCK_K), M]`` fp32 (:func:`tile_sums_kernel`) when ``TILE_SUMS``: summed in the tile, they cost more
+    than the dequantization saved past 16 rows. The one-to-four-row GEMV is :func:`int4_gemv_kernel`.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
@@ -133,8 +133,8 @@ def int4_linear_kernel(
             scale = tl.load(scales_ptr + meta, mask=mask_n, other=0.0)[:, None]
             if not SYMMETRIC:
                 zero = tl.load(zeros_ptr + meta, mask=mask_n, other=0.0)[:, None]
-                if GROUP_SUMS:
-                    x_sum = tl.load(sums_ptr + (k0 // GROUP_SIZE) * M + offs_m, mask=mask_m, other=0.0)
+                if TILE_SUMS:
+                    x_sum = tl.load(sums_ptr + (k0 // BLOCK_K) * M + offs_m, mask=mask_m, other=0.0)
                 else:
                     x_sum = tl.sum(x_t.to(tl.float32), axis=0)
                 part -= zero * x_sum[None, :]
@@ -157,19 +157,19 @@ def int4_linear_kernel(
 
 
 @triton.jit
-def group_sums_kernel(x_ptr, out_ptr, M, K, stride_xm, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-                      BLOCK_S: tl.constexpr):  # fmt: skip
-    """``out[g, m] = sum(x[m, g*GROUP_SIZE : (g+1)*GROUP_SIZE])`` in fp32 (columns past K count as zeros), ``out``
-    ``[cdiv(K, GROUP_SIZE), M]`` (rows of a tile side by side: the dot kernel loads them as vectors): the activation
-    sums of the asymmetric word-form dot. Grid: ``(M, cdiv(G, BLOCK_G))``; ``BLOCK_S >= GROUP_SIZE``, powers of two."""
-    groups = tl.cdiv(K, GROUP_SIZE)
-    offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+def tile_sums_kernel(x_ptr, out_ptr, M, K, stride_xm, WIDTH: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_S: tl.constexpr):  # fmt: skip
+    """``out[t, m] = sum(x[m, t*WIDTH : (t+1)*WIDTH])`` in fp32 (columns past K count as zeros), ``out``
+    ``[cdiv(K, WIDTH), M]`` (rows of a tile side by side: the dot kernel loads them as vectors): the activation sums
+    of the asymmetric word-form dot's K tiles. Grid: ``(M, cdiv(T, BLOCK_T))``; ``BLOCK_S >= WIDTH``, powers of two."""
+    tiles = tl.cdiv(K, WIDTH)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, BLOCK_S)
-    ks = offs_g[:, None] * GROUP_SIZE + offs_s[None, :]
-    mask = (offs_s[None, :] < GROUP_SIZE) & (ks < K)
+    ks = offs_t[:, None] * WIDTH + offs_s[None, :]
+    mask = (offs_s[None, :] < WIDTH) & (ks < K)
     x = tl.load(x_ptr + tl.program_id(0).to(tl.int64) * stride_xm + ks, mask=mask, other=0.0)
     sums = tl.sum(x.to(tl.float32), axis=1)
-    tl.store(out_ptr + offs_g.to(tl.int64) * M + tl.program_id(0), sums, mask=offs_g < groups)
+    tl.store(out_ptr + offs_t.to(tl.int64) * M + tl.program_id(0), sums, mask=offs_t < tiles)
 
 
 @triton.jit

@@ -189,6 +189,8 @@ def test_int4_gemv_words_activation_range(scheme_name, scale):
         ("int4-g32", "splitk", 5, 90, 32),  # ragged K: the last word is half padding, the last tile masked
         ("int4-g64-sym", "gemm", 17, 90, 64),  # two row tiles
         ("int4-g32", "gemm", 33, 90, 32),  # 32-row tiles: the activations' group sums come from their own launch
+        ("int4", "gemm", 33, 256, 128),  # per channel: one 256-column group, two K tiles
+        ("int4", "splitk", 5, 256, 64),  # per channel, tiles summing their own activations
         ("int4-g128", "gemv", 3, 300, 128),  # one to four rows on tensor cores
         ("int4-g128-sym", "gemv", 1, 256, 128),
     ],
@@ -208,6 +210,15 @@ def test_int4_dot_words(dtype, scheme_name, path, m, k, block_k):
         y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path=path, config=config)
         tolerance = 2**-7 if dtype == torch.bfloat16 else 2**-10
         assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance)
+
+
+@pytest.mark.parametrize("m,k,width", [(3, 90, 32), (2, 256, 256), (1, 300, 128)])
+def test_int4_tile_sums(m, k, width):
+    """``tile_sums`` ``[cdiv(K, width), M]``: each row's sum over each ``width`` columns, ragged last tile too."""
+    x = activation(m, k, torch.float16)
+    sums = int4.tile_sums(x, k, width)
+    padded = torch.nn.functional.pad(x.float(), (0, -k % width))
+    assert torch.allclose(sums, padded.reshape(m, -1, width).sum(-1).T, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -4,9 +4,11 @@
     python benchmarks/triton_launch.py --device cuda  # on a GPU: also the real eager op against F.linear
 
 Each row is the median of ``--repeats`` batches of ``--calls`` calls, in microseconds per call, for one
-4096 x 4096 layer at M=1 (bf16 activations). "unbound" is the launcher as a function (validation, config lookup
-and kernel arguments on every call: how every call ran before the dispatch rows bound their launchers); "bound"
-is what ``torch.ops.qcompile.linear`` runs per call now (``dispatch.launcher`` → the row's ``bind``). With the
+4096 x 4096 layer at M=1 (bf16 activations). "bind every call" is the launcher as a function (``int4_linear``
+etc.: it binds, i.e. validates, looks the config up and builds the kernel arguments, then launches, on every call;
+that is the work every call did before the dispatch rows kept bound launchers, whose own launcher measured 78 µs
+on the host of the first table in docs/gpu-kernels.md, against 73 here); "bound" is what
+``torch.ops.qcompile.linear`` runs per call now (``dispatch.launcher`` → the row's ``bind``). With the
 launches stubbed, Triton's own launch cost (its argument binding and the driver call) is left out: it comes on top
 of both rows. With ``--device cuda`` the stub is off and the rows include that cost and the kernel; the op's
 eager call and ``F.linear`` are timed the same way, each call synchronized.
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     x = torch.randn(1, k, dtype=torch.bfloat16, device=device)
     cuda = device.type == "cuda"
     print(f"# µs per call, M=1, {k}x{n}, bf16 activations, {'real kernels' if cuda else 'launches stubbed'}")
-    print("| scheme | unbound launcher | bound launcher | saved |" + (" op (eager) | F.linear bf16 |" if cuda else ""))
+    print("| scheme | bind every call | bound launcher | saved |" + (" op (eager) | F.linear bf16 |" if cuda else ""))
     print("|---|---|---|---|" + ("---|---|" if cuda else ""))
     dense = torch.randn(n, k, dtype=torch.bfloat16, device=device)
     for name, module, launcher_name, kernels in FAMILIES:

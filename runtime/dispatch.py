@@ -137,7 +137,7 @@ def notify_fallback(scheme: Scheme, device_type: str, reason: str) -> None:
 def _signature(scheme: str, x, qweight, scales, zeros, bias) -> tuple:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     bucket = rows if x.device.type != "cpu" else min(rows, 256)  # GPU paths pick by M; CPU only by M >= 256
-    return (scheme, x.device.type, x.dtype, x.shape[-1], bucket, tuple(qweight.shape), qweight.dtype,
+    return (scheme, x.device, x.dtype, x.shape[-1], bucket, tuple(qweight.shape), qweight.dtype,
             tuple(scales.shape), scales.dtype, None if zeros is None else zeros.dtype,
             None if bias is None else bias.dtype)  # fmt: skip
 

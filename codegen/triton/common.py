@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 
 import torch
@@ -160,3 +161,33 @@ def split_workspace(device: torch.device, elements: int, tiles: int) -> tuple[to
         counts = torch.zeros(count, device=device, dtype=torch.int32)
         _WORKSPACES[key] = (work, counts)
     return work, counts
+
+
+_SHRUNK: set[str] = set()
+
+
+@functools.cache
+def _out_of_resources() -> type:
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources
+
+
+def fewer_stages(error: Exception, kwargs: dict, what) -> bool:
+    """Whether a launch that raised ``error`` should be retried: true when triton reported that the kernel needs
+    more shared memory than the device has and ``kwargs["num_stages"]`` could be lowered by one (it is, in place,
+    so later calls start from what fits). Logged once per ``what`` (logger ``qcompile``, level INFO; ``what`` is any
+    object whose ``str`` names the launch, formatted only then). Tiles tuned on a GPU with much shared memory (an
+    H100 has 227 KB a block) then still run on smaller ones (an L40S or RTX 4090: 99 KB). Launchers call this in
+    an ``except`` clause, so a launch that fits pays nothing for it."""
+    if not isinstance(error, _out_of_resources()) or error.name != "shared memory" or kwargs.get("num_stages", 1) <= 1:
+        return False
+    kwargs["num_stages"] -= 1
+    what = str(what)
+    if what not in _SHRUNK:
+        _SHRUNK.add(what)
+        logging.getLogger("qcompile").info(
+            "%s needs %s bytes of shared memory, the device has %s: running it with %d pipeline stages",
+            what, error.required, error.limit, kwargs["num_stages"],
+        )  # fmt: skip
+    return True

@@ -110,19 +110,25 @@ def code_dtype(x_dtype: torch.dtype) -> torch.dtype | None:
     return x_dtype if x_dtype in CODE_BITS else None
 
 
-def default_config(path: str, m: int) -> autotune.KernelConfig:
+def default_config(path: str, m: int, group_size: int | None = None, dot_words: bool = True) -> autotune.KernelConfig:
     """The standard default; on a GPU the word forms (sm_90 SASS, triton 3.7.1: 6 to 11 instructions per weight
     byte against 12 to 27 for bytes). One row: the GEMV in tiles of 128 rows, split 8 ways so that even N = 4096
     gives 256 programs. Two to sixteen rows: the word-form dot, 16 x 128 x 128 tiles split 4 ways. GEMMs: the
-    word-form dot with 128-deep K tiles (the scale is applied per tile, after the dot)."""
+    word-form dot with 128-deep K tiles (the scale is applied per tile, after the dot). Where the dot's word form
+    would not run (``dot_words`` false: fp32 activations or rows that are not whole words; or groups that the tile
+    cannot divide), the standard byte-form defaults, whose 64-deep tiles need half the shared memory."""
     config = candidates.standard_default(path, m)
     if common.interpreting() or config.dequant:
         return config
     if path == "gemv" and m == 1:
         return dataclasses.replace(config, block_n=128, split_k=8, words=1)
     if path != "gemm":
-        return autotune.KernelConfig(16, 128, 128, split_k=4, num_stages=3, words=1)
-    return dataclasses.replace(config, block_k=128, words=1)
+        words = autotune.KernelConfig(16, 128, 128, split_k=4, num_stages=3, words=1)
+    else:
+        words = dataclasses.replace(config, block_k=128, words=1)
+    if group_size is not None and not plan(path, words, group_size, dot_words)[2]:
+        return config
+    return words
 
 
 def aligned_block_k(block_k: int, group_size: int, use_dot: bool) -> tuple[int, bool]:
@@ -205,6 +211,9 @@ class Launch:
         else:
             self.kwargs.update(EVEN_M=call.m % cfg.block_m == 0)
 
+    def __str__(self) -> str:
+        return f"the int4 {'dot' if self.use_dot else 'GEMV'} kernel ({self.config})"
+
     def __call__(self, x2, qweight, scales, zeros, bias) -> torch.Tensor:
         """``[M, N]`` for rows ``x2 [M, K]`` (unit stride along K) and contiguous packed tensors (so their row
         strides are their widths)."""
@@ -221,11 +230,16 @@ class Launch:
         work, counts = common.split_workspace(x2.device, call.m * call.n, self.grid[0]) if split_k > 1 else (out, out)
         pointers = (x2, qweight, scales, zeros_or, scales if bias is None else bias, out, work, counts)
         sizes = (call.m, call.n, call.k, split_k, x2.stride(0), qweight.shape[1], scales.shape[1], call.n)
-        if self.use_dot:
-            sums = tile_sums(x2, call.k, self.kwargs["BLOCK_K"]) if self.sums else scales
-            int4_linear_kernel[self.grid](*pointers, sums, *sizes, **self.kwargs)
-        else:
-            int4_gemv_kernel[self.grid](*pointers, *sizes, **self.kwargs)
+        try:
+            if self.use_dot:
+                sums = tile_sums(x2, call.k, self.kwargs["BLOCK_K"]) if self.sums else scales
+                int4_linear_kernel[self.grid](*pointers, sums, *sizes, **self.kwargs)
+            else:
+                int4_gemv_kernel[self.grid](*pointers, *sizes, **self.kwargs)
+        except Exception as error:
+            if not common.fewer_stages(error, self.kwargs, self):
+                raise
+            return self(x2, qweight, scales, zeros, bias)
         return out
 
 
@@ -241,13 +255,15 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
     path = path or common.path_for_m(m)
     call = Call(path, m, n, k, scheme.group_size_for(k), x.dtype, zeros is None, bias is not None)
     device = x.device
+    words_shape = words_supported(qweight.contiguous(), call.group_size)  # the part that depends on shapes alone
+    dot_words = words_shape and code_dtype(x.dtype) is not None
     bound = autotune.BoundLaunches(
-        (KERNEL_NAME, path, common.m_bucket(m), n, k, call.group_size, call.symmetric, device),
+        (KERNEL_NAME, path, common.m_bucket(m), n, k, call.group_size, call.symmetric, dot_words, device),
         lambda: tune_key(path, m, n, k, call.group_size, device, call.symmetric),
-        lambda: candidate_configs(path, m, k, call.group_size), lambda: default_config(path, m),
+        lambda: candidate_configs(path, m, k, call.group_size),
+        lambda: default_config(path, m, call.group_size, dot_words),
         lambda cfg, words_ok: Launch(call, cfg, words_ok), device, config,
     )  # fmt: skip
-    words_shape = words_supported(qweight.contiguous(), call.group_size)  # the part that depends on shapes alone
 
     def run(x, qweight, scales, zeros, bias) -> torch.Tensor:
         x2 = x if x.dim() == 2 and x.stride(1) == 1 else common.as_rows(x)

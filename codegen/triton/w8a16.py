@@ -189,13 +189,20 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
             BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
+        name = f"the W8A16 kernel ({cfg})"
+
         def linear(x2, qweight, scales, bias):
             out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
             work, counts = common.split_workspace(x2.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
-            w8a16_linear_kernel[grid](
-                x2, qweight, scales, scales if bias is None else bias, out, work, counts,
-                m, n, k, cfg.split_k, x2.stride(0), k, n, **meta,
-            )  # fmt: skip
+            try:
+                w8a16_linear_kernel[grid](
+                    x2, qweight, scales, scales if bias is None else bias, out, work, counts,
+                    m, n, k, cfg.split_k, x2.stride(0), k, n, **meta,
+                )  # fmt: skip
+            except Exception as error:
+                if not common.fewer_stages(error, meta, name):
+                    raise
+                return linear(x2, qweight, scales, bias)
             return out
 
         return linear

@@ -196,13 +196,20 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
+        name = f"the W8A8 kernel ({cfg})"
+
         def linear(x_q, x_scale, qweight, scales, bias, dtype):
             out = torch.empty((m, n), device=x_q.device, dtype=dtype)
             work, counts = common.split_workspace(x_q.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
-            w8a8_linear_kernel[grid](
-                x_q, x_scale, qweight, scales, scales if bias is None else bias, out, work, counts,
-                m, n, k, cfg.split_k, x_q.stride(0), k, n, **meta,
-            )  # fmt: skip
+            try:
+                w8a8_linear_kernel[grid](
+                    x_q, x_scale, qweight, scales, scales if bias is None else bias, out, work, counts,
+                    m, n, k, cfg.split_k, x_q.stride(0), k, n, **meta,
+                )  # fmt: skip
+            except Exception as error:
+                if not common.fewer_stages(error, meta, name):
+                    raise
+                return linear(x_q, x_scale, qweight, scales, bias, dtype)
             return out
 
         return linear

@@ -195,7 +195,7 @@ def test_int4_gemv_words_activation_range(scheme_name, scale):
         ("int4-g128-sym", "gemv", 1, 256, 128),
     ],
 )
-def test_int4_dot_words(dtype, scheme_name, path, m, k, block_k):
+def test_int4_dot_words(dtype, scheme_name, path, m, k, block_k, monkeypatch):
     """The dot kernel's word form: exact codes ``c - 8`` / ``c`` into ``tl.dot``, each group's scale (and zero,
     through the tile's activation sum) applied to the fp32 product. Only the output's rounding to 16 bits remains,
     so the tolerance is one unit in the last place (the interpreter truncates fp32 to bf16), not 2%."""
@@ -204,10 +204,14 @@ def test_int4_dot_words(dtype, scheme_name, path, m, k, block_k):
     group_size = parse_scheme(scheme_name).group_size_for(k)
     x = activation(m, k, dtype)
     bias = torch.randn(n).to(dtype).to(DEVICE)
+    launches, original = [], int4.Launch
+    monkeypatch.setattr(int4, "Launch", lambda *args: launches.append(original(*args)) or launches[-1])
     for split_k in (1, 2):
         config = autotune.KernelConfig(32 if m > 32 else 16, 16, block_k, split_k=split_k, words=1)
         assert int4.uses_dot(path, config) and int4.plan(path, config, group_size, True)[2]
         y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path=path, config=config)
+        launch = launches[-1]  # the word form ran, and the separate activation sums where they should
+        assert launch.use_dot and launch.kwargs["WORDS"] and launch.sums == (m > 32 and zeros is not None)
         tolerance = 2**-7 if dtype == torch.bfloat16 else 2**-10
         assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance)
 
@@ -219,6 +223,44 @@ def test_int4_tile_sums(m, k, width):
     sums = int4.tile_sums(x, k, width)
     padded = torch.nn.functional.pad(x.float(), (0, -k % width))
     assert torch.allclose(sums, padded.reshape(m, -1, width).sum(-1).T, rtol=1e-5, atol=1e-4)
+
+
+def test_int4_defaults_take_bytes_where_words_cannot_run(monkeypatch):
+    """GPU defaults: word-form dots with 128-deep K tiles only where the word form runs; elsewhere (fp32
+    activations, groups of 16) the byte-form defaults, whose 64-deep tiles need half the shared memory."""
+    monkeypatch.setattr(common, "interpreting", lambda: False)  # the GPU defaults, wherever this runs
+    for path, m in (("gemv", 3), ("splitk", 8), ("gemm", 64), ("gemm", 300)):
+        assert int4.default_config(path, m, 128, True).words
+        assert int4.default_config(path, m, 128, False) == candidates.standard_default(path, m)
+        assert int4.default_config(path, m, 16, True) == candidates.standard_default(path, m)
+
+
+def test_fewer_stages_when_shared_memory_runs_out():
+    """A launch that needs more shared memory than the device has is retried with fewer pipeline stages."""
+    from triton.runtime.errors import OutOfResources
+
+    kwargs, tried = {"num_stages": 4}, []
+
+    def launch():
+        tried.append(kwargs["num_stages"])
+        if kwargs["num_stages"] > 2:
+            raise OutOfResources(150000, 101376, "shared memory")
+        return "ran"
+
+    def retrying():
+        try:
+            return launch()
+        except Exception as error:
+            if not common.fewer_stages(error, kwargs, "a test kernel"):
+                raise
+            return retrying()
+
+    assert retrying() == "ran" and tried == [4, 3, 2] and kwargs["num_stages"] == 2
+    kwargs["num_stages"] = 1
+    assert not common.fewer_stages(OutOfResources(1, 0, "shared memory"), kwargs, "a test kernel")  # none left
+    kwargs["num_stages"] = 3
+    assert not common.fewer_stages(OutOfResources(1, 0, "registers"), kwargs, "a test kernel")
+    assert not common.fewer_stages(ValueError("other"), kwargs, "a test kernel") and kwargs["num_stages"] == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

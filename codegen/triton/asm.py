@@ -107,11 +107,13 @@ def compile_launch(launch: Launch, capability: int = DEFAULT_CAPABILITY):
 
 @dataclasses.dataclass
 class CodeStats:
-    """What one compiled kernel does: PTX global loads by width, registers, spills, its hottest loop in SASS."""
+    """What one compiled kernel does: PTX global loads by width, registers, spills, shared memory, its hottest loop
+    in SASS."""
 
     loads: Counter  # PTX ``ld.global`` variants, e.g. ``{"ld.global.v4.b32": 2}``
     registers: int
     spills: int  # bytes of local memory per thread
+    shared: int  # bytes of shared memory per block (sm_89 cards have 99 KB, A100 163 KB, H100/H200 227 KB)
     loop_instructions: int  # SASS instructions in the innermost loop with the most (0 without a loop)
     loop_opcodes: Counter
 
@@ -158,6 +160,7 @@ def code_stats(compiled) -> CodeStats:
         loads=Counter(re.findall(r"\bld\.global[.\w]*", ptx)),
         registers=int(usage["REG"]),
         spills=int(usage["LOCAL"]),
+        shared=int(compiled.metadata.shared),
         loop_instructions=len(loop),
         loop_opcodes=Counter(op.split(".")[0] for op in loop),
     )
@@ -222,6 +225,7 @@ def report_rows(cases, capability: int = DEFAULT_CAPABILITY) -> list[dict]:
             stats = code_stats(compile_launch(launch, capability))
             row = {"case": case.label, "kernel": launch.kernel.__name__, "loads": dict(stats.loads),
                    "widest_load": stats.widest_loads(), "registers": stats.registers, "spills": stats.spills,
+                   "shared_kb": round(stats.shared / 1024, 1),
                    "loop_instructions": stats.loop_instructions}  # fmt: skip
             if "BLOCK_N" in launch.kwargs and "dequantize" not in launch.kernel.__name__:
                 per_thread = weight_bytes_per_thread(case, launch)
@@ -276,9 +280,10 @@ def main(argv=None) -> int:
         return 0
     print(f"# sm_{args.capability}, triton {triton.__version__}: loop = SASS instructions of the hottest loop, "
           "per byte = per packed weight byte one thread loads in it")  # fmt: skip
-    print(f"| case | kernel | widest load (B) | regs | spills | loop | per byte |\n|{'---|' * 7}")
+    print(f"| case | kernel | widest load (B) | regs | spills | shared (KB) | loop | per byte |\n|{'---|' * 8}")
     for row in rows:
         print(f"| {row['case']} | {row['kernel']} | {row['widest_load']} | {row['registers']} | {row['spills']} | "
+              f"{row['shared_kb']} | "
               f"{row['loop_instructions']} | {row.get('instructions_per_weight_byte', '')} |")  # fmt: skip
     return 0
 

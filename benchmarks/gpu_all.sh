@@ -4,15 +4,15 @@
 # installs qcompile (no dependencies), runs the Triton kernel tests on CUDA (compiled, not interpreted), then the
 # kernel table (benchmarks/gpu_kernels.py) and the decode benchmark (benchmarks/e2e_gpu.py). Each stage has a time
 # limit in seconds so one slow stage cannot take the others' results, and writes its own log in RESULTS_DIR.
-# Environment: STAGES (default "tests kernels e2e more"; also "launch"), TESTS_S, KERNELS_S, E2E_S, MORE_S,
-# LAUNCH_S (limits), KERNEL_ARGS / MORE_ARGS / E2E_ARGS (extra arguments), TESTS (pytest selection).
+# Environment: STAGES (default "tests forms kernels e2e more"; also "launch"), TESTS_S, FORMS_S, KERNELS_S, E2E_S,
+# MORE_S, LAUNCH_S (limits), KERNEL_ARGS / MORE_ARGS / E2E_ARGS (extra arguments), TESTS (pytest selection).
 set -u
 RESULTS=$(realpath -m "${1:-gpu-results}")
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-tests kernels e2e more}
+STAGES=${STAGES:-tests forms kernels e2e more}
 started=$(date +%s)
 stage() { echo "== $1 ($(($(date +%s) - started)) s)"; }
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -30,6 +30,10 @@ if wants tests; then
     workers=$($PY -c "import importlib.util as u; print('-n 8' if u.find_spec('xdist') else '')")
     QCOMPILE_TRITON_TUNE=0 timeout "${TESTS_S:-120}" $PY -m pytest -q -p no:cacheprovider $workers \
         ${TESTS:-"$REPO/tests/codegen/test_triton_kernels.py"} 2>&1 | tee "$RESULTS/tests.txt" | tail -30
+fi
+if wants forms; then
+    stage "forms: int4 byte and word forms at fixed configs"
+    timeout "${FORMS_S:-120}" $PY "$REPO/benchmarks/gpu_forms.py" 2>&1 | tee "$RESULTS/forms.txt"
 fi
 if wants kernels; then
     stage "kernels: W4A16 and W8A16"

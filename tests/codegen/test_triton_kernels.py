@@ -122,6 +122,7 @@ def test_bound_launchers_serve_later_calls(row_name, monkeypatch):
         init(self, memo, key, candidates, default, lambda *args: built.append(args) or build(*args), *rest)
 
     monkeypatch.setattr(autotune.BoundLaunches, "__init__", counting_init)
+    monkeypatch.setenv("QCOMPILE_TRITON_TUNE", "0")  # on a GPU: one config, not a search over candidates
     first = activation(m, k, torch.bfloat16)
     launch = row.bind(parse_scheme(scheme_name), first, qweight, scales, zeros, None)
     wide = activation(m, k + 6, torch.bfloat16, seed=3)[:, :k]  # rows k + 6 apart

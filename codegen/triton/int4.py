@@ -37,9 +37,13 @@ KERNEL_NAME = "int4v3"
 
 
 # -- autotune key -------------------------------------------------------------------------------------------------
-def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.device, symmetric: bool = True) -> str:
-    """The autotune key; symmetric and asymmetric weights are tuned apart (their word-form costs differ)."""
-    return autotune.tune_key(f"{KERNEL_NAME}-{path}{'-sym' if symmetric else ''}", m, n, k, group_size, device)
+def tune_key(path: str, m: int, n: int, k: int, group_size: int, device: torch.device, symmetric: bool = True,
+             dot_words: bool = True) -> str:  # fmt: skip
+    """The autotune key. Symmetric and asymmetric weights are tuned apart (their word-form costs differ), and so
+    are calls whose dots cannot take the word form (``dot_words`` false: fp32 activations, rows not of whole
+    words), for which a word-form winner would run as bytes on a tile chosen for words."""
+    kernel = f"{KERNEL_NAME}-{path}{'-sym' if symmetric else ''}{'' if dot_words else '-bytes'}"
+    return autotune.tune_key(kernel, m, n, k, group_size, device)
 
 
 # -- config generators --------------------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
     dot_words = words_shape and code_dtype(x.dtype) is not None
     bound = autotune.BoundLaunches(
         (KERNEL_NAME, path, common.m_bucket(m), n, k, call.group_size, call.symmetric, dot_words, device),
-        lambda: tune_key(path, m, n, k, call.group_size, device, call.symmetric),
+        lambda: tune_key(path, m, n, k, call.group_size, device, call.symmetric, dot_words),
         lambda: candidate_configs(path, m, k, call.group_size),
         lambda: default_config(path, m, call.group_size, dot_words),
         lambda cfg, words_ok: Launch(call, cfg, words_ok), device, config,

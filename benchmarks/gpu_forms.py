@@ -5,7 +5,8 @@
     python benchmarks/gpu_forms.py --tiny              # a small shape, correctness only (also on CPU, interpreted)
 
 For each M, every form that serves it runs with one fixed config: the GEMV with bytes and with int32 words (M ≤ 4),
-the dot kernel's byte form (dequantized tiles) and word form (exact codes, scale after the dot), for asymmetric
+the dot kernel's byte form (dequantized tiles), word form (exact codes, scale after the dot) and, up to 16 rows,
+its plane form (one dot per nibble-pair plane), for asymmetric
 (``int4-g128``) and symmetric (``int4-g128-sym``) weights. Each row prints the relative error against the
 reference op, the time (CUDA-graph replay over enough weight copies that none stays in L2, as in
 ``gpu_kernels.py``), the speedup over cuBLAS bf16 ``F.linear`` and the packed weight bandwidth. The SASS counts
@@ -34,9 +35,11 @@ def forms(m: int):
         yield "GEMV words", "gemv", C(m, 128, 128, split_k=8, num_stages=2, words=1)
         yield "dot bytes (16 rows)", "gemv", C(16, 64, 64, split_k=4, num_stages=4)
         yield "dot words (16 rows)", "gemv", C(16, 128, 128, split_k=4, num_stages=3, words=1)
+        yield "dot planes (16 rows)", "gemv", C(16, 128, 128, split_k=4, num_stages=3, words=2)
     elif m <= 16:
         yield "split-K dot bytes", "splitk", C(16, 64, 64, split_k=4, num_stages=4)
         yield "split-K dot words", "splitk", C(16, 128, 128, split_k=4, num_stages=3, words=1)
+        yield "split-K dot planes", "splitk", C(16, 128, 128, split_k=4, num_stages=3, words=2)
     else:
         block_m = min(128, 1 << (m - 1).bit_length())
         warps = 8 if block_m >= 128 else 4

@@ -182,7 +182,7 @@ class Case:
     @property
     def label(self) -> str:
         c = self.config
-        form = "dequant" if c.dequant else ("words" if c.words else "bytes")
+        form = "dequant" if c.dequant else ("bytes", "words", "planes")[c.words]
         return (f"{self.scheme} {self.path} M={self.m} {c.block_m}x{c.block_n}x{c.block_k} "
                 f"sk{c.split_k} w{c.num_warps} s{c.num_stages} {form}")  # fmt: skip
 
@@ -253,6 +253,9 @@ def default_cases(k: int = 4096, n: int = 14336) -> list[Case]:
     ]
     for scheme in ("int4-g128", "int4-g128-sym"):
         out.append(Case("int4", scheme, "splitk", 16, k, n, int4.default_config("splitk", 16)))
+        out.append(
+            Case("int4", scheme, "splitk", 16, k, n, dataclasses.replace(int4.default_config("splitk", 16), words=2))
+        )
     for m in (64, 256):
         out.append(Case("int4", "int4-g128", "gemm", m, k, n, candidates.standard_default("gemm", m)))
         for scheme in ("int4-g128", "int4-g128-sym"):

@@ -51,7 +51,8 @@ class KernelConfig:
     num_stages: int = 3
     #: 1: dequantize the whole weight to the activation dtype (blocks are the dequantize tiles), then cuBLAS
     dequant: int = 0
-    #: int4: 1 loads the packed bytes as int32 words, 8 nibbles each (ignored where rows or groups do not allow it)
+    #: int4: 1 loads the packed bytes as int32 words, 8 nibbles each (ignored where rows or groups do not allow it);
+    #: 2 also splits a dot of up to 16 rows into one dot per plane of nibble pairs (the activations gathered to match)
     words: int = 0
 
     def __post_init__(self):
@@ -61,8 +62,8 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{field} must be a power of two, got {value}")
         if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1 or self.group_m < 1:
             raise ValueError(f"KernelConfig fields must be positive: {self}")
-        if self.dequant not in (0, 1) or self.words not in (0, 1):
-            raise ValueError(f"KernelConfig.dequant and .words must be 0 or 1: {self}")
+        if self.dequant not in (0, 1) or self.words not in (0, 1, 2):
+            raise ValueError(f"KernelConfig.dequant must be 0 or 1 and .words 0, 1 or 2: {self}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

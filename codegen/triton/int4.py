@@ -51,9 +51,10 @@ def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) 
     """The standard candidates (dot paths need ``BLOCK_K >= 32``) in their word forms (int32 words: half the
     instructions of the byte forms or less, sm_90 SASS), plus the byte form of the standard default tile as a
     reference; dequantize tiles with bytes and words; the GEMV path also tries 16-row word-form dots
-    (:func:`uses_dot`). With ``group_size``, BLOCK_K becomes what the launch would use (:func:`plan`), word forms
-    that would not apply become byte forms, and duplicates are dropped. A word-form config launches the byte form
-    wherever a call cannot use words (fp32 activations in dots, unaligned rows)."""
+    (:func:`uses_dot`); dots of 16 rows with 64+ x 128 tiles also split into nibble-pair planes (``words=2``,
+    :func:`planes_apply`). With ``group_size``, BLOCK_K becomes what the launch would use (:func:`plan`), word
+    forms that would not apply become byte forms (planes are dropped), and duplicates are dropped. A word-form
+    config launches the byte form wherever a call cannot use words (fp32 activations in dots, unaligned rows)."""
     out = []
     standard = candidates.standard_candidates(path, m, k)
     reference = candidates.standard_default(path, m)
@@ -66,13 +67,18 @@ def candidate_configs(path: str, m: int, k: int, group_size: int | None = None) 
         if uses_dot(path, config) and not config.dequant and config.block_k < 32:
             continue
         words = dataclasses.replace(config, words=1)
-        for variant in [config, words] if config.dequant else [config] if config is reference else [words]:
+        planes = ([dataclasses.replace(config, words=2)]
+                  if uses_dot(path, config) and config.block_m <= 16 and config.block_n >= 64 and config.block_k >= 128
+                  else [])  # fmt: skip
+        for variant in [config, words] if config.dequant else [config] if config is reference else [words, *planes]:
             if group_size is not None:
                 block_k, _, words_used = plan(path, variant, group_size, True)
                 if variant.words and not words_used:
-                    if config.dequant:
+                    if config.dequant or variant.words == 2:
                         continue
                     variant = dataclasses.replace(variant, words=0)
+                if variant.words == 2 and not planes_apply(variant, block_k):
+                    continue
                 variant = dataclasses.replace(variant, block_k=block_k)
             if variant not in out:
                 out.append(variant)
@@ -94,6 +100,12 @@ def plan(path: str, config: autotune.KernelConfig, group_size: int, words_ok: bo
         return block_k, aligned, words and block_k % 8 == 0
     block_k, aligned = aligned_block_k(config.block_k, group_size, uses_dot(path, config))
     return block_k, aligned, words and aligned and block_k % 8 == 0
+
+
+def planes_apply(config: autotune.KernelConfig, block_k: int) -> bool:
+    """Whether a word-form dot splits into one dot per nibble-pair plane: ``words=2``, up to 16 rows (the gathered
+    activations cost more with more rows) and K tiles of 64 columns or more (each plane's dot needs 16)."""
+    return config.words == 2 and config.block_m <= 16 and block_k >= 64
 
 
 def uses_dot(path: str, config: autotune.KernelConfig) -> bool:
@@ -209,7 +221,8 @@ class Launch:
             codes = codes or torch.float16  # fp32 activations: bytes, the code arguments unused
             self.kwargs.update(
                 DOT_DTYPE=common.dot_dtype(call.dtype), DOT_PRECISION=common.dot_precision(call.dtype),
-                TILE_SUMS=self.sums, GROUP_M=cfg.group_m, CODE_DTYPE=common.tl_dtype(codes),
+                TILE_SUMS=self.sums, PLANES=words and planes_apply(cfg, block_k), GROUP_M=cfg.group_m,
+                CODE_DTYPE=common.tl_dtype(codes),
                 CODE_BITS=CODE_BITS[codes],
             )  # fmt: skip
         else:

@@ -81,6 +81,7 @@ def int4_linear_kernel(
     GROUP_SIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     WORDS: tl.constexpr, CODE_DTYPE: tl.constexpr, CODE_BITS: tl.constexpr, TILE_SUMS: tl.constexpr,
+    PLANES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(qweight).T + bias`` with ``tl.dot`` (split-K and GEMM paths).
@@ -106,7 +107,11 @@ def int4_linear_kernel(
     ``acc += (codes @ x.T - zero * sum(x)) * scale``. Products and sums are then exact fp32 where the dequantized
     form rounds every weight to the activation dtype. The activation sums of asymmetric tiles come from ``sums``
     ``[cdiv(K, BLOCK_K), M]`` fp32 (:func:`tile_sums_kernel`) when ``TILE_SUMS``: summed in the tile, they cost more
-    than the dequantization saved past 16 rows. The one-to-four-row GEMV is :func:`int4_gemv_kernel`.
+    than the dequantization saved past 16 rows. ``PLANES`` (with ``WORDS``, ``BLOCK_K >= 64``): one dot per plane
+    of nibble pairs (:func:`code_pairs`, columns ``8j + i`` and ``8j + i + 4``) against the activation columns
+    gathered to match, instead of one dot over the codes put back in column order: the codes go to the tensor cores
+    without a trip through shared memory, the activations come through 2-byte loads. The one-to-four-row GEMV is
+    :func:`int4_gemv_kernel`.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)
@@ -120,11 +125,31 @@ def int4_linear_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out.T's tile
     offs_w = tl.arange(0, max(BLOCK_K // 8, 1))
     w_words = w_rows.to(tl.pointer_type(tl.int32), bitcast=True)
+    plane_q = tl.arange(0, max(BLOCK_K // 4, 1))
+    plane_cols = 8 * (plane_q // 2) + 4 * (plane_q % 2)  # the columns of plane i (pairs i, i + 4 of a word), minus i
     for k0 in range(k_begin, k_end, BLOCK_K):
         k0 = tile_start(k0, BLOCK_K)
         ks = k0 + offs_k
         x_t = tl.load(x_cols + ks[:, None], mask=in_k(ks, K, EVEN_K)[:, None] & mask_m[None, :], other=0.0)
-        if WORDS:
+        if WORDS and PLANES:
+            w_mask = mask_n[:, None] & in_k(k0 + 8 * offs_w, K, EVEN_K)[None, :]
+            words = tl.load(w_words + (k0 // 8 + offs_w)[None, :], mask=w_mask, other=0)
+            offset = tl.full((BLOCK_N, BLOCK_K // 4), CODE_BITS + 8 if SYMMETRIC else CODE_BITS, tl.int16)
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for i in tl.static_range(4):
+                codes = code_pairs(words, i, CODE_DTYPE, CODE_BITS) - offset.to(CODE_DTYPE, bitcast=True)
+                kp = k0 + plane_cols + i
+                x_i = tl.load(x_cols + kp[:, None], mask=in_k(kp, K, EVEN_K)[:, None] & mask_m[None, :], other=0.0)
+                part = tl.dot(codes.to(DOT_DTYPE), x_i.to(DOT_DTYPE), part, input_precision=DOT_PRECISION)
+                if not SYMMETRIC:
+                    x_sum += tl.sum(x_i.to(tl.float32), axis=0)
+            meta = offs_n * stride_sn + k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + meta, mask=mask_n, other=0.0)[:, None]
+            if not SYMMETRIC:
+                part -= tl.load(zeros_ptr + meta, mask=mask_n, other=0.0)[:, None] * x_sum[None, :]
+            acc += part * scale
+        elif WORDS:
             w_mask = mask_n[:, None] & in_k(k0 + 8 * offs_w, K, EVEN_K)[None, :]
             words = tl.load(w_words + (k0 // 8 + offs_w)[None, :], mask=w_mask, other=0)
             codes = word_codes(words, CODE_DTYPE, CODE_BITS, CODE_BITS + 8 if SYMMETRIC else CODE_BITS)

@@ -31,7 +31,7 @@ def run(script: str, *args: str, interpret: bool) -> str:
 def test_gpu_forms_tiny_agrees_with_the_reference():
     out = run("gpu_forms.py", "--tiny", interpret=True)
     rows = [line for line in out.splitlines() if line.startswith("| int4")]
-    assert len(rows) == 2 * (4 + 4 + 2 + 2), out  # both schemes: M=1 and 4 four forms, M=16 and 33 two
+    assert len(rows) == 2 * (5 + 5 + 3 + 2), out  # both schemes: M=1 and 4 five forms, M=16 three, M=33 two
     assert {row.split(" | ")[2] for row in rows} >= {"GEMV words", "dot words (16 rows)", "GEMM dot words"}
 
 

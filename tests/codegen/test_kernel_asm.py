@@ -30,6 +30,7 @@ cases = [
     asm.Case("int4", "int4-g128", "splitk", 16, 1024, 512, C(16, 128, 128, split_k=4, num_stages=3)),
     asm.Case("int4", "int4-g128", "splitk", 16, 1024, 512, C(16, 128, 128, split_k=4, num_stages=3, words=1)),
     asm.Case("int4", "int4-g128-sym", "splitk", 16, 1024, 512, C(16, 128, 128, split_k=4, num_stages=3, words=1)),
+    asm.Case("int4", "int4-g128-sym", "splitk", 16, 1024, 512, C(16, 128, 128, split_k=4, num_stages=3, words=2)),
     asm.Case("w8a16", "int8", "gemv", 1, 1024, 512, C(1, 64, 128, split_k=4, num_stages=2, words=1)),
 ]
 print(json.dumps({case.label: asm.report_rows([case])[0] for case in cases}))
@@ -77,7 +78,16 @@ def test_int4_dot_words_instruction_budget(rows):
     instructions a packed weight byte when symmetric (no activation sum), 9 when not."""
     per_byte = {label: row["instructions_per_weight_byte"] for label, row in rows.items() if "splitk" in label}
     bytes_form = per_byte[next(label for label in per_byte if label.endswith("bytes"))]
-    symmetric = per_byte[next(label for label in per_byte if "-sym " in label)]
+    symmetric = per_byte[next(label for label in per_byte if "-sym " in label and label.endswith("words"))]
     asymmetric = per_byte[next(label for label in per_byte if label.endswith("words") and "-sym " not in label)]
     assert symmetric < 8.5 and asymmetric < 10.5, per_byte
     assert symmetric < asymmetric < bytes_form, per_byte
+
+
+def test_int4_dot_planes_skip_shared_memory(rows):
+    """The plane form feeds each plane's codes to the tensor cores from registers: no shared-memory staging of the
+    codes, so it needs well under the word form's shared memory, at no more instructions."""
+    words = next(row for label, row in rows.items() if "-sym splitk" in label and label.endswith("words"))
+    planes = next(row for label, row in rows.items() if "-sym splitk" in label and label.endswith("planes"))
+    assert planes["shared_kb"] < 0.6 * words["shared_kb"], (planes, words)
+    assert planes["instructions_per_weight_byte"] <= 1.05 * words["instructions_per_weight_byte"], (planes, words)

@@ -197,9 +197,10 @@ def test_int4_gemv_words_activation_range(scheme_name, scale):
     ],
 )
 def test_int4_dot_words(dtype, scheme_name, path, m, k, block_k, monkeypatch):
-    """The dot kernel's word form: exact codes ``c - 8`` / ``c`` into ``tl.dot``, each group's scale (and zero,
-    through the tile's activation sum) applied to the fp32 product. Only the output's rounding to 16 bits remains,
-    so the tolerance is one unit in the last place (the interpreter truncates fp32 to bf16), not 2%."""
+    """The dot kernel's word form: exact codes ``c - 8`` / ``c`` into ``tl.dot`` (in column order, or plane by
+    plane), each group's scale (and zero, through the tile's activation sum) applied to the fp32 product. Only the
+    output's rounding to 16 bits remains, so the tolerance is one unit in the last place (the interpreter truncates
+    fp32 to bf16), not 2%."""
     n = 48
     qweight, scales, zeros = packed(scheme_name, n, k)
     group_size = parse_scheme(scheme_name).group_size_for(k)
@@ -207,12 +208,13 @@ def test_int4_dot_words(dtype, scheme_name, path, m, k, block_k, monkeypatch):
     bias = torch.randn(n).to(dtype).to(DEVICE)
     launches, original = [], int4.Launch
     monkeypatch.setattr(int4, "Launch", lambda *args: launches.append(original(*args)) or launches[-1])
-    for split_k in (1, 2):
-        config = autotune.KernelConfig(32 if m > 32 else 16, 16, block_k, split_k=split_k, words=1)
+    for split_k, form in ((1, 1), (2, 1), (2, 2)):  # form 2: one dot per nibble-pair plane, where it applies
+        config = autotune.KernelConfig(32 if m > 32 else 16, 16, block_k, split_k=split_k, words=form)
         assert int4.uses_dot(path, config) and int4.plan(path, config, group_size, True)[2]
         y = int4.int4_linear(x, qweight, scales, zeros, bias, scheme_name, path=path, config=config)
         launch = launches[-1]  # the word form ran, and the separate activation sums where they should
         assert launch.use_dot and launch.kwargs["WORDS"] and launch.sums == (m > 32 and zeros is not None)
+        assert launch.kwargs["PLANES"] == (form == 2 and config.block_m <= 16 and launch.kwargs["BLOCK_K"] >= 64)
         tolerance = 2**-7 if dtype == torch.bfloat16 else 2**-10
         assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, tolerance)
 

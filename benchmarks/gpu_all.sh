@@ -33,7 +33,7 @@ if wants tests; then
 fi
 if wants forms; then
     stage "forms: int4 byte and word forms at fixed configs"
-    timeout "${FORMS_S:-120}" $PY "$REPO/benchmarks/gpu_forms.py" 2>&1 | tee "$RESULTS/forms.txt"
+    timeout "${FORMS_S:-180}" $PY "$REPO/benchmarks/gpu_forms.py" 2>&1 | tee "$RESULTS/forms.txt"
 fi
 if wants kernels; then
     stage "kernels: W4A16 and W8A16"

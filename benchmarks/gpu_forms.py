@@ -31,8 +31,9 @@ def forms(m: int):
     from qcompile.codegen.triton.autotune import KernelConfig as C
 
     if m <= 4:
-        yield "GEMV bytes", "gemv", C(m, 64, 128, split_k=4, num_stages=2)
-        yield "GEMV words", "gemv", C(m, 128, 128, split_k=8, num_stages=2, words=1)
+        rows = 1 << (m - 1).bit_length()  # the GEMV's row tile, a power of two
+        yield "GEMV bytes", "gemv", C(rows, 64, 128, split_k=4, num_stages=2)
+        yield "GEMV words", "gemv", C(rows, 128, 128, split_k=8, num_stages=2, words=1)
         yield "dot bytes (16 rows)", "gemv", C(16, 64, 64, split_k=4, num_stages=4)
         yield "dot words (16 rows)", "gemv", C(16, 128, 128, split_k=4, num_stages=3, words=1)
         yield "dot planes (16 rows)", "gemv", C(16, 128, 128, split_k=4, num_stages=3, words=2)

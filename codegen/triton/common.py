@@ -176,10 +176,10 @@ def _out_of_resources() -> type:
 def fewer_stages(error: Exception, kwargs: dict, what) -> bool:
     """Whether a launch that raised ``error`` should be retried: true when triton reported that the kernel needs
     more shared memory than the device has and ``kwargs["num_stages"]`` could be lowered by one (it is, in place,
-    so later calls start from what fits). Logged once per ``what`` (logger ``qcompile``, level INFO; ``what`` is any
-    object whose ``str`` names the launch, formatted only then). Tiles tuned on a GPU with much shared memory (an
-    H100 has 227 KB a block) then still run on smaller ones (an L40S or RTX 4090: 99 KB). Launchers call this in
-    an ``except`` clause, so a launch that fits pays nothing for it."""
+    so later calls start from what fits). Logged at the first step down for each ``what`` (logger ``qcompile``,
+    level INFO; ``what`` is any object whose ``str`` names the launch, formatted only on such a retry). Tiles tuned
+    on a GPU with much shared memory (an H100 has 227 KB a block) then still run on smaller ones (an L40S or RTX
+    4090: 99 KB). Launchers call this in an ``except`` clause, so a launch that fits pays nothing for it."""
     if not isinstance(error, _out_of_resources()) or error.name != "shared memory" or kwargs.get("num_stages", 1) <= 1:
         return False
     kwargs["num_stages"] -= 1

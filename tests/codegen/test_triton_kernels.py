@@ -266,6 +266,39 @@ def test_fewer_stages_when_shared_memory_runs_out():
     assert not common.fewer_stages(ValueError("other"), kwargs, "a test kernel") and kwargs["num_stages"] == 3
 
 
+@pytest.mark.parametrize("family", ["int4", "w8a16", "w8a8"])
+def test_launchers_retry_with_fewer_stages(family, monkeypatch):
+    """Each family's launch, told by triton that its tiles need more shared memory than the device has, runs again
+    with one pipeline stage fewer, and the right result comes back."""
+    from triton.runtime.errors import OutOfResources
+
+    module, kernel_name, scheme_name, path = {
+        "int4": (int4, "int4_linear_kernel", "int4-g32", "splitk"),
+        "w8a16": (w8a16, "w8a16_linear_kernel", "int8", "splitk"),
+        "w8a8": (w8a8, "w8a8_linear_kernel", "w8a8", None),
+    }[family]
+    kernel, stages = getattr(module, kernel_name), []
+
+    class TooBigOnce:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                stages.append(kwargs["num_stages"])
+                if len(stages) == 1:
+                    raise OutOfResources(150000, 101376, "shared memory")
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, kernel_name, TooBigOnce())
+    qweight, scales, zeros = packed(scheme_name, 48, 96)
+    x = activation(6, 96, torch.float32)
+    config = autotune.KernelConfig(16, 16, 32, split_k=2, num_stages=3)
+    extra = {} if path is None else {"path": path}
+    y = getattr(module, f"{family}_linear")(x, qweight, scales, zeros, None, scheme_name, config=config, **extra)
+    assert stages == [3, 2]
+    assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_code_bits_are_exact_floats(dtype):
     """``CODE_BITS | c`` is the 16-bit float ``base + c`` for every nibble (checked with torch's own bit casts, as

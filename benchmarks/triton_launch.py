@@ -6,8 +6,8 @@
 Each row is the median of ``--repeats`` batches of ``--calls`` calls, in microseconds per call, for one
 4096 x 4096 layer at M=1 (bf16 activations). "bind every call" is the launcher as a function (``int4_linear``
 etc.: it binds, i.e. validates, looks the config up and builds the kernel arguments, then launches, on every call;
-that is the work every call did before the dispatch rows kept bound launchers, whose own launcher measured 78 µs
-on the host of the first table in docs/gpu-kernels.md, against 73 here); "bound" is what
+that is the work every call did before the dispatch rows kept bound launchers: the previous revision's int4
+launcher measured 78 µs on the host of the table in docs/gpu-kernels.md); "bound" is what
 ``torch.ops.qcompile.linear`` runs per call now (``dispatch.launcher`` → the row's ``bind``). With the
 launches stubbed, Triton's own launch cost (its argument binding and the driver call) is left out: it comes on top
 of both rows. With ``--device cuda`` the stub is off and the rows include that cost and the kernel; the op's

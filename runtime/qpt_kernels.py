@@ -13,6 +13,8 @@ on-disk cache is left alone), so a model tuned once starts without a search wher
 
 from __future__ import annotations
 
+import warnings
+
 from qcompile.plan import Plan
 from qcompile.runtime.qpt_format import ArtifactError
 
@@ -45,7 +47,7 @@ def adopt_kernels_json(kernels) -> int:
         raise ArtifactError("manifest: 'kernels' must be {'configs': [...], 'binaries': [...]}")
     if not isinstance(kernels.get("binaries", []), list):
         raise ArtifactError("manifest: kernels.binaries must be a list")
-    configs = {}
+    configs, newer = {}, []
     for index, row in enumerate(kernels.get("configs", [])):
         where = f"manifest: kernels.configs[{index}]"
         if not isinstance(row, dict) or set(row) != {"key", "config"}:
@@ -58,6 +60,11 @@ def adopt_kernels_json(kernels) -> int:
             raise ArtifactError(f"{where}: the config must map field names to integers")
         try:
             configs[key] = autotune.KernelConfig.from_dict(config).to_dict()
+        except autotune.NewerConfigError:
+            newer.append(key)  # a newer writer's form: not adopted, the key is tuned or defaulted here
         except (TypeError, ValueError) as error:
             raise ArtifactError(f"{where} ({key}): {error}") from None
+    if newer:
+        warnings.warn(f"qcompile: the artifact's kernels section has {len(newer)} tuned config(s) from a newer "
+                      f"qcompile; they are skipped ({newer[0]}, ...)")  # fmt: skip
     return autotune.load_tuned_configs({"format": autotune.FORMAT_VERSION, "configs": configs}) if configs else 0

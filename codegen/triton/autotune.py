@@ -38,6 +38,11 @@ CACHE_FILE = "tuned-configs.json"
 TUNE_ENV = "QCOMPILE_TRITON_TUNE"
 
 
+class NewerConfigError(ValueError):
+    """A tuned config with fields or forms this version does not know: written by a newer qcompile. Readers skip it
+    (tuning or the default config serves that key) rather than refuse the file it came in."""
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Tile sizes and launch parameters of one kernel launch."""
@@ -62,8 +67,10 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{field} must be a power of two, got {value}")
         if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1 or self.group_m < 1:
             raise ValueError(f"KernelConfig fields must be positive: {self}")
-        if self.dequant not in (0, 1) or self.words not in (0, 1, 2):
+        if self.dequant not in (0, 1) or self.words < 0:
             raise ValueError(f"KernelConfig.dequant must be 0 or 1 and .words 0, 1 or 2: {self}")
+        if self.words > 2:
+            raise NewerConfigError(f"KernelConfig.words must be 0, 1 or 2 in this version, got {self.words}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -73,7 +80,7 @@ class KernelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"tuned config has unknown fields {sorted(unknown)}; known: {sorted(names)}")
+            raise NewerConfigError(f"tuned config has unknown fields {sorted(unknown)}; known: {sorted(names)}")
         return cls(**{k: int(v) for k, v in data.items()})
 
 
@@ -155,7 +162,17 @@ def _parse(data: dict, where: str) -> dict[str, KernelConfig]:
     configs = data.get("configs", {})
     if not isinstance(configs, dict):
         raise TypeError(f"{where}: 'configs' must map keys to configs")
-    return {str(key): KernelConfig.from_dict(value) for key, value in configs.items()}
+    out, newer = {}, []
+    for key, value in configs.items():
+        try:
+            out[str(key)] = KernelConfig.from_dict(value)
+        except NewerConfigError:
+            newer.append(str(key))
+    if newer:
+        warnings.warn(
+            f"qcompile: {where}: skipping {len(newer)} tuned config(s) from a newer qcompile ({newer[0]}, ...)"
+        )
+    return out
 
 
 STORE = TunedConfigs(default_cache_path())

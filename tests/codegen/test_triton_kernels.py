@@ -474,6 +474,10 @@ def test_tuned_configs_round_trip(tmp_path):
         autotune.KernelConfig.from_dict({"block_m": 16, "blocks": 2})
     with pytest.raises(ValueError, match="power of two"):
         autotune.KernelConfig(48, 64, 64)
+    newer = {"format": autotune.FORMAT_VERSION, "configs": {"a": {"block_m": 16, "block_n": 64, "block_k": 64,
+                                                                     "words": 3}, "b": config.to_dict()}}  # fmt: skip
+    with pytest.warns(UserWarning, match="newer qcompile"):  # a newer writer's rows are skipped, the rest kept
+        assert autotune._parse(newer, "test") == {"b": config}
 
 
 def test_choose_config_without_gpu_uses_default():

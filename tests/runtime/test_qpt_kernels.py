@@ -66,8 +66,6 @@ def test_a_model_without_tuned_configs_writes_none(store, tmp_path):
         ({"configs": [{"key": SITE_KEY}]}, "kernels.configs[0]: expected"),
         ({"configs": [{"key": "", "config": {}}]}, "kernels.configs[0]: the key"),
         ({"configs": [{"key": SITE_KEY, "config": {"block_m": "1"}}]}, "map field names to integers"),
-        ({"configs": [{"key": SITE_KEY, "config": {"block_m": 1, "block_n": 64, "block_k": 32, "bogus": 1}}]},
-         "unknown fields"),
         ({"configs": [{"key": SITE_KEY, "config": {"block_m": 3, "block_n": 64, "block_k": 32}}]}, "power of two"),
         ({"configs": [{"key": SITE_KEY, "config": {"block_m": 1, "block_n": 64}}]}, "kernels.configs[0]"),
     ],
@@ -76,6 +74,18 @@ def test_a_damaged_section_is_refused(store, kernels, fragment):
     with pytest.raises(ArtifactError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         adopt_kernels_json(kernels)
     assert store.export()["configs"] == {}  # nothing adopted
+
+
+@pytest.mark.parametrize("config", [{"block_m": 1, "block_n": 64, "block_k": 32, "bogus": 1},
+                                    {"block_m": 1, "block_n": 64, "block_k": 32, "words": 3}])  # fmt: skip
+def test_configs_from_a_newer_writer_are_skipped(store, config):
+    """Unknown fields or forms are a newer qcompile's, not damage: those rows are skipped (saying so), the rest is
+    adopted and the model loads."""
+    good = {"block_m": 1, "block_n": 64, "block_k": 128, "split_k": 8}
+    kernels = {"configs": [{"key": SITE_KEY + "-newer", "config": config}, {"key": SITE_KEY, "config": good}]}
+    with pytest.warns(UserWarning, match="newer qcompile"):
+        assert adopt_kernels_json(kernels) == 1
+    assert list(store.export()["configs"]) == [SITE_KEY]
 
 
 def test_a_damaged_section_in_a_file_names_the_file(store, tmp_path):

@@ -171,10 +171,12 @@ def correctness(schemes, device_name: str) -> None:
 
 
 def timing_table(schemes, m_values, graphs: bool, copy_gbs: float) -> None:
+    from qcompile.codegen.triton import autotune
+
     print(f"\n## time per call (µs){' from CUDA-graph replays' if graphs else ''}, weights cycled past L2; "
           f"x = other / qcompile; weight GB/s vs copy {copy_gbs:.0f} GB/s")  # fmt: skip
     header = f"{'scheme':>10} {'K x N':>12} {'M':>5} {'qcompile':>9} {'bf16':>9} {'x bf16':>7} {'peer':>14} "
-    print(header + f"{'peer us':>9} {'x peer':>7} {'GB/s':>7} {'% copy':>7}", flush=True)
+    print(header + f"{'peer us':>9} {'x peer':>7} {'GB/s':>7} {'% copy':>7}  config (tuned or default)", flush=True)
     for k, n in SHAPES:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         dense_weights = [weight] + [weight.clone() for _ in range(copies_for(weight.numel() * 2) - 1)]
@@ -189,6 +191,7 @@ def timing_table(schemes, m_values, graphs: bool, copy_gbs: float) -> None:
             peers = _make_peers(peer_name, weight, count)
             for m in m_values:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                autotune.last_config(forget=True)
                 try:
                     ours = bench([functools.partial(torch.ops.qcompile.linear, x, q, s, z, None, scheme_name)
                                   for q, s, z in packed], graphs)  # fmt: skip
@@ -207,9 +210,11 @@ def timing_table(schemes, m_values, graphs: bool, copy_gbs: float) -> None:
                 else:
                     peer_cols = f"{'n/a':>9} {'':>7}"
                 gbs = nbytes / ours / 1e6
+                chosen = autotune.last_config()
                 print(
                     f"{scheme_name:>10} {f'{k}x{n}':>12} {m:5d} {ours * 1e3:9.1f} {dense * 1e3:9.1f} "
-                    f"{dense / ours:7.2f} {peer_name or '-':>14} {peer_cols} {gbs:7.0f} {100 * gbs / copy_gbs:6.0f}%",
+                    f"{dense / ours:7.2f} {peer_name or '-':>14} {peer_cols} {gbs:7.0f} {100 * gbs / copy_gbs:6.0f}%"
+                    f"  {chosen.label if chosen is not None else '-'}",
                     flush=True,
                 )
             del packed, peers

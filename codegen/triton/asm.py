@@ -181,10 +181,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        c = self.config
-        form = "dequant" if c.dequant else ("bytes", "words", "planes")[c.words]
-        return (f"{self.scheme} {self.path} M={self.m} {c.block_m}x{c.block_n}x{c.block_k} "
-                f"sk{c.split_k} w{c.num_warps} s{c.num_stages} {form}")  # fmt: skip
+        return f"{self.scheme} {self.path} M={self.m} {self.config.label}"
 
 
 def record_case(case: Case) -> list[Launch]:

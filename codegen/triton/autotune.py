@@ -75,6 +75,13 @@ class KernelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def label(self) -> str:
+        """Short form for tables: ``64x128x128 sk1 w4 s3 words`` (tile, split, warps, stages, form)."""
+        form = "dequant" if self.dequant else ("bytes", "words", "planes")[self.words]
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} sk{self.split_k} w{self.num_warps} "
+                f"s{self.num_stages} {form}")  # fmt: skip
+
     @classmethod
     def from_dict(cls, data: dict) -> KernelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -318,6 +325,16 @@ class GraphTimer:
 _CHOICES: dict[tuple, KernelConfig] = {}
 
 
+#: the config of the latest bound launch in this process (see :func:`last_config`)
+_LAST: dict[str, KernelConfig] = {}
+
+
+def last_config(forget: bool = False) -> KernelConfig | None:
+    """The config the latest bound launch ran with (``None`` if none since the last ``forget``): which tile and form
+    a benchmark row ran. ``forget=True`` returns it and starts afresh."""
+    return _LAST.pop("config", None) if forget else _LAST.get("config")
+
+
 def memoized_choice(signature: tuple, choose: Callable[[], KernelConfig]) -> KernelConfig:
     """``choose()`` once per ``signature`` (a tuple of the launch's shape facts); not kept while a CUDA graph is
     being captured (the search is skipped then, a later call may still tune)."""
@@ -352,6 +369,7 @@ class BoundLaunches:
                 self.key(), self.candidates, self.default(), lambda c: self.run(c, variant, tensors), self.device
             ),  # fmt: skip
         )
+        _LAST["config"] = config
         return self.run(config, variant, tensors)
 
     def run(self, config: KernelConfig, variant, tensors: tuple) -> torch.Tensor:

@@ -131,6 +131,7 @@ def test_bound_launchers_serve_later_calls(row_name, monkeypatch):
         assert y.shape == (*x.shape[:-1], n)
         assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, tolerance_for(torch.bfloat16))
     assert len(built) == 1, built
+    assert autotune.last_config() is not None and autotune.last_config().label  # what a benchmark row prints
 
 
 @pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g64-sym", "int4"])

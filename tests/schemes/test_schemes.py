@@ -1,5 +1,7 @@
 """Reference quantize/dequantize against float64 math, packing round trips, names that round-trip."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -38,7 +40,8 @@ def test_did_you_mean():
 
 
 def _float64_rtn(weight, bits, group, symmetric):
-    """Independent float64 RTN: returns dequantized weight and the per-element half-step bound."""
+    """Independent float64 RTN: returns the dequantized weight, the per-element half-step bound and the unrounded
+    code ``w / scale`` (plus the zero), whose distance to a rounding tie says where float32 may round otherwise."""
     n, k = weight.shape
     g = group or k
     kp = -(-k // g) * g
@@ -47,33 +50,36 @@ def _float64_rtn(weight, bits, group, symmetric):
         qmax = 2 ** (bits - 1) - 1
         scale = w.abs().amax(-1, keepdim=True) / qmax
         scale[scale == 0] = 1
-        q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+        unrounded = w / scale
+        q = torch.clamp(torch.round(unrounded), -qmax, qmax)
         deq = q * scale
     else:
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = (hi - lo) / (2**bits - 1)
         scale[scale == 0] = 1
         zero = -lo / scale
-        q = torch.clamp(torch.round(w / scale + zero), 0, 2**bits - 1)
+        unrounded = w / scale + zero
+        q = torch.clamp(torch.round(unrounded), 0, 2**bits - 1)
         deq = (q - zero) * scale
     half_step = (scale / 2).expand_as(w)
-    return deq.reshape(n, kp)[:, :k], half_step.reshape(n, kp)[:, :k]
+    return deq.reshape(n, kp)[:, :k], half_step.reshape(n, kp)[:, :k], unrounded.reshape(n, kp)[:, :k]
 
 
 @pytest.mark.parametrize("name", INT_NAMES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_integer_rtn_matches_float64(name, shape):
     scheme = parse_scheme(name)
-    torch.manual_seed(hash((name, shape)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((name, shape)).encode()))  # the same weights in every run
     weight = torch.randn(shape) * torch.rand(shape[0], 1) * 3
     q = scheme.quantize(weight)
     deq = scheme.dequantize(q).double()
-    expected, half_step = _float64_rtn(weight, scheme.bits, scheme.group_size, scheme.symmetric)
+    expected, half_step, unrounded = _float64_rtn(weight, scheme.bits, scheme.group_size, scheme.symmetric)
     # every element within half a step of the original (the definition of round-to-nearest) ...
     assert ((deq - weight.double()).abs() <= half_step * (1 + 1e-5) + 1e-7).all()
-    # ... and equal to the float64 computation except on exact rounding ties
-    mismatch = ((deq - expected).abs() > 1e-4 * half_step.max()).float().mean()
-    assert mismatch < 1e-3
+    # ... and equal to the float64 computation except next to a rounding tie, where float32 may round the other way
+    mismatch = (deq - expected).abs() > 1e-4 * half_step.max()
+    near_tie = ((unrounded - unrounded.floor()) - 0.5).abs() < 1e-4
+    assert not (mismatch & ~near_tie).any(), unrounded[mismatch & ~near_tie]
 
 
 @pytest.mark.parametrize("name", INT_NAMES + ["nf4-g64", "nf4-g32", "w8a8", "fp8", "fp8-w8a8"])

@@ -89,8 +89,7 @@ def main(argv=None) -> int:
                 y = int4.int4_linear(x, *tensors, None, scheme, path=path, config=config)
                 error = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                 worst = max(worst, error)
-                tile = f"{config.block_m}x{config.block_n}x{config.block_k} sk{config.split_k}"
-                row = f"| {name} | {m} | {label} | {tile} | {error:.1e} |"
+                row = f"| {name} | {m} | {label} | {config.label} | {error:.1e} |"
                 if cuda:
                     calls = [lambda q=q, s=s, z=z: int4.int4_linear(x, q, s, z, None, scheme, path=path, config=config)
                              for q, s, z in copies]  # fmt: skip

@@ -363,12 +363,14 @@ class BoundLaunches:
         self.launches: dict[tuple, Callable[..., torch.Tensor]] = {}
 
     def __call__(self, variant, *tensors) -> torch.Tensor:
-        config = self.config or memoized_choice(
-            self.memo,
-            lambda: choose_config(
-                self.key(), self.candidates, self.default(), lambda c: self.run(c, variant, tensors), self.device
-            ),  # fmt: skip
-        )
+        config = self.config or _CHOICES.get(self.memo)  # the lookup first: no closure on the hot path
+        if config is None:
+            config = memoized_choice(
+                self.memo,
+                lambda: choose_config(
+                    self.key(), self.candidates, self.default(), lambda c: self.run(c, variant, tensors), self.device
+                ),
+            )
         _LAST["config"] = config
         return self.run(config, variant, tensors)
 

@@ -84,9 +84,17 @@ def next_power_of_2(value: int) -> int:
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., K]`` → ``[M, K]`` with unit stride along K (copies only when it must)."""
+    """``x [..., K]`` → ``[M, K]`` with unit stride along K (copies only when it must; ``x`` itself when it is
+    already such rows, the common case, which skips the reshape on a launch's hot path)."""
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def as_input_shape(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out [M, N]`` computed from the rows of ``x [..., K]``, shaped ``[..., N]`` like ``x``."""
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def dot_dtype(x_dtype: torch.dtype):

@@ -214,10 +214,10 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
     )  # fmt: skip
 
     def run(x, qweight, scales, zeros, bias) -> torch.Tensor:
-        x2 = x if x.dim() == 2 and x.stride(1) == 1 else common.as_rows(x)
+        x2 = common.as_rows(x)
         qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()
         out = bound(k % 4 == 0 and qweight.data_ptr() % 4 == 0, x2, qweight, scales, bias)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+        return common.as_input_shape(out, x)
 
     return run
 

@@ -220,10 +220,10 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
     )  # fmt: skip
 
     def run(x, qweight, scales, zeros, bias) -> torch.Tensor:
-        x2 = x if x.dim() == 2 and x.stride(1) == 1 else common.as_rows(x)
+        x2 = common.as_rows(x)
         x_q, x_scale = quantize_rows(x2, to_fp8)
         out = bound(None, x_q, x_scale, qweight.contiguous(), scales.reshape(-1).contiguous(), bias, x.dtype)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+        return common.as_input_shape(out, x)
 
     return run
 

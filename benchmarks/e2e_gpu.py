@@ -3,6 +3,7 @@
     python benchmarks/e2e_gpu.py                          # 32 layers, bf16 / int4-g128 / int8, CUDA graphs
     python benchmarks/e2e_gpu.py --layers 8 --steps 100   # a shorter run
     python benchmarks/e2e_gpu.py --compile                # each Block through torch.compile (inductor) first
+    python benchmarks/e2e_gpu.py --compile --inline       # ... with qcompile's Triton launches in inductor's code
     python benchmarks/e2e_gpu.py --no-graphs              # the same steps as a Python loop (launch overhead in)
     python benchmarks/e2e_gpu.py --head int8              # also quantize lm_head (float by default)
     python benchmarks/e2e_gpu.py --device cpu --tiny      # smoke test of the whole script without a GPU
@@ -278,6 +279,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu, the latter for smoke tests")
     parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="time eager steps, no CUDA graph")
     parser.add_argument("--compile", action="store_true", help="torch.compile each Block (inductor, dynamic=False)")
+    parser.add_argument("--inline", action="store_true",
+                        help="with --compile: inductor compiles and launches qcompile's kernels")  # fmt: skip
     parser.add_argument("--attention", choices=("grouped", "gqa"), default="grouped",
                         help="grouped: query heads folded per KV head; gqa: SDPA enable_gqa=True")  # fmt: skip
     parser.add_argument("--no-tune", action="store_true", help="qcompile Triton kernels use default configs")
@@ -297,6 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_positions(args.context, args.steps, args.max_seq)
     except ValueError as error:
         parser.error(str(error))
+    if args.inline and not args.compile:
+        parser.error("--inline needs --compile (kernels are inlined into inductor's compiled graphs)")
     args.config = dataclasses.replace(base, n_layers=args.layers, max_seq=args.max_seq, attention=args.attention)
     return args
 
@@ -312,9 +317,11 @@ def header(args, device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
     shape = "tiny" if args.tiny else "Llama-3-8B-shaped"
     graphs = "on" if args.graphs and device.type == "cuda" else "off"
+    blocks = "torch.compile blocks" if args.compile else "eager blocks"
+    inlined = " (kernels inlined)" if args.inline else ""
     return (f"# {name} | torch {torch.__version__} | triton {version_of('triton')} | {args.layers} {shape} layers | "
             f"context {args.context}, {args.steps} steps, max_seq {args.max_seq} | CUDA graphs {graphs} | "
-            f"{'torch.compile blocks' if args.compile else 'eager blocks'} | attention {args.attention}")  # fmt: skip
+            f"{blocks}{inlined} | attention {args.attention}")  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -331,6 +338,8 @@ def main(argv=None) -> int:
         args.graphs = False
     if args.no_tune:
         os.environ["QCOMPILE_TRITON_TUNE"] = "0"
+    if args.inline:
+        os.environ["QCOMPILE_INLINE_KERNELS"] = "1"  # read when inductor functionalizes each Block's graph
     say(header(args, device))
     baseline, failed = None, 0
     for scheme in args.schemes:

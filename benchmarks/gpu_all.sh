@@ -4,8 +4,9 @@
 # installs qcompile (no dependencies), runs the Triton kernel tests on CUDA (compiled, not interpreted), then the
 # kernel table (benchmarks/gpu_kernels.py) and the decode benchmark (benchmarks/e2e_gpu.py). Each stage has a time
 # limit in seconds so one slow stage cannot take the others' results, and writes its own log in RESULTS_DIR.
-# Environment: STAGES (default "tests forms kernels e2e more"; also "launch"), TESTS_S, FORMS_S, KERNELS_S, E2E_S,
-# MORE_S, LAUNCH_S (limits), KERNEL_ARGS / MORE_ARGS / E2E_ARGS (extra arguments), TESTS (pytest selection).
+# Environment: STAGES (default "tests forms kernels e2e more"; also "launch" and "inline"), TESTS_S, FORMS_S,
+# KERNELS_S, E2E_S, MORE_S, LAUNCH_S, INLINE_S (limits), KERNEL_ARGS / MORE_ARGS / E2E_ARGS / INLINE_ARGS (extra
+# arguments), TESTS (pytest selection).
 set -u
 RESULTS=$(realpath -m "${1:-gpu-results}")
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,8 +29,9 @@ cd /tmp  # import the installed package, not the source tree
 if wants tests; then
     stage "tests: Triton kernels compiled on CUDA (default configs)"
     workers=$($PY -c "import importlib.util as u; print('-n 8' if u.find_spec('xdist') else '')")
-    QCOMPILE_TRITON_TUNE=0 timeout "${TESTS_S:-120}" $PY -m pytest -q -p no:cacheprovider $workers \
-        ${TESTS:-"$REPO/tests/codegen/test_triton_kernels.py"} 2>&1 | tee "$RESULTS/tests.txt" | tail -30
+    tests=${TESTS:-$REPO/tests/codegen/test_triton_kernels.py $REPO/tests/codegen/test_triton_inline.py}
+    QCOMPILE_TRITON_TUNE=0 timeout "${TESTS_S:-120}" $PY -m pytest -q -p no:cacheprovider $workers $tests 2>&1 \
+        | tee "$RESULTS/tests.txt" | tail -30
 fi
 if wants forms; then
     stage "forms: int4 byte and word forms at fixed configs"
@@ -47,6 +49,13 @@ fi
 if wants e2e; then
     stage "decode"
     timeout "${E2E_S:-150}" $PY "$REPO/benchmarks/e2e_gpu.py" ${E2E_ARGS:-} 2>&1 | tee "$RESULTS/e2e.txt"
+fi
+if wants inline; then
+    stage "decode, compiled blocks without CUDA graphs: the op vs inlined kernels"
+    for inline in "" "--inline"; do
+        timeout "${INLINE_S:-150}" $PY "$REPO/benchmarks/e2e_gpu.py" --compile --no-graphs $inline \
+            ${INLINE_ARGS:---layers 4 --steps 50} 2>&1 | tee -a "$RESULTS/inline.txt"
+    done
 fi
 if wants more; then
     stage "kernels: W8A8 and FP8"

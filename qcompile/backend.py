@@ -7,8 +7,10 @@ inductor with ``options={"inductor": True}``). Packed weights are cached per par
 so a recompilation (new shapes, a graph break) never quantizes the same weight twice. Pass
 ``dynamic=True`` to ``torch.compile`` for one compilation across batch sizes and sequence lengths.
 
-Options: ``recipe`` (dict, path, Recipe or scheme name), ``inductor`` (bool), ``verbose`` (print the
-plan table), ``progress`` (bool).
+Options: ``recipe`` (dict, path, Recipe or scheme name), ``inductor`` (bool), ``inline_kernels`` (bool, with
+``inductor``: CUDA calls become the Triton launches of their kernels, which inductor compiles and launches itself;
+default: the ``QCOMPILE_INLINE_KERNELS`` environment variable, else off), ``verbose`` (print the plan table),
+``progress`` (bool).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.fx as fx
 
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z_0-9]*)")
-_OPTIONS = ("recipe", "inductor", "verbose", "progress")
+_OPTIONS = ("recipe", "inductor", "inline_kernels", "verbose", "progress")
 # id(parameter) → (weak reference to it, {quantization key: packed}); tensors compare elementwise, so a
 # WeakKeyDictionary cannot hold them
 _PACKED_CACHE: dict[int, tuple[weakref.ref, dict]] = {}
@@ -145,7 +147,10 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     if options.get("inductor"):
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, inputs)
+        from qcompile.runtime.dispatch import inline_kernels, inlining
+
+        with inline_kernels(bool(options.get("inline_kernels", inlining()))):
+            compiled = compile_fx(gm, inputs)
     else:
         compiled = gm.forward
 

@@ -8,8 +8,11 @@ when no row supports the call, saying so once per (device, scheme, reason).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import threading
 import warnings
 from typing import Callable
 
@@ -30,6 +33,9 @@ class KernelEntry:
     ``bind(scheme, x, qweight, scales, zeros, bias) -> launch`` (optional) returns a launcher specialized to
     one call signature, ``launch(x, qweight, scales, zeros, bias) -> Tensor``: per-shape constants are worked
     out once, so a decode step pays only for the kernel call.
+    ``inline(scheme, x, qweight, scales, zeros, bias) -> Tensor`` (optional) computes the call out of operations
+    a graph tracer records, kernel launches included (``torch.library.wrap_triton``), so that inductor compiles
+    them in place of one opaque op (:func:`inline_launches`).
     """
 
     name: str
@@ -38,6 +44,7 @@ class KernelEntry:
     run: Callable[..., torch.Tensor]
     priority: int = 0
     bind: Callable[..., Callable[..., torch.Tensor]] | None = None
+    inline: Callable[..., torch.Tensor] | None = None
 
     def launcher(self, scheme: Scheme, x, qweight, scales, zeros, bias) -> Callable[..., torch.Tensor]:
         if self.bind is not None:
@@ -173,3 +180,64 @@ def launcher(scheme: str, x, qweight, scales, zeros, bias) -> Callable[..., torc
     """``launch(x, qweight, scales, zeros, bias) -> y`` for this call signature: the chosen kernel, bound to
     the signature where the row can be, else the scheme's reference (the fallback notice is said once)."""
     return _choose(scheme, x, qweight, scales, zeros, bias)[1]
+
+
+# -- inlined launches ---------------------------------------------------------------------------------------------
+#: ``QCOMPILE_INLINE_KERNELS=1`` inlines kernel launches wherever ``qcompile::linear`` is functionalized
+INLINE_ENV = "QCOMPILE_INLINE_KERNELS"
+
+
+class _InlineState(threading.local):
+    enabled: bool | None = None  # None: the environment variable decides
+
+
+_INLINE = _InlineState()
+_INLINE_WARNED: set[str] = set()
+
+
+@contextlib.contextmanager
+def inline_kernels(enabled: bool = True):
+    """Within this block (or everywhere, with ``QCOMPILE_INLINE_KERNELS=1``) a ``qcompile::linear`` call that
+    AOTAutograd functionalizes, as inductor's ``compile_fx`` does, becomes the launches of the row that serves it
+    where the row can say them (:attr:`KernelEntry.inline`): inductor then compiles and launches those kernels
+    itself, with no Python dispatch per call. ``torch.export`` keeps the op whole."""
+    previous = _INLINE.enabled
+    _INLINE.enabled = enabled
+    try:
+        yield
+    finally:
+        _INLINE.enabled = previous
+
+
+def inlining() -> bool:
+    """Whether ``qcompile::linear`` calls are inlined when functionalized (:func:`inline_kernels`)."""
+    enabled = _INLINE.enabled
+    return os.environ.get(INLINE_ENV) == "1" if enabled is None else enabled
+
+
+def inline_launches(mode, args: tuple, kwargs: dict):
+    """The functionalization rule of ``qcompile::linear`` (registered by ``runtime.ops``): the serving row's
+    launches traced under ``mode``, or ``NotImplemented`` for the op to stay whole (inlining off, an export,
+    CPU tensors, no row that can inline the call, or a row whose tracing failed, which is said once)."""
+    if not inlining() or not getattr(torch._functorch.config, "decompose_custom_triton_ops", True):
+        return NotImplemented
+    x, qweight, scales, zeros, bias, scheme = _linear_args(*args, **kwargs)
+    if x.device.type == "cpu":
+        return NotImplemented
+    parsed = parse_scheme(scheme)
+    entry, _ = select_kernel(parsed, x, qweight, scales, zeros)
+    if entry is None or entry.inline is None:
+        return NotImplemented
+    try:
+        with mode:
+            return entry.inline(parsed, x, qweight, scales, zeros, bias)
+    except Exception as error:  # noqa: BLE001 - the whole op still serves the call
+        message = f"qcompile: {entry.name} could not be inlined for {parsed.name} ({error}); the call stays one op"
+        if message not in _INLINE_WARNED:
+            _INLINE_WARNED.add(message)
+            warnings.warn(message)
+        return NotImplemented
+
+
+def _linear_args(x, qweight, scales, zeros, bias, scheme):
+    return x, qweight, scales, zeros, bias, scheme

@@ -89,4 +89,20 @@ def _autograd(keyset, x, qweight, scales, zeros, bias, scheme):
 
 
 _lib.impl("linear", _autograd, "Autograd", with_keyset=True)
+
+
+def _functionalize(mode, op, types, args, kwargs):
+    """Under functionalization (AOTAutograd, which inductor runs) a call may become its kernel launches, so that
+    inductor compiles them itself (``dispatch.inline_kernels``); otherwise it stays one op."""
+    out = dispatch.inline_launches(mode, args, kwargs)
+    return mode.__torch_dispatch__(op, types, args, kwargs) if out is NotImplemented else out
+
+
+def _register_functionalize_rule() -> None:
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    torch.library.register_torch_dispatch("qcompile::linear", FunctionalTensorMode, _functionalize, lib=_lib)
+
+
+_register_functionalize_rule()
 _lib.impl("_linear_train", lambda *args: _LinearFunction.apply(*args), "Autograd")

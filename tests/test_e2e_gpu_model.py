@@ -107,3 +107,10 @@ def test_positions_must_fit_the_cache():
     e2e.check_positions(context=8, steps=4, max_seq=64)
     with pytest.raises(ValueError, match="--max-seq"):
         e2e.check_positions(context=60, steps=4, max_seq=64)
+
+
+def test_inline_needs_compile(capsys):
+    assert e2e.parse_args(["--tiny", "--compile", "--inline"]).inline
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--tiny", "--inline"])
+    assert "--inline needs --compile" in capsys.readouterr().err

@@ -11,6 +11,7 @@
 |             | the bound launches of one call signature                                     |
 | `candidates`| candidate and default launch configs by path and M bucket                      |
 | `tiles`     | ``@triton.jit`` helpers shared by the kernels                                 |
+| `traceable` | the rows' launches as a graph tracer records them, for inductor to compile    |
 | `common`    | interpreter detection, M buckets, dtypes                                      |
 | `asm`       | compiles the real launches for a GPU target on any host and reads the code    |
 

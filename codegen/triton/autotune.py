@@ -28,7 +28,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from qcompile.codegen.triton.common import device_name, interpreting, m_bucket, triton_version
+from qcompile.codegen.triton.common import (
+    device_name, interpreting, m_bucket, tracing, triton_version, tuning_tensors, untraced,
+)  # fmt: skip
 
 log = logging.getLogger("qcompile")
 
@@ -365,14 +367,31 @@ class BoundLaunches:
     def __call__(self, variant, *tensors) -> torch.Tensor:
         config = self.config or _CHOICES.get(self.memo)  # the lookup first: no closure on the hot path
         if config is None:
-            config = memoized_choice(
-                self.memo,
-                lambda: choose_config(
-                    self.key(), self.candidates, self.default(), lambda c: self.run(c, variant, tensors), self.device
-                ),
-            )
+            config = self._traced_choice(variant, tensors) if tracing() else self._choice(variant, tensors)
         _LAST["config"] = config
         return self.run(config, variant, tensors)
+
+    def _choice(self, variant, tensors: tuple) -> KernelConfig:
+        return memoized_choice(
+            self.memo,
+            lambda: choose_config(
+                self.key(), self.candidates, self.default(), lambda c: self.run(c, variant, tensors), self.device
+            ),
+        )
+
+    def _traced_choice(self, variant, tensors: tuple) -> KernelConfig:
+        """While tracing (``common.traced_launches``): the tuned config, else one tuned now on real tensors shaped
+        like the traced ones (where the tracer makes them), else the default; nothing touches the traced tensors."""
+        if interpreting() or self.device.type != "cuda":
+            return self.default()
+        cached = STORE.get(self.key())
+        if cached is not None:
+            return cached
+        real = tuning_tensors(tensors)
+        if real is None:
+            return self.default()
+        with untraced():
+            return self._choice(variant, real)
 
     def run(self, config: KernelConfig, variant, tensors: tuple) -> torch.Tensor:
         launch = self.launches.get((config, variant))

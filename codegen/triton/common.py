@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernel families: interpreter detection, M buckets, dtypes, activation views.
+"""Helpers shared by the Triton kernel families: interpreter detection, M buckets, dtypes, activation views, and
+the switch that makes launches traceable (:func:`traced_launches`).
 
 Nothing here launches a kernel. The kernel modules (``int4``, ``w8a16``, ``w8a8``) import triton at module
 level; this module does too, so import it only after checking :func:`triton_missing`.
@@ -6,10 +7,12 @@ level; this module does too, so import it only after checking :func:`triton_miss
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import os
+import threading
 
 import torch
 
@@ -145,6 +148,75 @@ def check_activation(x: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where}: the activation has no features")
 
 
+# -- traced launches -----------------------------------------------------------------------------------------------
+class _TraceState(threading.local):
+    state = None  # (real_tensors,) while tracing; a class default, so a lookup never raises on the hot path
+
+
+_TRACE = _TraceState()
+
+
+@contextlib.contextmanager
+def traced_launches(real_tensors=None):
+    """Within this block the launchers emit traceable launches (``torch.library.wrap_triton``): a graph being
+    captured for inductor records each kernel call rather than running it. Nothing touches device memory while
+    tracing: split-K workspaces are allocated in the graph, tuned configs are looked up, not timed, and word
+    alignment is read from storage offsets. ``real_tensors(tensors) -> tuple | None`` (optional) makes real
+    tensors shaped like a launch's traced ones, on which a key without a tuned config is tuned before tracing goes
+    on (``None``: use the default config)."""
+    previous = _TRACE.state
+    _TRACE.state = (real_tensors,)
+    try:
+        yield
+    finally:
+        _TRACE.state = previous
+
+
+def tracing() -> bool:
+    """Whether launches are being traced (:func:`traced_launches`)."""
+    return _TRACE.state is not None
+
+
+def tuning_tensors(tensors: tuple) -> tuple | None:
+    """Real tensors shaped like the traced ``tensors`` to tune on, or ``None`` (see :func:`traced_launches`)."""
+    state = _TRACE.state
+    make = None if state is None else state[0]
+    return None if make is None else make(tensors)
+
+
+@contextlib.contextmanager
+def untraced():
+    """Launch for real inside a traced block (the tuning of a key met while tracing): the tracer's dispatch modes
+    (functionalization, fake tensors, the graph proxy) are set aside until the block ends."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    previous = _TRACE.state
+    _TRACE.state = None
+    try:
+        with _disable_current_modes(), unset_fake_temporarily():
+            yield
+    finally:
+        _TRACE.state = previous
+
+
+def kernel(jit_function):
+    """``jit_function`` itself, or while tracing the ``wrap_triton`` wrapper that a graph records calls of."""
+    if _TRACE.state is None:
+        return jit_function
+    from torch.library import wrap_triton
+
+    return wrap_triton(jit_function)
+
+
+def word_aligned(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s first element sits on a 4-byte boundary (int32 word loads). While tracing there is no
+    address: the storage offset decides (storages themselves start aligned)."""
+    if _TRACE.state is None:
+        return tensor.data_ptr() % 4 == 0
+    return tensor.storage_offset() * tensor.element_size() % 4 == 0
+
+
 #: split-K workspaces by (device, stream): (fp32 sums, int32 tile counters), all zeros between launches
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 #: every workspace ever handed out stays alive: a captured CUDA graph may still point at an outgrown one
@@ -155,8 +227,12 @@ def split_workspace(device: torch.device, elements: int, tiles: int) -> tuple[to
     """The zeroed ``(float32 [>= elements], int32 [>= tiles])`` workspace of split-K launches on this stream.
 
     The kernels leave it zeroed (``tiles.store_tile``), so it is allocated once, grown by powers of two, and keyed
-    by stream so launches on concurrent streams never share one.
+    by stream so launches on concurrent streams never share one. While tracing it is a fresh zeroed pair in the
+    graph (a captured graph cannot hold on to this process's buffers).
     """
+    if _TRACE.state is not None:
+        return (torch.zeros(elements, device=device, dtype=torch.float32),
+                torch.zeros(tiles, device=device, dtype=torch.int32))  # fmt: skip
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     work, counts = _WORKSPACES.get(key, (None, None))

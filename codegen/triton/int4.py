@@ -161,7 +161,7 @@ def aligned_block_k(block_k: int, group_size: int, use_dot: bool) -> tuple[int, 
 # -- launcher -----------------------------------------------------------------------------------------------------
 def words_supported(qweight: torch.Tensor, group_size: int) -> bool:
     """Whether the packed rows can be read as int32 words: 8 nibbles per word, groups of whole words, aligned."""
-    return (qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0
+    return (qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0 and common.word_aligned(qweight)
             and group_size % 8 == 0)  # fmt: skip
 
 
@@ -176,7 +176,7 @@ def tile_sums(x2: torch.Tensor, k: int, width: int) -> torch.Tensor:
     out = torch.empty((tiles, x2.shape[0]), device=x2.device, dtype=torch.float32)
     block_s = common.next_power_of_2(width)
     block_t = min(max(1, 2048 // block_s), common.next_power_of_2(tiles))
-    tile_sums_kernel[(x2.shape[0], common.cdiv(tiles, block_t))](
+    common.kernel(tile_sums_kernel)[(x2.shape[0], common.cdiv(tiles, block_t))](
         x2, out, x2.shape[0], k, x2.stride(0), WIDTH=width, BLOCK_T=block_t, BLOCK_S=block_s
     )
     return out
@@ -238,7 +238,7 @@ class Launch:
         zeros_or = scales if zeros is None else zeros
         if self.dequant:
             weight = torch.empty((call.n, call.k), device=x2.device, dtype=x2.dtype)
-            int4_dequantize_kernel[self.grid](
+            common.kernel(int4_dequantize_kernel)[self.grid](
                 qweight, scales, zeros_or, weight, call.n, call.k, qweight.stride(0), scales.stride(0),
                 weight.stride(0), **self.kwargs,
             )  # fmt: skip
@@ -250,9 +250,9 @@ class Launch:
         try:
             if self.use_dot:
                 sums = tile_sums(x2, call.k, self.kwargs["BLOCK_K"]) if self.sums else scales
-                int4_linear_kernel[self.grid](*pointers, sums, *sizes, **self.kwargs)
+                common.kernel(int4_linear_kernel)[self.grid](*pointers, sums, *sizes, **self.kwargs)
             else:
-                int4_gemv_kernel[self.grid](*pointers, *sizes, **self.kwargs)
+                common.kernel(int4_gemv_kernel)[self.grid](*pointers, *sizes, **self.kwargs)
         except Exception as error:
             if not common.fewer_stages(error, self.kwargs, self):
                 raise
@@ -286,7 +286,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
         x2 = common.as_rows(x)
         qweight, scales = qweight.contiguous(), scales.contiguous()
         zeros = None if zeros is None else zeros.contiguous()
-        out = bound(words_shape and qweight.data_ptr() % 4 == 0, x2, qweight, scales, zeros, bias)
+        out = bound(words_shape and common.word_aligned(qweight), x2, qweight, scales, zeros, bias)
         return common.as_input_shape(out, x)
 
     return run

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from qcompile.codegen.triton import common, int4, w8a8, w8a16
+from qcompile.codegen.triton import common, int4, traceable, w8a8, w8a16
 from qcompile.runtime.dispatch import KernelEntry
 from qcompile.schemes import FP8, IntWeightOnly, Scheme
 
@@ -130,6 +130,7 @@ def kernel_entries() -> list[KernelEntry]:
             run=row.run,
             priority=PRIORITY,
             bind=None if row.binder is None else row.bind,
+            inline=None if row.binder is None else functools.partial(traceable.inline, row),
         )
         for row in PATHS
     ]

@@ -176,7 +176,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
 
             def dequantize_then_linear(x2, qweight, scales, bias):
                 weight = torch.empty((n, k), device=x2.device, dtype=x2.dtype)
-                w8_dequantize_kernel[grid](qweight, scales, weight, n, k, k, k, **meta)
+                common.kernel(w8_dequantize_kernel)[grid](qweight, scales, weight, n, k, k, k, **meta)
                 return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
 
             return dequantize_then_linear
@@ -195,7 +195,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
             out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
             work, counts = common.split_workspace(x2.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
             try:
-                w8a16_linear_kernel[grid](
+                common.kernel(w8a16_linear_kernel)[grid](
                     x2, qweight, scales, scales if bias is None else bias, out, work, counts,
                     m, n, k, cfg.split_k, x2.stride(0), k, n, **meta,
                 )  # fmt: skip
@@ -216,7 +216,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
     def run(x, qweight, scales, zeros, bias) -> torch.Tensor:
         x2 = common.as_rows(x)
         qweight, scales = qweight.contiguous(), scales.reshape(-1).contiguous()
-        out = bound(k % 4 == 0 and qweight.data_ptr() % 4 == 0, x2, qweight, scales, bias)
+        out = bound(k % 4 == 0 and common.word_aligned(qweight), x2, qweight, scales, bias)
         return common.as_input_shape(out, x)
 
     return run

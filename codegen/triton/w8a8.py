@@ -169,7 +169,7 @@ def quantize_rows(x2: torch.Tensor, to_fp8: bool) -> tuple[torch.Tensor, torch.T
     q = torch.empty((m, k), device=x2.device, dtype=torch.float8_e4m3fn if to_fp8 else torch.int8)
     x_scale = torch.empty((m,), device=x2.device, dtype=torch.float32)
     if m:
-        quantize_rows_kernel[(m,)](
+        common.kernel(quantize_rows_kernel)[(m,)](
             x2, q, x_scale, k, x2.stride(0), q.stride(0),
             QMAX=E4M3_MAX if to_fp8 else INT8_MAX, TO_FP8=to_fp8, ROUND_FP8_IN_FP32=common.interpreting(),
             BLOCK_K=min(QUANTIZE_BLOCK, common.next_power_of_2(k)),
@@ -202,7 +202,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
             out = torch.empty((m, n), device=x_q.device, dtype=dtype)
             work, counts = common.split_workspace(x_q.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
             try:
-                w8a8_linear_kernel[grid](
+                common.kernel(w8a8_linear_kernel)[grid](
                     x_q, x_scale, qweight, scales, scales if bias is None else bias, out, work, counts,
                     m, n, k, cfg.split_k, x_q.stride(0), k, n, **meta,
                 )  # fmt: skip

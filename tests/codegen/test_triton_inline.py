@@ -1,0 +1,298 @@
+"""Inlined launches: ``qcompile::linear`` calls traced into their Triton kernels for inductor to compile.
+
+Three views, since this host has no GPU:
+
+* the traced-mode launchers run for real under the interpreter (CPU tensors) and must match the reference op, with
+  every kernel call going through ``wrap_triton`` and no process-wide workspace touched;
+* in a subprocess with compiled (not interpreted) kernels, AOTAutograd traces calls on fake CUDA tensors and the
+  graph must hold the expected kernel launches, with the default or tuned config, and no opaque op; with inlining
+  off, under ``torch.export``'s setting and on CPU tensors the op must stay whole;
+* on a GPU (``gpu`` mark), ``torch.compile`` through inductor with inlining must match the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from qcompile.codegen.triton import autotune, common, paths, traceable  # noqa: E402
+from qcompile.schemes import parse_scheme  # noqa: E402
+
+from test_triton_kernels import DEVICE, INTERPRETED, activation, assert_matches_reference, packed  # noqa: E402
+
+SCHEMES = {"int4": "int4-g32", "w8a16": "int8", "w8a8": "w8a8"}
+KERNELS = {"int4-gemv": {"int4_gemv_kernel"}, "int4-splitk": {"int4_linear_kernel"},
+           "int4-gemm": {"int4_linear_kernel"}, "w8a16-gemv": {"w8a16_linear_kernel"},
+           "w8a16-splitk": {"w8a16_linear_kernel"}, "w8a16-gemm": {"w8a16_linear_kernel"},
+           "w8a8-gemm": {"quantize_rows_kernel", "w8a8_linear_kernel"}}  # fmt: skip
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's view; a GPU runs test_inductor_inlines_on_gpu")
+@pytest.mark.parametrize(
+    "row_name,symmetric",
+    [(row.name, False) for row in paths.PATHS] + [(row.name, True) for row in paths.PATHS if "int4" in row.name],
+)
+def test_traced_launches_compute_the_op(row_name, symmetric, monkeypatch):
+    """Every row's launcher in traced mode, run for real: each kernel goes through ``wrap_triton`` (which hands the
+    interpreter's kernel back), split-K workspaces are fresh tensors, and the result is the reference op's."""
+    family, path = row_name.split("-")[1:]
+    row = next(r for r in paths.PATHS if r.name == row_name)
+    scheme_name = SCHEMES[family] + ("-sym" if symmetric else "")
+    m, k, n = {"gemv": 3, "splitk": 6, "gemm": 17}[path], 96, 48
+    qweight, scales, zeros = packed(scheme_name, n, k)
+    x = activation(m, k, torch.float16)
+    bias = torch.randn(n, dtype=torch.float16)
+    wrapped = []
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: wrapped.append(kernel.fn.__name__) or kernel)
+    workspaces = dict(common._WORKSPACES)
+    with common.traced_launches():
+        assert common.tracing()
+        y = row.bind(parse_scheme(scheme_name), x, qweight, scales, zeros, bias)(x, qweight, scales, zeros, bias)
+    assert not common.tracing()
+    assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 2e-2)
+    assert KERNELS[f"{family}-{path}"] <= set(wrapped), wrapped
+    assert common._WORKSPACES == workspaces
+
+
+def test_real_like_makes_tensors_every_kernel_takes():
+    tensors = [torch.empty(4, 6, dtype=torch.bfloat16).t()]
+    tensors += [
+        torch.empty(n, dtype=dtype) for n, dtype in ((5, torch.uint8), (3, torch.int8), (2, torch.float8_e4m3fn))
+    ]
+    like = (*tensors, None, torch.float16)
+    real = traceable.real_like(like)
+    assert real[4] is None and real[5] is torch.float16
+    for made, wanted in zip(real[:4], like[:4]):
+        assert (made.shape, made.stride(), made.dtype, made.device) == (
+            wanted.shape, wanted.stride(), wanted.dtype, wanted.device)  # fmt: skip
+    assert 0 <= real[0].float().min() and real[0].float().max() < traceable.TUNING_MAGNITUDE
+    assert real[2].min() >= -127
+    assert torch.equal(real[1], traceable.real_like(like)[1])  # seeded: the same search inputs every time
+
+
+def test_traced_choice(monkeypatch):
+    """While tracing, a key's config is the tuned one, else tuned now on real tensors (outside the trace), else the
+    default; the traced launch runs with it."""
+    default, tuned, cached = (autotune.KernelConfig(16, b, 32) for b in (16, 32, 64))
+    store = autotune.TunedConfigs(None)
+    monkeypatch.setattr(autotune, "STORE", store)
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    searches, launches = [], []
+
+    def choose(key, candidates, default_config, launch, device):
+        searches.append(key)
+        launch(tuned)
+        return tuned
+
+    monkeypatch.setattr(autotune, "choose_config", choose)
+
+    def bound(key):
+        build = lambda config, variant: lambda *tensors: launches.append((config, common.tracing(), tensors))  # noqa: E731
+        return autotune.BoundLaunches(("test-traced-choice", key), lambda: key, lambda: [], lambda: default, build,
+                                      torch.device("cuda"))  # fmt: skip
+
+    traced = torch.zeros(2)
+    try:
+        with common.traced_launches():  # no real tensors: the default, no search
+            bound("a")(None, traced)
+        assert searches == [] and launches[-1] == (default, True, (traced,))
+        real = torch.ones(2)
+        with common.traced_launches(lambda tensors: (real,)):
+            bound("b")(None, traced)
+        assert searches == ["b"] and launches[-2] == (tuned, False, (real,))  # the search ran on real tensors
+        assert launches[-1] == (tuned, True, (traced,))
+        store.put("c", cached)
+        with common.traced_launches(lambda tensors: (real,)):
+            bound("c")(None, traced)
+        assert searches == ["b"] and launches[-1] == (cached, True, (traced,))
+    finally:
+        for key in "abc":
+            autotune._CHOICES.pop(("test-traced-choice", key), None)
+
+
+# -- the graph AOTAutograd records: compiled kernels, fake CUDA tensors, in a fresh process --------------------------
+TRACE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, warnings
+    os.environ["TRITON_INTERPRET"] = "0"
+    import torch
+    from torch._functorch.aot_autograd import aot_export_module
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from qcompile.codegen.triton import autotune, common, int4, traceable
+    from qcompile.runtime import dispatch
+    from qcompile.schemes import parse_scheme
+
+    common.device_capability = lambda device: (9, 0)  # no GPU here: the facts of an H100
+    autotune.device_name = common.device_name = lambda device: "traced-h100"
+    traceable.real_like = lambda tensors: None  # nothing to tune on: the default config unless one is cached
+
+
+    class Linear(torch.nn.Module):
+        def __init__(self, scheme, tensors):
+            super().__init__()
+            self.scheme = scheme
+            for name, tensor in tensors.items():
+                self.register_buffer(name, tensor)
+
+        def forward(self, x):
+            return (torch.ops.qcompile.linear(x, self.qweight, self.scales, self.zeros, None, self.scheme),)
+
+
+    def trace(scheme_name, m, n, k, device="cuda", inline=True):
+        scheme = parse_scheme(scheme_name)
+        packed = scheme.pack(scheme.quantize(torch.randn(n, k)))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            tensors = {name: None if t is None else torch.empty(t.shape, dtype=t.dtype, device=device)
+                       for name, t in (("qweight", packed.qweight), ("scales", packed.scales),
+                                       ("zeros", packed.zeros))}
+            x = torch.empty(m, k, device=device, dtype=torch.bfloat16)
+        with dispatch.inline_kernels(inline), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph, _ = aot_export_module(Linear(scheme_name, tensors), (x,), trace_joint=False)
+        nodes = []
+        for node in graph.graph.nodes:
+            if node.op != "call_function" or node.target.__name__ == "getitem":
+                continue
+            if "triton_kernel_wrapper" not in str(node.target):
+                nodes.append(str(node.target))
+                continue
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            config = kernel.configs[0] if hasattr(kernel, "configs") else None
+            args = {key: value for key, value in node.kwargs["kwargs"].items() if isinstance(value, (int, bool))}
+            nodes.append({"kernel": kernel.fn.__name__, "grid": [list(g) for g in node.kwargs["grid"]],
+                          "num_warps": getattr(config, "num_warps", None),
+                          "num_stages": getattr(config, "num_stages", None), "args": args})
+        return {"nodes": nodes, "warnings": [str(w.message) for w in caught if "qcompile" in str(w.message)]}
+
+
+    def cache(key_args, config):
+        autotune.STORE.put(int4.tune_key(*key_args), config)
+
+
+    out = {}
+    out["gemv"] = trace("int4-g128", 1, 256, 512)
+    out["gemm"] = trace("int4-g128", 64, 256, 512)
+    out["w8a16"] = trace("int8", 8, 256, 512)
+    out["w8a8"] = trace("w8a8", 4, 256, 512)
+    out["off"] = trace("int4-g128", 1, 256, 512, inline=False)
+    out["cpu"] = trace("int4-g128", 1, 256, 512, device="cpu")
+    torch._functorch.config.decompose_custom_triton_ops = False  # what torch.export sets
+    out["export"] = trace("int4-g128", 1, 256, 512)
+    torch._functorch.config.decompose_custom_triton_ops = True
+    tuned = autotune.KernelConfig(1, 64, 64, split_k=2, num_warps=2, num_stages=2, words=1)
+    cache(("gemv", 1, 384, 512, 128, torch.device("cuda"), False, True), tuned)
+    out["cached"] = trace("int4-g128", 1, 384, 512)
+    out["defaults"] = {"gemv": int4.default_config("gemv", 1, 128, True).to_dict(),
+                       "gemm": int4.default_config("gemm", 64, 128, True).to_dict()}
+    def broken(self, *tensors):
+        raise RuntimeError("no launch")
+
+    int4.Launch.__call__ = broken  # a row whose tracing fails midway: said once, the op stays whole
+    out["broken"] = trace("int4-g64", 1, 256, 512)
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def traced_graphs(tmp_path_factory):
+    env = dict(os.environ, QCOMPILE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _launches(graph):
+    return [node for node in graph["nodes"] if isinstance(node, dict)]
+
+
+def _ops(graph):
+    return [node for node in graph["nodes"] if isinstance(node, str)]
+
+
+def test_gemv_becomes_its_kernel_launch(traced_graphs):
+    """One row, int4-g128 asymmetric: the word-form GEMV with the default config (128 columns a program, K split 8
+    ways), its split-K workspace zeroed in the graph, and no opaque op left."""
+    graph, default = traced_graphs["gemv"], traced_graphs["defaults"]["gemv"]
+    (launch,) = _launches(graph)
+    assert launch["kernel"] == "int4_gemv_kernel"
+    assert launch["grid"] == [[256 // default["block_n"], default["split_k"], 1]]
+    assert launch["args"]["WORDS"] is True and launch["args"]["SPLIT"] is True
+    assert launch["args"]["BLOCK_N"] == default["block_n"] and launch["args"]["BLOCK_M"] == default["block_m"]
+    assert (launch["num_warps"], launch["num_stages"]) == (default["num_warps"], default["num_stages"])
+    assert _ops(graph).count("aten.zeros.default") == 2
+    assert not any("qcompile" in op for op in _ops(graph))
+
+
+def test_gemm_becomes_tile_sums_and_the_word_dot(traced_graphs):
+    graph, default = traced_graphs["gemm"], traced_graphs["defaults"]["gemm"]
+    sums, dot = _launches(graph)
+    assert (sums["kernel"], dot["kernel"]) == ("tile_sums_kernel", "int4_linear_kernel")
+    assert dot["args"]["WORDS"] and dot["args"]["TILE_SUMS"] and not dot["args"]["SPLIT"]
+    assert (dot["args"]["BLOCK_M"], dot["args"]["BLOCK_N"], dot["args"]["BLOCK_K"]) == (
+        default["block_m"], default["block_n"], default["block_k"])  # fmt: skip
+    assert sums["args"]["WIDTH"] == dot["args"]["BLOCK_K"]
+    assert not any("qcompile" in op for op in _ops(graph))
+
+
+def test_w8a16_and_w8a8_become_their_launches(traced_graphs):
+    assert [launch["kernel"] for launch in _launches(traced_graphs["w8a16"])] == ["w8a16_linear_kernel"]
+    assert _launches(traced_graphs["w8a16"])[0]["args"]["SPLIT"] is True  # M = 8: the split-K path
+    assert [launch["kernel"] for launch in _launches(traced_graphs["w8a8"])] == [
+        "quantize_rows_kernel", "w8a8_linear_kernel"]  # fmt: skip
+
+
+def test_a_tuned_config_is_what_the_graph_launches(traced_graphs):
+    (launch,) = _launches(traced_graphs["cached"])
+    assert launch["grid"] == [[384 // 64, 2, 1]]
+    assert (launch["args"]["BLOCK_N"], launch["args"]["BLOCK_K"], launch["num_warps"], launch["num_stages"]) == (
+        64, 64, 2, 2)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["off", "cpu", "export"])
+def test_the_op_stays_whole(traced_graphs, case):
+    """Inlining off, CPU tensors, and ``torch.export`` (which switches decompositions of custom Triton ops off):
+    the graph keeps one ``qcompile::linear`` call."""
+    graph = traced_graphs[case]
+    assert _launches(graph) == [] and _ops(graph).count("qcompile.linear.default") == 1
+
+
+def test_a_row_that_fails_to_trace_leaves_the_op_and_says_so(traced_graphs):
+    graph = traced_graphs["broken"]
+    assert _launches(graph) == [] and _ops(graph).count("qcompile.linear.default") == 1
+    assert any("could not be inlined" in message for message in graph["warnings"]), graph["warnings"]
+
+
+# -- on a GPU: inductor compiles the inlined kernels -----------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme_name,m", [("int4-g128", 1), ("int4-g128-sym", 64), ("int8", 8), ("w8a8", 64)])
+def test_inductor_inlines_on_gpu(scheme_name, m):
+    from torch._inductor.utils import run_and_get_code
+
+    import qcompile  # noqa: F401 - registers the backend
+
+    k, n = 512, 384
+    model = torch.nn.Sequential(torch.nn.Linear(k, n), torch.nn.GELU()).to(DEVICE, torch.bfloat16)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    options = {"recipe": scheme_name, "inductor": True, "inline_kernels": True}
+    compiled = torch.compile(model, backend="qcompile", options=options)
+    y, code = run_and_get_code(compiled, x)
+    quantized = torch.compile(model, backend="qcompile", options={"recipe": scheme_name})(x)  # the eager op
+    error = ((y.float() - quantized.float()).abs().max() / quantized.float().abs().max()).item()
+    assert error < 2e-2, error
+    source = "\n".join(code)
+    assert "qcompile.linear" not in source and "_kernel" in source

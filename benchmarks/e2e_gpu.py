@@ -39,6 +39,7 @@ import time
 import traceback
 
 import torch
+import torch._functorch.config  # noqa: F401 - torch._functorch.config is read below
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling module, also when loaded by path
 from llama_decoder import LLAMA3_8B, TINY, TINY_CONTEXT, TINY_STEPS, Config, Transformer, build_model  # noqa: E402
@@ -340,6 +341,7 @@ def main(argv=None) -> int:
         os.environ["QCOMPILE_TRITON_TUNE"] = "0"
     if args.inline:
         os.environ["QCOMPILE_INLINE_KERNELS"] = "1"  # read when inductor functionalizes each Block's graph
+        torch._functorch.config.enable_autograd_cache = False  # its key cannot tell inlined graphs from the op's
     say(header(args, device))
     baseline, failed = None, 0
     for scheme in args.schemes:

@@ -53,7 +53,8 @@ fi
 if wants inline; then
     stage "decode, compiled blocks without CUDA graphs: the op vs inlined kernels"
     for inline in "" "--inline"; do
-        timeout "${INLINE_S:-150}" $PY "$REPO/benchmarks/e2e_gpu.py" --compile --no-graphs $inline \
+        TORCHINDUCTOR_AUTOGRAD_CACHE=0 timeout "${INLINE_S:-150}" $PY "$REPO/benchmarks/e2e_gpu.py" --compile \
+            --no-graphs $inline \
             ${INLINE_ARGS:---layers 4 --steps 50} 2>&1 | tee -a "$RESULTS/inline.txt"
     done
 fi

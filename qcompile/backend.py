@@ -15,12 +15,14 @@ default: the ``QCOMPILE_INLINE_KERNELS`` environment variable, else off), ``verb
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
 import weakref
 
 import torch
+import torch._functorch.config  # noqa: F401 - torch._functorch.config is read below
 import torch.fx as fx
 
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z_0-9]*)")
@@ -149,7 +151,11 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
 
         from qcompile.runtime.dispatch import inline_kernels, inlining
 
-        with inline_kernels(bool(options.get("inline_kernels", inlining()))):
+        inline = bool(options.get("inline_kernels", inlining()))
+        # AOTAutograd's cache keys the graph before functionalization: it cannot tell an inlined compile from an
+        # opaque one (nor see the kernels' sources), so it stays out of inlined compiles
+        no_cache = torch._functorch.config.patch(enable_autograd_cache=False) if inline else contextlib.nullcontext()
+        with inline_kernels(inline), no_cache:
             compiled = compile_fx(gm, inputs)
     else:
         compiled = gm.forward

@@ -17,6 +17,7 @@ import warnings
 from typing import Callable
 
 import torch
+import torch._functorch.config  # noqa: F401 - torch._functorch.config is read below
 
 from qcompile.schemes import Scheme, parse_scheme
 
@@ -200,7 +201,10 @@ def inline_kernels(enabled: bool = True):
     """Within this block (or everywhere, with ``QCOMPILE_INLINE_KERNELS=1``) a ``qcompile::linear`` call that
     AOTAutograd functionalizes, as inductor's ``compile_fx`` does, becomes the launches of the row that serves it
     where the row can say them (:attr:`KernelEntry.inline`): inductor then compiles and launches those kernels
-    itself, with no Python dispatch per call. ``torch.export`` keeps the op whole."""
+    itself, with no Python dispatch per call. ``torch.export`` keeps the op whole. AOTAutograd's cache keys a
+    graph as it was before functionalization, so it does not tell an inlined compile from an opaque one: compile
+    with it off (``torch._functorch.config.enable_autograd_cache = False``, as the qcompile backend does while it
+    inlines, or ``TORCHINDUCTOR_AUTOGRAD_CACHE=0``)."""
     previous = _INLINE.enabled
     _INLINE.enabled = enabled
     try:
@@ -218,12 +222,15 @@ def inlining() -> bool:
 def inline_launches(mode, args: tuple, kwargs: dict):
     """The functionalization rule of ``qcompile::linear`` (registered by ``runtime.ops``): the serving row's
     launches traced under ``mode``, or ``NotImplemented`` for the op to stay whole (inlining off, an export,
-    CPU tensors, no row that can inline the call, or a row whose tracing failed, which is said once)."""
-    if not inlining() or not getattr(torch._functorch.config, "decompose_custom_triton_ops", True):
+    CPU tensors, symbolic sizes, no row that can inline the call, or a row whose tracing failed, which is said
+    once)."""
+    if not inlining():
+        return NotImplemented
+    if not getattr(torch._functorch.config, "decompose_custom_triton_ops", True):  # torch.export sets it off
         return NotImplemented
     x, qweight, scales, zeros, bias, scheme = _linear_args(*args, **kwargs)
-    if x.device.type == "cpu":
-        return NotImplemented
+    if x.device.type == "cpu" or not all(isinstance(size, int) for size in x.shape):
+        return NotImplemented  # symbolic sizes: the launch config depends on M, so one graph per M bucket would result
     parsed = parse_scheme(scheme)
     entry, _ = select_kernel(parsed, x, qweight, scales, zeros)
     if entry is None or entry.inline is None:

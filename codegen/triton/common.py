@@ -178,10 +178,14 @@ def tracing() -> bool:
 
 
 def tuning_tensors(tensors: tuple) -> tuple | None:
-    """Real tensors shaped like the traced ``tensors`` to tune on, or ``None`` (see :func:`traced_launches`)."""
+    """Real tensors shaped like the traced ``tensors`` to tune on, made outside the trace, or ``None`` (see
+    :func:`traced_launches`)."""
     state = _TRACE.state
     make = None if state is None else state[0]
-    return None if make is None else make(tensors)
+    if make is None:
+        return None
+    with untraced():
+        return make(tensors)
 
 
 @contextlib.contextmanager
@@ -215,6 +219,15 @@ def word_aligned(tensor: torch.Tensor) -> bool:
     if _TRACE.state is None:
         return tensor.data_ptr() % 4 == 0
     return tensor.storage_offset() * tensor.element_size() % 4 == 0
+
+
+def no_workspace(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The workspace arguments of a launch that does not split K (the kernel never touches them): ``out`` twice, or
+    while tracing two empty tensors, since a traced launch's arguments must not alias the output it writes."""
+    if _TRACE.state is None:
+        return out, out
+    return (torch.empty(0, device=out.device, dtype=torch.float32),
+            torch.empty(0, device=out.device, dtype=torch.int32))  # fmt: skip
 
 
 #: split-K workspaces by (device, stream): (fp32 sums, int32 tile counters), all zeros between launches

@@ -244,7 +244,8 @@ class Launch:
             )  # fmt: skip
             return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
         out = torch.empty((call.m, call.n), device=x2.device, dtype=x2.dtype)
-        work, counts = common.split_workspace(x2.device, call.m * call.n, self.grid[0]) if split_k > 1 else (out, out)
+        work, counts = (common.split_workspace(x2.device, call.m * call.n, self.grid[0]) if split_k > 1
+                        else common.no_workspace(out))  # fmt: skip
         pointers = (x2, qweight, scales, zeros_or, scales if bias is None else bias, out, work, counts)
         sizes = (call.m, call.n, call.k, split_k, x2.stride(0), qweight.shape[1], scales.shape[1], call.n)
         try:

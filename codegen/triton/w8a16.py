@@ -193,7 +193,8 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
 
         def linear(x2, qweight, scales, bias):
             out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-            work, counts = common.split_workspace(x2.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
+            work, counts = (common.split_workspace(x2.device, m * n, grid[0]) if cfg.split_k > 1
+                            else common.no_workspace(out))  # fmt: skip
             try:
                 common.kernel(w8a16_linear_kernel)[grid](
                     x2, qweight, scales, scales if bias is None else bias, out, work, counts,

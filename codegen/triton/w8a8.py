@@ -200,7 +200,8 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
 
         def linear(x_q, x_scale, qweight, scales, bias, dtype):
             out = torch.empty((m, n), device=x_q.device, dtype=dtype)
-            work, counts = common.split_workspace(x_q.device, m * n, grid[0]) if cfg.split_k > 1 else (out, out)
+            work, counts = (common.split_workspace(x_q.device, m * n, grid[0]) if cfg.split_k > 1
+                            else common.no_workspace(out))  # fmt: skip
             try:
                 common.kernel(w8a8_linear_kernel)[grid](
                     x_q, x_scale, qweight, scales, scales if bias is None else bias, out, work, counts,

@@ -20,6 +20,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -116,8 +117,23 @@ def test_traced_choice(monkeypatch):
         with common.traced_launches(lambda tensors: (real,)):
             bound("c")(None, traced)
         assert searches == ["b"] and launches[-1] == (cached, True, (traced,))
+        monkeypatch.setenv("QCOMPILE_TRITON_TUNE", "0")
+        with common.traced_launches(lambda tensors: (real,)):
+            bound("d")(None, traced)
+        assert searches == ["b"] and launches[-1] == (default, True, (traced,))
+        monkeypatch.delenv("QCOMPILE_TRITON_TUNE")
+
+        def traced_call(x):  # under a real tracer: the tuning tensors and launch stay out of the graph
+            with common.traced_launches(traceable.real_like):
+                bound("e")(None, x)
+            return x
+
+        graph = make_fx(traced_call, tracing_mode="fake")(torch.zeros(3, 2))
+        assert searches == ["b", "e"] and [n.op for n in graph.graph.nodes] == ["placeholder", "output"]
+        config, was_tracing, (tuned_on,) = launches[-2]
+        assert (config, was_tracing, type(tuned_on), tuned_on.shape) == (tuned, False, torch.Tensor, (3, 2))
     finally:
-        for key in "abc":
+        for key in "abcde":
             autotune._CHOICES.pop(("test-traced-choice", key), None)
 
 
@@ -129,7 +145,9 @@ TRACE_SCRIPT = textwrap.dedent(
     import torch
     from torch._functorch.aot_autograd import aot_export_module
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from qcompile.codegen.triton import autotune, common, int4, traceable
     from qcompile.runtime import dispatch
     from qcompile.schemes import parse_scheme
@@ -150,17 +168,24 @@ TRACE_SCRIPT = textwrap.dedent(
             return (torch.ops.qcompile.linear(x, self.qweight, self.scales, self.zeros, None, self.scheme),)
 
 
-    def trace(scheme_name, m, n, k, device="cuda", inline=True):
+    def trace(scheme_name, m, n, k, device="cuda", inline=True, symbolic=False, export=False):
         scheme = parse_scheme(scheme_name)
         packed = scheme.pack(scheme.quantize(torch.randn(n, k)))
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        shape_env = ShapeEnv() if symbolic else None
+        with FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env):
             tensors = {name: None if t is None else torch.empty(t.shape, dtype=t.dtype, device=device)
                        for name, t in (("qweight", packed.qweight), ("scales", packed.scales),
                                        ("zeros", packed.zeros))}
+            if symbolic:  # M a symbol, as under torch.compile(dynamic=True)
+                source = ConstantSource("m")
+                m = shape_env.create_symintnode(shape_env.create_symbol(m, source=source), hint=m, source=source)
             x = torch.empty(m, k, device=device, dtype=torch.bfloat16)
         with dispatch.inline_kernels(inline), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            graph, _ = aot_export_module(Linear(scheme_name, tensors), (x,), trace_joint=False)
+            if export:
+                graph = torch.export.export(Linear(scheme_name, tensors), (x,)).run_decompositions({}).graph_module
+            else:
+                graph, _ = aot_export_module(Linear(scheme_name, tensors), (x,), trace_joint=False)
         nodes = []
         for node in graph.graph.nodes:
             if node.op != "call_function" or node.target.__name__ == "getitem":
@@ -171,7 +196,11 @@ TRACE_SCRIPT = textwrap.dedent(
             kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
             config = kernel.configs[0] if hasattr(kernel, "configs") else None
             args = {key: value for key, value in node.kwargs["kwargs"].items() if isinstance(value, (int, bool))}
+            out_node = node.kwargs["kwargs"].get("out_ptr")
+            aliases = sorted(key for key, value in node.kwargs["kwargs"].items()
+                             if value is out_node and key != "out_ptr")
             nodes.append({"kernel": kernel.fn.__name__, "grid": [list(g) for g in node.kwargs["grid"]],
+                          "aliases_of_out": aliases,
                           "num_warps": getattr(config, "num_warps", None),
                           "num_stages": getattr(config, "num_stages", None), "args": args})
         return {"nodes": nodes, "warnings": [str(w.message) for w in caught if "qcompile" in str(w.message)]}
@@ -188,8 +217,10 @@ TRACE_SCRIPT = textwrap.dedent(
     out["w8a8"] = trace("w8a8", 4, 256, 512)
     out["off"] = trace("int4-g128", 1, 256, 512, inline=False)
     out["cpu"] = trace("int4-g128", 1, 256, 512, device="cpu")
-    torch._functorch.config.decompose_custom_triton_ops = False  # what torch.export sets
-    out["export"] = trace("int4-g128", 1, 256, 512)
+    out["export"] = trace("int4-g128", 1, 256, 512, export=True)
+    out["dynamic"] = trace("int4-g128", 2, 256, 512, symbolic=True)
+    torch._functorch.config.decompose_custom_triton_ops = False  # what torch.export sets while it traces
+    out["no-decompositions"] = trace("int4-g128", 1, 256, 512)
     torch._functorch.config.decompose_custom_triton_ops = True
     tuned = autotune.KernelConfig(1, 64, 64, split_k=2, num_warps=2, num_stages=2, words=1)
     cache(("gemv", 1, 384, 512, 128, torch.device("cuda"), False, True), tuned)
@@ -262,9 +293,18 @@ def test_a_tuned_config_is_what_the_graph_launches(traced_graphs):
         64, 64, 2, 2)  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["off", "cpu", "export"])
+def test_no_launch_argument_aliases_the_output(traced_graphs):
+    """Functionalization clones every argument a launch may write; an argument that aliases the output (the unused
+    workspace of an unsplit launch, in eager calls) could have its clone taken for the result."""
+    for case in ("gemv", "gemm", "w8a16", "w8a8", "cached"):
+        for launch in _launches(traced_graphs[case]):
+            assert launch["aliases_of_out"] == [], (case, launch["kernel"], launch["aliases_of_out"])
+
+
+@pytest.mark.parametrize("case", ["off", "cpu", "export", "dynamic", "no-decompositions"])
 def test_the_op_stays_whole(traced_graphs, case):
-    """Inlining off, CPU tensors, and ``torch.export`` (which switches decompositions of custom Triton ops off):
+    """Inlining off, CPU tensors, ``torch.export`` (and its ``run_decompositions``), a symbolic M (one graph for all
+    M, not one per bucket), and the setting with which torch.export switches decompositions of custom Triton ops off:
     the graph keeps one ``qcompile::linear`` call."""
     graph = traced_graphs[case]
     assert _launches(graph) == [] and _ops(graph).count("qcompile.linear.default") == 1
@@ -295,4 +335,6 @@ def test_inductor_inlines_on_gpu(scheme_name, m):
     error = ((y.float() - quantized.float()).abs().max() / quantized.float().abs().max()).item()
     assert error < 2e-2, error
     source = "\n".join(code)
-    assert "qcompile.linear" not in source and "_kernel" in source
+    kernel = {"int4-g128": "int4_gemv_kernel", "int4-g128-sym": "int4_linear_kernel", "int8": "w8a16_linear_kernel",
+              "w8a8": "w8a8_linear_kernel"}[scheme_name]  # fmt: skip
+    assert "qcompile.linear" not in source and kernel in source

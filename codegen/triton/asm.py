@@ -4,7 +4,7 @@ Triton's NVIDIA backend (``ptxas`` and ``cuobjdump`` ship with the wheel) compil
 a GPU. :func:`record` captures the launches a launcher makes (grid, arguments, constexprs) without running them;
 :func:`compile_launch` compiles one the way the JIT would on that target (pointer and integer specialization
 included); :func:`code_stats` reads the result: global load widths, registers, spills and the instructions of
-the hottest loop. ``python -m qcompile.codegen.triton.asm`` prints them per kernel form;
+the main loop. ``python -m qcompile.codegen.triton.asm`` prints them per kernel form;
 ``tests/codegen/test_kernel_asm.py`` pins the properties that decide memory-bound speed (16-byte weight loads, no
 spills, instruction budgets).
 """
@@ -107,14 +107,14 @@ def compile_launch(launch: Launch, capability: int = DEFAULT_CAPABILITY):
 
 @dataclasses.dataclass
 class CodeStats:
-    """What one compiled kernel does: PTX global loads by width, registers, spills, shared memory, its hottest loop
+    """What one compiled kernel does: PTX global loads by width, registers, spills, shared memory, its main loop
     in SASS."""
 
     loads: Counter  # PTX ``ld.global`` variants, e.g. ``{"ld.global.v4.b32": 2}``
     registers: int
     spills: int  # bytes of local memory per thread
     shared: int  # bytes of shared memory per block (sm_89 cards have 99 KB, A100 163 KB, H100/H200 227 KB)
-    loop_instructions: int  # SASS instructions in the innermost loop with the most (0 without a loop)
+    loop_instructions: int  # SASS instructions in the main loop (see _main_loop; 0 without a loop)
     loop_opcodes: Counter
 
     def widest_loads(self) -> int:
@@ -137,24 +137,27 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
         return subprocess.run([tool, flag, file.name], check=True, capture_output=True, text=True).stdout
 
 
-def _hottest_loop(sass: str) -> list[str]:
-    """Opcodes of the innermost backward-branch loop with the most instructions."""
+def _main_loop(sass: str) -> list[str]:
+    """Opcodes of the main loop: the first in the code of the backward-branch loops with at least a quarter of the
+    largest one's instructions. A kernel's K loop comes before its epilogue's loops (the asymmetric word-form GEMM's
+    zero-term dots, which run once per 32 K tiles and may be longer) and tiny spin loops do not count."""
     code = [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    best: list[str] = []
+    loops: list[tuple[int, list[str]]] = []
     for address, text in code:
         branch = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if not branch or int(branch.group(1), 16) >= address:
             continue
         body = [t for a, t in code if int(branch.group(1), 16) <= a <= address]
-        ops = [t.split()[1] if t.startswith("@") else t.split()[0] for t in body]
-        if len(ops) > len(best):
-            best = ops
-    return best
+        loops.append((int(branch.group(1), 16), [t.split()[1] if t.startswith("@") else t.split()[0] for t in body]))
+    if not loops:
+        return []
+    longest = max(len(ops) for _, ops in loops)
+    return min((start, ops) for start, ops in loops if 4 * len(ops) >= longest)[1]
 
 
 def code_stats(compiled) -> CodeStats:
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
-    loop = _hottest_loop(_cuobjdump(cubin, "-sass"))
+    loop = _main_loop(_cuobjdump(cubin, "-sass"))
     usage = dict(re.findall(r"\b(REG|LOCAL):(\d+)", _cuobjdump(cubin, "-res-usage")))
     return CodeStats(
         loads=Counter(re.findall(r"\bld\.global[.\w]*", ptx)),
@@ -278,7 +281,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"# sm_{args.capability}, triton {triton.__version__}: loop = SASS instructions of the hottest loop, "
+    print(f"# sm_{args.capability}, triton {triton.__version__}: loop = SASS instructions of the main loop, "
           "per byte = per packed weight byte one thread loads in it")  # fmt: skip
     print(f"| case | kernel | widest load (B) | regs | spills | shared (KB) | loop | per byte |\n|{'---|' * 8}")
     for row in rows:

@@ -33,7 +33,7 @@ from qcompile.codegen.triton.int4_kernels import (
 from qcompile.schemes import IntWeightOnly, as_scheme
 
 #: the tuning key's kernel name, with the kernels' revision: configs tuned for earlier kernels are not reused
-KERNEL_NAME = "int4v3"
+KERNEL_NAME = "int4v4"
 
 
 # -- autotune key -------------------------------------------------------------------------------------------------

@@ -107,10 +107,12 @@ def int4_linear_kernel(
     ``acc += (codes @ x.T - zero * sum(x)) * scale``. Products and sums are then exact fp32 where the dequantized
     form rounds every weight to the activation dtype. The activation sums of asymmetric tiles come from ``sums``
     ``[cdiv(K, BLOCK_K), M]`` fp32 (:func:`tile_sums_kernel`) when ``TILE_SUMS``: summed in the tile, they cost more
-    than the dequantization saved past 16 rows. ``PLANES`` (with ``WORDS``, ``BLOCK_K >= 64``): one dot per plane
-    of nibble pairs (:func:`code_pairs`, columns ``8j + i`` and ``8j + i + 4``) against the activation columns
-    gathered to match, instead of one dot over the codes put back in column order: the codes go to the tensor cores
-    without a trip through shared memory, the activations come through 2-byte loads. The one-to-four-row GEMV is
+    than the dequantization saved past 16 rows; the zero terms are then subtracted after the loop, in a few dots over
+    the K tiles (:func:`minus_zero_terms`), not with an FMA per output element in every tile. ``PLANES`` (with
+    ``WORDS``, ``BLOCK_K >= 64``): one dot per plane of nibble pairs (:func:`code_pairs`, columns ``8j + i`` and
+    ``8j + i + 4``) against the activation columns gathered to match, instead of one dot over the codes put back in
+    column order: the codes go to the tensor cores without a trip through shared memory, the activations come
+    through 2-byte loads. The one-to-four-row GEMV is
     :func:`int4_gemv_kernel`.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -156,13 +158,9 @@ def int4_linear_kernel(
             part = tl.dot(codes.to(DOT_DTYPE), x_t.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             meta = offs_n * stride_sn + k0 // GROUP_SIZE
             scale = tl.load(scales_ptr + meta, mask=mask_n, other=0.0)[:, None]
-            if not SYMMETRIC:
+            if not SYMMETRIC and not TILE_SUMS:  # with TILE_SUMS the zero terms come after the loop, in dots
                 zero = tl.load(zeros_ptr + meta, mask=mask_n, other=0.0)[:, None]
-                if TILE_SUMS:
-                    x_sum = tl.load(sums_ptr + (k0 // BLOCK_K) * M + offs_m, mask=mask_m, other=0.0)
-                else:
-                    x_sum = tl.sum(x_t.to(tl.float32), axis=0)
-                part -= zero * x_sum[None, :]
+                part -= zero * tl.sum(x_t.to(tl.float32), axis=0)[None, :]
             acc += part * scale
         else:
             k_even = k0 + 2 * offs_h
@@ -176,9 +174,38 @@ def int4_linear_kernel(
             high = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
             weight = tl.reshape(tl.join(low.to(DOT_DTYPE), high.to(DOT_DTYPE)), (BLOCK_N, BLOCK_K))
             acc = tl.dot(weight, x_t.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+    if WORDS and TILE_SUMS:
+        acc = minus_zero_terms(acc, scales_ptr, zeros_ptr, sums_ptr, offs_n, mask_n, offs_m, mask_m, M, stride_sn,
+                               k_begin, k_end, BLOCK_K, GROUP_SIZE)  # fmt: skip
     acc = tl.trans(acc)
     acc += load_bias(bias_ptr, offs_n, N, HAS_BIAS, BLOCK_N)
     store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, work_ptr, count_ptr, SPLIT_K, SPLIT)
+
+
+#: K tiles whose zero terms one dot of :func:`minus_zero_terms` takes (a dot's inner size is at least 16)
+ZERO_TILES = tl.constexpr(32)
+
+
+@triton.jit
+def minus_zero_terms(acc, scales_ptr, zeros_ptr, sums_ptr, offs_n, mask_n, offs_m, mask_m, M, stride_sn, k_begin,
+                     k_end, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr):  # fmt: skip
+    """``acc [BLOCK_N, BLOCK_M]`` minus the asymmetric word-form dot's zero terms over the K tiles ``t`` of
+    ``[k_begin, k_end)``: ``sum_t zero[n, t] * scale[n, t] * x_sum[t, m]``, as dots of ``ZERO_TILES`` tiles at a
+    time (``tf32x3``: three tensor-core passes that keep fp32's precision) instead of one FMA per output element in
+    every K tile. ``x_sum`` is the ``[cdiv(K, BLOCK_K), M]`` output of :func:`tile_sums_kernel`; ``BLOCK_K`` divides
+    the group, so tile ``t`` has the scale and zero of group ``t * BLOCK_K // GROUP_SIZE``."""
+    offs_t = tl.arange(0, ZERO_TILES)
+    t_end = tl.cdiv(k_end, BLOCK_K)
+    for t0 in range(k_begin // BLOCK_K, t_end, ZERO_TILES):
+        ts = t0 + offs_t
+        mask_t = ts < t_end
+        meta = offs_n[:, None] * stride_sn + (ts * BLOCK_K // GROUP_SIZE)[None, :]
+        mask_w = mask_n[:, None] & mask_t[None, :]
+        shift = tl.load(zeros_ptr + meta, mask=mask_w, other=0.0) * tl.load(scales_ptr + meta, mask=mask_w, other=0.0)
+        mask_s = mask_t[:, None] & mask_m[None, :]
+        x_sum = tl.load(sums_ptr + ts[:, None] * M + offs_m[None, :], mask=mask_s, other=0.0)
+        acc = tl.dot(-shift, x_sum, acc, input_precision="tf32x3")
+    return acc
 
 
 @triton.jit

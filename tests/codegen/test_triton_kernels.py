@@ -191,6 +191,7 @@ def test_int4_gemv_words_activation_range(scheme_name, scale):
         ("int4-g32", "splitk", 5, 90, 32),  # ragged K: the last word is half padding, the last tile masked
         ("int4-g64-sym", "gemm", 17, 90, 64),  # two row tiles
         ("int4-g32", "gemm", 33, 90, 32),  # 32-row tiles: the activations' group sums come from their own launch
+        ("int4-g32", "gemm", 33, 1100, 32),  # 35 K tiles: zero terms subtracted in two dots (split: from mid-range)
         ("int4", "gemm", 33, 256, 128),  # per channel: one 256-column group, two K tiles
         ("int4", "splitk", 5, 256, 64),  # per channel, tiles summing their own activations
         ("int4-g128", "gemv", 3, 300, 128),  # one to four rows on tensor cores

@@ -366,10 +366,25 @@ class BoundLaunches:
 
     def __call__(self, variant, *tensors) -> torch.Tensor:
         config = self.config or _CHOICES.get(self.memo)  # the lookup first: no closure on the hot path
-        if config is None:
-            config = self._traced_choice(variant, tensors) if tracing() else self._choice(variant, tensors)
+        if tracing():
+            config = self._traced_config(config, variant, tensors)
+        elif config is None:
+            config = self._choice(variant, tensors)
         _LAST["config"] = config
         return self.run(config, variant, tensors)
+
+    def _traced_config(self, config: KernelConfig | None, variant, tensors: tuple) -> KernelConfig:
+        """While tracing (``common.traced_launches``): the config (:meth:`_traced_choice` when none is known), after
+        one real launch on tensors shaped like the traced ones where it has not run yet (on a GPU, where the tracer
+        makes them): a launch that needs more shared memory than the device has steps its stages down then
+        (``common.fewer_stages``), before the graph records it."""
+        config = config or self._traced_choice(variant, tensors)
+        if (config, variant) not in self.launches and self.device.type == "cuda" and not interpreting():
+            real = tuning_tensors(tensors)
+            if real is not None:
+                with untraced():
+                    self.run(config, variant, real)
+        return config
 
     def _choice(self, variant, tensors: tuple) -> KernelConfig:
         return memoized_choice(

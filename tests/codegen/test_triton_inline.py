@@ -112,15 +112,16 @@ def test_traced_choice(monkeypatch):
         with common.traced_launches(lambda tensors: (real,)):
             bound("b")(None, traced)
         assert searches == ["b"] and launches[-2] == (tuned, False, (real,))  # the search ran on real tensors
-        assert launches[-1] == (tuned, True, (traced,))
+        assert launches[-1] == (tuned, True, (traced,)) and len(launches) == 3  # no second real launch of the winner
         store.put("c", cached)
         with common.traced_launches(lambda tensors: (real,)):
             bound("c")(None, traced)
         assert searches == ["b"] and launches[-1] == (cached, True, (traced,))
+        assert launches[-2] == (cached, False, (real,))  # a config no search ran is launched once for real first
         monkeypatch.setenv("QCOMPILE_TRITON_TUNE", "0")
         with common.traced_launches(lambda tensors: (real,)):
             bound("d")(None, traced)
-        assert searches == ["b"] and launches[-1] == (default, True, (traced,))
+        assert searches == ["b"] and launches[-2:] == [(default, False, (real,)), (default, True, (traced,))]
         monkeypatch.delenv("QCOMPILE_TRITON_TUNE")
 
         def traced_call(x):  # under a real tracer: the tuning tensors and launch stay out of the graph

@@ -34,9 +34,9 @@ class KernelEntry:
     ``bind(scheme, x, qweight, scales, zeros, bias) -> launch`` (optional) returns a launcher specialized to
     one call signature, ``launch(x, qweight, scales, zeros, bias) -> Tensor``: per-shape constants are worked
     out once, so a decode step pays only for the kernel call.
-    ``inline(scheme, x, qweight, scales, zeros, bias) -> Tensor`` (optional) computes the call out of operations
-    a graph tracer records, kernel launches included (``torch.library.wrap_triton``), so that inductor compiles
-    them in place of one opaque op (:func:`inline_launches`).
+    ``inline(launch, x, qweight, scales, zeros, bias) -> Tensor`` (optional) runs this row's ``launch`` (from
+    ``bind``) so that a graph tracer records what it does, kernel launches included (``torch.library.wrap_triton``):
+    inductor then compiles them in place of one opaque op (:func:`inline_launches`).
     """
 
     name: str
@@ -231,15 +231,18 @@ def inline_launches(mode, args: tuple, kwargs: dict):
     x, qweight, scales, zeros, bias, scheme = _linear_args(*args, **kwargs)
     if x.device.type == "cpu" or not all(isinstance(size, int) for size in x.shape):
         return NotImplemented  # symbolic sizes: the launch config depends on M, so one graph per M bucket would result
-    parsed = parse_scheme(scheme)
-    entry, _ = select_kernel(parsed, x, qweight, scales, zeros)
-    if entry is None or entry.inline is None:
-        return NotImplemented
+    entry = None
     try:
         with mode:
-            return entry.inline(parsed, x, qweight, scales, zeros, bias)
+            # the launcher eager calls of this signature use: its configs and launches (and any stage count lowered
+            # to fit the device's shared memory) serve every trace of the signature too
+            entry, launch = _choose(scheme, x, qweight, scales, zeros, bias)
+            if entry is None or entry.inline is None:
+                return NotImplemented
+            return entry.inline(launch, x, qweight, scales, zeros, bias)
     except Exception as error:  # noqa: BLE001 - the whole op still serves the call
-        message = f"qcompile: {entry.name} could not be inlined for {parsed.name} ({error}); the call stays one op"
+        row = "the kernel choice" if entry is None else entry.name
+        message = f"qcompile: {row} could not be inlined for {scheme} ({error}); the call stays one op"
         if message not in _INLINE_WARNED:
             _INLINE_WARNED.add(message)
             warnings.warn(message)

@@ -138,21 +138,19 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
 
 
 def _main_loop(sass: str) -> list[str]:
-    """Opcodes of the main loop: the first in the code of the backward-branch loops with at least a quarter of the
-    largest one's instructions. A kernel's K loop comes before its epilogue's loops (the asymmetric word-form GEMM's
-    zero-term dots, which run once per 32 K tiles and may be longer) and tiny spin loops do not count."""
+    """Opcodes of the main loop: the innermost backward-branch loop with the most instructions, leaving out loops of
+    TF32 tensor-core instructions (the asymmetric word-form GEMM's zero-term dots after the K loop, which run once
+    per 32 K tiles and may be longer than it)."""
     code = [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    loops: list[tuple[int, list[str]]] = []
+    loops: list[list[str]] = []
     for address, text in code:
         branch = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if not branch or int(branch.group(1), 16) >= address:
             continue
         body = [t for a, t in code if int(branch.group(1), 16) <= a <= address]
-        loops.append((int(branch.group(1), 16), [t.split()[1] if t.startswith("@") else t.split()[0] for t in body]))
-    if not loops:
-        return []
-    longest = max(len(ops) for _, ops in loops)
-    return min((start, ops) for start, ops in loops if 4 * len(ops) >= longest)[1]
+        loops.append([t.split()[1] if t.startswith("@") else t.split()[0] for t in body])
+    main = [ops for ops in loops if not any("MMA" in op and "TF32" in op for op in ops)] or loops
+    return max(main, key=len, default=[])
 
 
 def code_stats(compiled) -> CodeStats:

@@ -159,10 +159,15 @@ def aligned_block_k(block_k: int, group_size: int, use_dot: bool) -> tuple[int, 
 
 
 # -- launcher -----------------------------------------------------------------------------------------------------
+def words_shape(qweight: torch.Tensor, group_size: int) -> bool:
+    """Whether packed rows of this shape can be read as int32 words: 8 nibbles per word, groups of whole words (the
+    first element's alignment, :func:`common.word_aligned`, is checked per call)."""
+    return qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0 and group_size % 8 == 0
+
+
 def words_supported(qweight: torch.Tensor, group_size: int) -> bool:
-    """Whether the packed rows can be read as int32 words: 8 nibbles per word, groups of whole words, aligned."""
-    return (qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0 and common.word_aligned(qweight)
-            and group_size % 8 == 0)  # fmt: skip
+    """Whether the packed rows can be read as int32 words: :func:`words_shape`, and aligned."""
+    return words_shape(qweight, group_size) and common.word_aligned(qweight)
 
 
 #: asymmetric word-form dots with row tiles above this read the activations' tile sums from a separate launch
@@ -273,8 +278,8 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
     path = path or common.path_for_m(m)
     call = Call(path, m, n, k, scheme.group_size_for(k), x.dtype, zeros is None, bias is not None)
     device = x.device
-    words_shape = words_supported(qweight.contiguous(), call.group_size)  # the part that depends on shapes alone
-    dot_words = words_shape and code_dtype(x.dtype) is not None
+    shape_ok = words_shape(qweight.contiguous(), call.group_size)  # the part that depends on shapes alone
+    dot_words = shape_ok and code_dtype(x.dtype) is not None
     bound = autotune.BoundLaunches(
         (KERNEL_NAME, path, common.m_bucket(m), n, k, call.group_size, call.symmetric, dot_words, device),
         lambda: tune_key(path, m, n, k, call.group_size, device, call.symmetric, dot_words),
@@ -287,7 +292,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
         x2 = common.as_rows(x)
         qweight, scales = qweight.contiguous(), scales.contiguous()
         zeros = None if zeros is None else zeros.contiguous()
-        out = bound(words_shape and common.word_aligned(qweight), x2, qweight, scales, zeros, bias)
+        out = bound(shape_ok and common.word_aligned(qweight), x2, qweight, scales, zeros, bias)
         return common.as_input_shape(out, x)
 
     return run

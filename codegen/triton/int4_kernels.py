@@ -174,7 +174,7 @@ def int4_linear_kernel(
             high = bits_as_float((packed >> 4) & 0xF, 0.0) * scale - shift
             weight = tl.reshape(tl.join(low.to(DOT_DTYPE), high.to(DOT_DTYPE)), (BLOCK_N, BLOCK_K))
             acc = tl.dot(weight, x_t.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-    if WORDS and TILE_SUMS:
+    if WORDS and TILE_SUMS and not PLANES:  # the plane form subtracts its zero terms in the loop
         acc = minus_zero_terms(acc, scales_ptr, zeros_ptr, sums_ptr, offs_n, mask_n, offs_m, mask_m, M, stride_sn,
                                k_begin, k_end, BLOCK_K, GROUP_SIZE)  # fmt: skip
     acc = tl.trans(acc)

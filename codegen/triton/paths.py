@@ -130,7 +130,7 @@ def kernel_entries() -> list[KernelEntry]:
             run=row.run,
             priority=PRIORITY,
             bind=None if row.binder is None else row.bind,
-            inline=None if row.binder is None else functools.partial(traceable.inline, row),
+            inline=None if row.binder is None else traceable.inline,
         )
         for row in PATHS
     ]

@@ -1,11 +1,12 @@
 """The Triton rows' launches as a graph tracer records them: their ``inline`` (``dispatch.inline_kernels``).
 
 When AOTAutograd functionalizes a ``qcompile::linear`` call on a CUDA tensor with inlining on, the serving row's
-bound launcher runs under ``common.traced_launches``: every kernel call becomes a ``triton_kernel_wrapper`` node
-(``torch.library.wrap_triton``), the output and split-K workspaces become allocations in the graph, and the launch
-config is the tuned one. A key with no tuned config is tuned then, on real tensors shaped like the traced ones
-(:func:`real_like`); with symbolic sizes it gets the default config. Inductor then compiles the kernels with the
-rest of the graph and launches them from its own wrapper code.
+bound launcher (the one eager calls of that signature use) runs under ``common.traced_launches``: every kernel call
+becomes a ``triton_kernel_wrapper`` node (``torch.library.wrap_triton``), the output and split-K workspaces become
+allocations in the graph, and the launch config is the tuned one. A key with no tuned config is tuned then, on real
+tensors shaped like the traced ones (:func:`real_like`), and a config no search ran is launched once on such tensors
+(so that one needing more shared memory than the device has steps its stages down first). Inductor then compiles
+the kernels with the rest of the graph and launches them from its own wrapper code.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from qcompile.codegen.triton import common
 TUNING_MAGNITUDE = 0.01
 
 
-def inline(row, scheme, x, qweight, scales, zeros, bias) -> torch.Tensor:
-    """``row``'s launches for this call, recorded by the tracer whose mode is active (see module docstring)."""
+def inline(launch, x, qweight, scales, zeros, bias) -> torch.Tensor:
+    """The launches of a row's bound ``launch`` for this call, recorded by the tracer whose mode is active (see
+    module docstring)."""
     with common.traced_launches(real_like):
-        return row.bind(scheme, x, qweight, scales, zeros, bias)(x, qweight, scales, zeros, bias)
+        return launch(x, qweight, scales, zeros, bias)
 
 
 def real_like(tensors: tuple) -> tuple | None:

@@ -155,7 +155,8 @@ TRACE_SCRIPT = textwrap.dedent(
 
     common.device_capability = lambda device: (9, 0)  # no GPU here: the facts of an H100
     autotune.device_name = common.device_name = lambda device: "traced-h100"
-    traceable.real_like = lambda tensors: None  # nothing to tune on: the default config unless one is cached
+    asked = []  # calls for real tensors (to tune on, or to launch an untried config once); none here: no GPU
+    traceable.real_like = lambda tensors: asked.append(len(tensors))  # None: the default config unless one is cached
 
 
     class Linear(torch.nn.Module):
@@ -213,6 +214,13 @@ TRACE_SCRIPT = textwrap.dedent(
 
     out = {}
     out["gemv"] = trace("int4-g128", 1, 256, 512)
+    os.environ["QCOMPILE_TRITON_TUNE"] = "0"  # no search: what asks for real tensors is an untried config's launch
+    before = len(asked)
+    out["probed"] = trace("int4-g128", 1, 320, 512)
+    out["asked"] = len(asked) - before
+    out["probed-again"] = trace("int4-g128", 1, 320, 512)  # the signature's launcher and launches are reused
+    out["asked-again"] = len(asked) - before - out["asked"]
+    del os.environ["QCOMPILE_TRITON_TUNE"]
     out["gemm"] = trace("int4-g128", 64, 256, 512)
     out["w8a16"] = trace("int8", 8, 256, 512)
     out["w8a8"] = trace("w8a8", 4, 256, 512)
@@ -267,6 +275,13 @@ def test_gemv_becomes_its_kernel_launch(traced_graphs):
     assert (launch["num_warps"], launch["num_stages"]) == (default["num_warps"], default["num_stages"])
     assert _ops(graph).count("aten.zeros.default") == 2
     assert not any("qcompile" in op for op in _ops(graph))
+
+
+def test_a_signature_traced_again_reuses_its_launches(traced_graphs):
+    """The second trace of a call signature runs the launcher and launches eager calls of it share: the same
+    graph, and no new request for real tensors (which on a GPU would tune, or launch an untried config once)."""
+    assert traced_graphs["asked"] == 1 and traced_graphs["asked-again"] == 0
+    assert traced_graphs["probed-again"] == traced_graphs["probed"] and _launches(traced_graphs["probed"])
 
 
 def test_gemm_becomes_tile_sums_and_the_word_dot(traced_graphs):

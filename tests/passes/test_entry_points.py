@@ -236,3 +236,21 @@ def test_quantized_linear_refuses_a_width_hidden_by_padding():
     layer = qcompile.quantize(torch.nn.Sequential(torch.nn.Linear(100, 8)), "int4-g128", progress_bar=False)[0]
     with pytest.raises(ValueError, match="input has 128 features, expected 100"):
         layer(torch.randn(2, 128))  # 128 = K padded to a whole group: the packed shapes alone would accept it
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_torch_compile_backend_through_inductor(llama, ids, inline):
+    """``options={"inductor": True}``: the lowered graph compiled by inductor (on CPU the op stays one extern call;
+    ``inline_kernels`` inlines CUDA calls only) matches the eager quantized model, and the AOTAutograd cache setting
+    the backend turns off while it inlines is restored."""
+    import torch._functorch.config
+
+    torch._dynamo.reset()
+    cache = torch._functorch.config.enable_autograd_cache
+    options = {"recipe": "int8", "inductor": True, "inline_kernels": inline}
+    compiled = torch.compile(copy.deepcopy(llama), backend="qcompile", options=options)
+    eager = qcompile.quantize(copy.deepcopy(llama), "int8", progress_bar=False)
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(compiled(input_ids=ids[0])), eager(input_ids=ids[0]).logits, rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
+    assert torch._functorch.config.enable_autograd_cache == cache

@@ -13,6 +13,7 @@ formula for the activation (and bias), so adapters can train over a frozen quant
 from __future__ import annotations
 
 import torch
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from qcompile.runtime import dispatch
 from qcompile.schemes import parse_scheme
@@ -89,6 +90,7 @@ def _autograd(keyset, x, qweight, scales, zeros, bias, scheme):
 
 
 _lib.impl("linear", _autograd, "Autograd", with_keyset=True)
+_lib.impl("_linear_train", lambda *args: _LinearFunction.apply(*args), "Autograd")
 
 
 def _functionalize(mode, op, types, args, kwargs):
@@ -98,11 +100,4 @@ def _functionalize(mode, op, types, args, kwargs):
     return mode.__torch_dispatch__(op, types, args, kwargs) if out is NotImplemented else out
 
 
-def _register_functionalize_rule() -> None:
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    torch.library.register_torch_dispatch("qcompile::linear", FunctionalTensorMode, _functionalize, lib=_lib)
-
-
-_register_functionalize_rule()
-_lib.impl("_linear_train", lambda *args: _LinearFunction.apply(*args), "Autograd")
+torch.library.register_torch_dispatch("qcompile::linear", FunctionalTensorMode, _functionalize, lib=_lib)

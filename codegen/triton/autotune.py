@@ -374,16 +374,24 @@ class BoundLaunches:
         return self.run(config, variant, tensors)
 
     def _traced_config(self, config: KernelConfig | None, variant, tensors: tuple) -> KernelConfig:
-        """While tracing (``common.traced_launches``): the config (:meth:`_traced_choice` when none is known), after
-        one real launch on tensors shaped like the traced ones where it has not run yet (on a GPU, where the tracer
-        makes them): a launch that needs more shared memory than the device has steps its stages down then
-        (``common.fewer_stages``), before the graph records it."""
-        config = config or self._traced_choice(variant, tensors)
-        if (config, variant) not in self.launches and self.device.type == "cuda" and not interpreting():
-            real = tuning_tensors(tensors)
-            if real is not None:
-                with untraced():
-                    self.run(config, variant, real)
+        """While tracing (``common.traced_launches``): the config (the memoized one, else the tuned one, else one
+        tuned now, else the default), launched once for real where it has not run yet. Both the search and that
+        launch run on real tensors shaped like the traced ones (on a GPU, where the tracer makes them; asked for once
+        per call), outside the trace; the launch lets one that needs more shared memory than the device has step its
+        stages down (``common.fewer_stages``) before the graph records it."""
+        if interpreting() or self.device.type != "cuda":
+            return config or self.default()
+        if config is None:
+            config = STORE.get(self.key()) or (self.default() if os.environ.get(TUNE_ENV) == "0" else None)
+        if config is not None and (config, variant) in self.launches:
+            return config
+        real = tuning_tensors(tensors)
+        if real is None:
+            return config or self.default()
+        with untraced():
+            config = config or self._choice(variant, real)
+            if (config, variant) not in self.launches:
+                self.run(config, variant, real)
         return config
 
     def _choice(self, variant, tensors: tuple) -> KernelConfig:
@@ -393,20 +401,6 @@ class BoundLaunches:
                 self.key(), self.candidates, self.default(), lambda c: self.run(c, variant, tensors), self.device
             ),
         )
-
-    def _traced_choice(self, variant, tensors: tuple) -> KernelConfig:
-        """While tracing (``common.traced_launches``): the tuned config, else one tuned now on real tensors shaped
-        like the traced ones (where the tracer makes them), else the default; nothing touches the traced tensors."""
-        if interpreting() or self.device.type != "cuda":
-            return self.default()
-        cached = STORE.get(self.key())
-        if cached is not None or os.environ.get(TUNE_ENV) == "0":
-            return cached or self.default()
-        real = tuning_tensors(tensors)
-        if real is None:
-            return self.default()
-        with untraced():  # the tuning launches are real: nothing of them may enter the graph
-            return self._choice(variant, real)
 
     def run(self, config: KernelConfig, variant, tensors: tuple) -> torch.Tensor:
         launch = self.launches.get((config, variant))

@@ -159,11 +159,11 @@ _TRACE = _TraceState()
 @contextlib.contextmanager
 def traced_launches(real_tensors=None):
     """Within this block the launchers emit traceable launches (``torch.library.wrap_triton``): a graph being
-    captured for inductor records each kernel call rather than running it. Nothing touches device memory while
-    tracing: split-K workspaces are allocated in the graph, tuned configs are looked up, not timed, and word
-    alignment is read from storage offsets. ``real_tensors(tensors) -> tuple | None`` (optional) makes real
-    tensors shaped like a launch's traced ones, on which a key without a tuned config is tuned before tracing goes
-    on (``None``: use the default config)."""
+    captured for inductor records each kernel call rather than running it. No traced tensor's memory is touched:
+    split-K workspaces are allocated in the graph and word alignment is read from storage offsets.
+    ``real_tensors(tensors) -> tuple | None`` (optional) makes real tensors shaped like a launch's traced ones, on
+    which a key without a tuned config is tuned and an untried config launched once, outside the trace
+    (``autotune.BoundLaunches``); without it, or when it returns ``None``, the default config is traced untried."""
     previous = _TRACE.state
     _TRACE.state = (real_tensors,)
     try:

@@ -165,11 +165,6 @@ def words_shape(qweight: torch.Tensor, group_size: int) -> bool:
     return qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0 and group_size % 8 == 0
 
 
-def words_supported(qweight: torch.Tensor, group_size: int) -> bool:
-    """Whether the packed rows can be read as int32 words: :func:`words_shape`, and aligned."""
-    return words_shape(qweight, group_size) and common.word_aligned(qweight)
-
-
 #: asymmetric word-form dots with row tiles above this read the activations' tile sums from a separate launch
 TILE_SUMS_MIN_BLOCK_M = 16
 

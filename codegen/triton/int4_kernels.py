@@ -112,8 +112,7 @@ def int4_linear_kernel(
     ``WORDS``, ``BLOCK_K >= 64``): one dot per plane of nibble pairs (:func:`code_pairs`, columns ``8j + i`` and
     ``8j + i + 4``) against the activation columns gathered to match, instead of one dot over the codes put back in
     column order: the codes go to the tensor cores without a trip through shared memory, the activations come
-    through 2-byte loads. The one-to-four-row GEMV is
-    :func:`int4_gemv_kernel`.
+    through 2-byte loads. The one-to-four-row GEMV is :func:`int4_gemv_kernel`.
     """
     pid_m, pid_n = tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_begin, k_end = split_k_range(K, SPLIT_K, BLOCK_K)

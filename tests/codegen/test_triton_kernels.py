@@ -161,7 +161,7 @@ def test_int4_gemv_words(dtype, scheme_name, m, k, block_k):
     n = 48
     qweight, scales, zeros = packed(scheme_name, n, k)
     group_size = parse_scheme(scheme_name).group_size_for(k)
-    assert int4.words_supported(qweight, group_size)
+    assert int4.words_shape(qweight, group_size) and common.word_aligned(qweight)
     x = activation(m, k, dtype)
     bias = torch.randn(n).to(dtype).to(DEVICE)
     for split_k in (1, 2):

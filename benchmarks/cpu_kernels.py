@@ -71,13 +71,13 @@ def prepare(k: int, n: int):
     p4, p8, pw = (s.pack(s.quantize(weight)) for s in (int4, int8, w8a8))
     codes4 = int4.unpack(p4, k).codes.to(torch.int32)
     # torch's int4: w = (u - 8) * scale + offset; ours: w = (u - zero) * scale, so offset = (8 - zero) * scale.
-    scales_and_zeros = torch.stack([p4.scales, (8 - p4.zeros) * p4.scales], -1).transpose(0, 1).contiguous()
+    scales_and_zeros = torch.stack([p4.scales, (8 - p4.get('zeros')) * p4.scales], -1).transpose(0, 1).contiguous()
     return {
         "weight": weight,
         "int4": (int4, p4), "int8": (int8, p8), "w8a8": (w8a8, pw), "w4a8": (parse_scheme(f"w4a8-g{GROUP}"), p4),
         "torch_int4": (torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes4, 1), scales_and_zeros.bfloat16()),
         "torch_int8": (p8.qweight, p8.scales.reshape(-1).bfloat16()),
-        "ort": {level: matmulnbits_session(p4.qweight, p4.scales, p4.zeros, k, n, level) for level in (1, 4)},
+        "ort": {level: matmulnbits_session(p4.qweight, p4.scales, p4.get('zeros'), k, n, level) for level in (1, 4)},
     }  # fmt: skip
 
 
@@ -113,7 +113,7 @@ def bench_shape(k: int, n: int, tokens: list[int], repeats: int, copy_gbs: float
         for key in ("int4", "int8", "w8a8", "w4a8"):
             scheme, p = data[key]
             for suffix, x in (("f32", x32), ("bf16", xbf)):
-                t[f"{key} {suffix}"] = median_ms(lambda: qlinear(x, p.qweight, p.scales, p.zeros, None, scheme.name),
+                t[f"{key} {suffix}"] = median_ms(lambda: qlinear(x, p.list(), None, scheme.name, k, n),
                                                  repeats)  # fmt: skip
         cells = [t[c] for c in ("fp32", "bf16", "t8", "t4", "ort1", "ort4", "int4 f32", "int4 bf16", "int8 f32",
                                 "int8 bf16", "w8a8 f32", "w8a8 bf16", "w4a8 f32", "w4a8 bf16")]  # fmt: skip

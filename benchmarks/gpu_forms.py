@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     for name in ("int4-g128", "int4-g128-sym"):
         scheme = parse_scheme(name)
         packed = scheme.pack(scheme.quantize(weight))
-        tensors = [None if t is None else t.to(device) for t in (packed.qweight, packed.scales, packed.zeros)]
+        tensors = [None if t is None else t.to(device) for t in (packed.qweight, packed.scales, packed.get("zeros"))]
         copies = [tensors]
         if cuda:
             from gpu_kernels import bench, copies_for
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             ]
         for m in ms:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device, dtype)
-            ref = reference_linear(x.float(), *tensors, None, name)
+            ref = reference_linear(x.float(), [t for t in tensors if t is not None], None, name, k, n)
             dense_us = bench([lambda: torch.nn.functional.linear(x, dense)], True) * 1e3 if cuda else None
             for label, path, config in forms(m):
                 y = int4.int4_linear(x, *tensors, None, scheme, path=path, config=config)

@@ -77,7 +77,13 @@ def quantized(scheme_name: str, weight: torch.Tensor):
 
     scheme = parse_scheme(scheme_name)
     packed = scheme.pack(scheme.quantize(weight.float()))
-    return packed.qweight, packed.scales, packed.zeros, packed.nbytes
+    return packed.qweight, packed.scales, packed.get("zeros"), packed.nbytes
+
+
+def qlinear(x, qweight, scales, zeros, scheme_name: str) -> torch.Tensor:
+    """``torch.ops.qcompile.linear`` over the (qweight, scales[, zeros]) list of the integer and fp8 families."""
+    tensors = [t for t in (qweight, scales, zeros) if t is not None]
+    return torch.ops.qcompile.linear(x, tensors, None, scheme_name, x.shape[-1], scales.shape[0])
 
 
 # -- peers --------------------------------------------------------------------------------------------------------
@@ -160,10 +166,11 @@ def correctness(schemes, device_name: str) -> None:
             errors = []
             for m in (1, 16, 256):
                 x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-                y = torch.ops.qcompile.linear(x, qweight, scales, zeros, None, scheme_name).float()
-                ref = reference_linear(x.float(), qweight, scales, zeros, None, scheme_name)
+                y = qlinear(x, qweight, scales, zeros, scheme_name).float()
+                tensors = [t for t in (qweight, scales, zeros) if t is not None]
+                ref = reference_linear(x.float(), tensors, None, scheme_name, 4096, 4096)
                 errors.append(f"M={m}: {((y - ref).abs().max() / ref.abs().max()).item():.1e}")
-            kernel, reason = dispatch.select_kernel(parse_scheme(scheme_name), x, qweight, scales, zeros)
+            kernel, reason = dispatch.select_kernel(parse_scheme(scheme_name), x, tensors)
             used = kernel.name if kernel is not None else f"reference ({reason})"
             print(f"{scheme_name:>13}  " + "  ".join(errors) + f"  [M=256: {used}]", flush=True)
         except Exception as error:  # noqa: BLE001 - report and go on
@@ -191,9 +198,9 @@ def timing_table(schemes, m_values, graphs: bool, copy_gbs: float) -> None:
             peers = _make_peers(peer_name, weight, count)
             for m in m_values:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                autotune.last_config(forget=True)
+                before = autotune.choices()
                 try:
-                    ours = bench([functools.partial(torch.ops.qcompile.linear, x, q, s, z, None, scheme_name)
+                    ours = bench([functools.partial(qlinear, x, q, s, z, scheme_name)
                                   for q, s, z in packed], graphs)  # fmt: skip
                 except Exception as error:  # noqa: BLE001 - one failing row must not lose the table
                     print(f"{scheme_name:>10} {f'{k}x{n}':>12} {m:5d} FAILED: {type(error).__name__}: {error}")
@@ -210,7 +217,8 @@ def timing_table(schemes, m_values, graphs: bool, copy_gbs: float) -> None:
                 else:
                     peer_cols = f"{'n/a':>9} {'':>7}"
                 gbs = nbytes / ours / 1e6
-                chosen = autotune.last_config()
+                added = [c for key, c in autotune.choices().items() if key not in before]
+                chosen = added[0] if len(added) == 1 else None
                 print(
                     f"{scheme_name:>10} {f'{k}x{n}':>12} {m:5d} {ours * 1e3:9.1f} {dense * 1e3:9.1f} "
                     f"{dense / ours:7.2f} {peer_name or '-':>14} {peer_cols} {gbs:7.0f} {100 * gbs / copy_gbs:6.0f}%"
@@ -242,7 +250,7 @@ def launch_overhead(schemes) -> None:
     dense = do_bench(lambda: F.linear(x, weight), warmup=10, rep=50)
     for scheme_name in schemes:
         qweight, scales, zeros, _ = quantized(scheme_name, weight)
-        call = functools.partial(torch.ops.qcompile.linear, x, qweight, scales, zeros, None, scheme_name)
+        call = functools.partial(qlinear, x, qweight, scales, zeros, scheme_name)
         call()
         ours = do_bench(call, warmup=10, rep=50)
         print(f"{scheme_name:>10}: qcompile {ours * 1e3:7.1f}   F.linear bf16 {dense * 1e3:7.1f}", flush=True)

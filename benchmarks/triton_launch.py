@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     for name, module, launcher_name, kernels in FAMILIES:
         scheme = parse_scheme(name)
         packed = scheme.pack(scheme.quantize(torch.randn(n, k) * 0.02))
-        q, s, z = (None if t is None else t.to(device) for t in (packed.qweight, packed.scales, packed.zeros))
+        q, s, z = (None if t is None else t.to(device) for t in (packed.qweight, packed.scales, packed.get("zeros")))
         launcher = getattr(module, launcher_name)
         with contextlib.nullcontext() if cuda else stubbed(module, kernels):
             unbound = per_call_us(lambda: launcher(x, q, s, z, None, scheme), args.calls, args.repeats, sync)
@@ -85,7 +85,9 @@ def main(argv=None) -> int:
             bound = per_call_us(lambda: bound_launch(x, q, s, z, None), args.calls, args.repeats, sync)
         row = f"| {name} | {unbound:.1f} | {bound:.1f} | {unbound - bound:.1f} |"
         if cuda:
-            op = per_call_us(lambda: torch.ops.qcompile.linear(x, q, s, z, None, name), args.calls, args.repeats, sync)
+            tensors = packed.to(device).list()
+            op = per_call_us(lambda: torch.ops.qcompile.linear(x, tensors, None, name, k, n), args.calls, args.repeats,
+                             sync)  # fmt: skip
             linear = per_call_us(lambda: torch.nn.functional.linear(x, dense), args.calls, args.repeats, sync)
             row += f" {op:.1f} | {linear:.1f} |"
         print(row, flush=True)

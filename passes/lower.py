@@ -1,8 +1,8 @@
 """Lowering: every planned matmul site becomes a ``torch.ops.qcompile.linear`` call.
 
-The packed tensors are registered as buffers next to where the float weight lived
-(``<site>.qweight``, ``<site>.scales``, ``<site>.zeros``); the float weight is deleted once nothing reads
-it any more, so a lowered module holds no float copy of a quantized weight (a tied embedding keeps
+The packed tensors are registered as buffers next to where the float weight lived, under the names the scheme
+declares (``<site>.qweight``, ``<site>.scales``, … for the integer families); the float weight is deleted once
+nothing reads it any more, so a lowered module holds no float copy of a quantized weight (a tied embedding keeps
 its own float table). The pass keeps ``meta["val"]``, ends with dead-code elimination, ``lint`` and
 ``recompile``.
 """
@@ -19,7 +19,7 @@ QUANTIZED_LINEAR = torch.ops.qcompile.linear.default
 
 
 def buffer_prefix(site) -> str:
-    """The module path holding a site's packed tensors: ``…mlp.up_proj`` → ``…mlp.up_proj.qweight``;
+    """The module path holding a site's packed tensors: ``…mlp.up_proj`` → ``…mlp.up_proj.scales``;
     a weight that is not a module's ``weight`` (``attn.w_q``) gets a child module ``attn.w_q_packed``."""
     if site.weight_name == f"{site.name}.weight":
         return site.name
@@ -64,10 +64,10 @@ def lower(gm: fx.GraphModule, matches: list[SiteMatch], packed: dict[str, Packed
             attrs[key] = f"{prefix}.{key}"
         for use in match.uses:
             with graph.inserting_before(use.node):
-                nodes = {key: graph.get_attr(path) for key, path in attrs.items()}
+                nodes = [graph.get_attr(path) for path in attrs.values()]
                 activation = replaced.get(use.activation, use.activation)
                 bias = replaced.get(use.bias, use.bias)
-                args = (activation, nodes["qweight"], nodes["scales"], nodes.get("zeros"), bias, schemes[site.name])
+                args = (activation, nodes, bias, schemes[site.name], site.in_features, site.out_features)
                 new = graph.call_function(QUANTIZED_LINEAR, args)
             new.meta.update({k: v for k, v in use.node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
             new.meta["qcompile_site"] = site.name

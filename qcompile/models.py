@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
+from qcompile.cache import cache_root
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QCOMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qcompile")
-    return Path(root)
+    """The cache root (``qcompile.cache``); converted models live under ``models/``."""
+    return cache_root()
 
 
 def _package_dir(package: str, pip_name: str) -> Path:

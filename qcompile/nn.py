@@ -10,7 +10,8 @@ from qcompile.schemes import PackedWeight, parse_scheme
 class QuantizedLinear(torch.nn.Module):
     """``y = x @ W.T + bias`` with ``W`` held packed by ``scheme``; a drop-in for ``nn.Linear``.
 
-    Buffers: ``qweight``, ``scales`` and (asymmetric schemes) ``zeros``; ``bias`` stays a float parameter.
+    Buffers: the scheme's declared packed tensors under their names (``qweight``, ``scales`` and, asymmetric
+    schemes, ``zeros`` for the integer families); ``bias`` stays a float parameter.
     The weight is frozen; gradients flow to the input (and bias), so adapters can train on top.
     """
 
@@ -18,22 +19,24 @@ class QuantizedLinear(torch.nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.scheme = parse_scheme(scheme).name
-        self.register_buffer("qweight", packed.qweight)
-        self.register_buffer("scales", packed.scales)
-        self.register_buffer("zeros", packed.zeros)
+        parsed = parse_scheme(scheme)
+        self.scheme = parsed.name
+        parsed.check_packed(packed, out_features, in_features, where=f"QuantizedLinear({self.scheme})")
+        self.tensor_names = tuple(packed.names())
+        for name, tensor in packed.tensors().items():
+            self.register_buffer(name, tensor)
         self.bias = None
         if bias is not None:
             self.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
+    def packed(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.tensor_names]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:  # the packed K may be padded: the op alone cannot tell K from K_padded
-            raise ValueError(f"QuantizedLinear({self.scheme}): input has {x.shape[-1]} features, "
-                             f"expected {self.in_features}")  # fmt: skip
-        return torch.ops.qcompile.linear(x, self.qweight, self.scales, self.zeros, self.bias, self.scheme)
+        return torch.ops.qcompile.linear(x, self.packed(), self.bias, self.scheme, self.in_features, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return parse_scheme(self.scheme).dequantize_packed(self.qweight, self.scales, self.zeros, self.in_features)
+        return parse_scheme(self.scheme).dequantize_packed(self.packed(), self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "

@@ -7,6 +7,7 @@ import torch
 from qcompile.algorithms import get_algorithm
 from qcompile.plan import PlanEntry
 from qcompile.schemes import PackedWeight
+from qcompile.schemes.registry import check_algorithm
 
 
 def quantize_entry(entry: PlanEntry, weight: torch.Tensor, stats=None) -> PackedWeight:
@@ -22,6 +23,7 @@ def quantize_entry(entry: PlanEntry, weight: torch.Tensor, stats=None) -> Packed
             f"site {entry.site.name}: weight is {list(w.shape)}, the plan expects "
             f"[{entry.site.out_features}, {entry.site.in_features}]"
         )
+    check_algorithm(scheme, entry.algorithm, where=f"site {entry.site.name}")
     algorithm = get_algorithm(entry.algorithm)
     if algorithm.needs_calibration and stats is None:
         raise ValueError(

@@ -1,8 +1,10 @@
-"""Kernel choice: one table of ``(device type, supports predicate, kernel)`` rows, looked up in one place.
+"""Kernel choice: per scheme family, one table of ``(device type, supports predicate, launcher)`` rows, looked up in
+one place.
 
-Kernel modules (``qcompile.codegen.cpp``, ``qcompile.codegen.triton``) call :func:`register_kernel`
-when they are imported; the ``qcompile::linear`` op asks :func:`choose_kernel`, which validates the call
-and consults :func:`select_kernel` once per call signature, and runs the scheme's plain-PyTorch reference
+Each family names the modules that hold its kernel rows (``Family.kernels`` in :mod:`qcompile.schemes.registry`);
+the first call of a family imports them and adds their ``kernel_entries(family)``. The ``qcompile::linear`` op asks
+:func:`launcher`, which validates the call against the scheme's declared tensors and consults :func:`select_kernel`
+once per call signature (the one memo of per-signature choices), and runs the scheme's plain-PyTorch reference
 when no row supports the call, saying so once per (device, scheme, reason).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import threading
@@ -19,79 +22,81 @@ from typing import Callable
 import torch
 import torch._functorch.config  # noqa: F401 - torch._functorch.config is read below
 
-from qcompile.schemes import Scheme, parse_scheme
+from qcompile.schemes import Scheme, families, family, parse_scheme
 
 log = logging.getLogger("qcompile")
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelEntry:
-    """A fast implementation of ``qcompile::linear`` for some schemes on one device type.
+    """A fast implementation of ``qcompile::linear`` for schemes of some ``families`` on one device type.
 
-    ``supports(scheme, x, qweight, scales, zeros) -> str | None`` returns ``None`` when the kernel can
-    serve the call, else a short reason (shown in the fallback notice).
-    ``run(scheme, x, qweight, scales, zeros, bias) -> Tensor`` computes the result.
-    ``bind(scheme, x, qweight, scales, zeros, bias) -> launch`` (optional) returns a launcher specialized to
-    one call signature, ``launch(x, qweight, scales, zeros, bias) -> Tensor``: per-shape constants are worked
-    out once, so a decode step pays only for the kernel call.
-    ``inline(launch, x, qweight, scales, zeros, bias) -> Tensor`` (optional) runs this row's ``launch`` (from
-    ``bind``) so that a graph tracer records what it does, kernel launches included (``torch.library.wrap_triton``):
-    inductor then compiles them in place of one opaque op (:func:`inline_launches`).
+    ``supports(scheme, x, packed) -> str | None`` returns ``None`` when the kernel can serve the call, else a
+    short reason (shown in the fallback notice). ``packed`` is the scheme's tensor list, already checked against
+    its declaration.
+    ``bind(scheme, x, packed, bias, out_features) -> launch`` returns a launcher specialized to one call
+    signature, ``launch(x, packed, bias) -> Tensor``: per-shape constants are worked out once, so a decode step
+    pays only for the kernel call.
+    ``inline(launch, x, packed, bias) -> Tensor`` (optional) runs this row's ``launch`` so that a graph tracer
+    records what it does, kernel launches included (``torch.library.wrap_triton``): inductor then compiles them
+    in place of one opaque op (:func:`inline_launches`).
     """
 
     name: str
     device_type: str
+    families: tuple[str, ...]
     supports: Callable[..., str | None]
-    run: Callable[..., torch.Tensor]
+    bind: Callable[..., Callable[..., torch.Tensor]]
     priority: int = 0
-    bind: Callable[..., Callable[..., torch.Tensor]] | None = None
     inline: Callable[..., torch.Tensor] | None = None
 
-    def launcher(self, scheme: Scheme, x, qweight, scales, zeros, bias) -> Callable[..., torch.Tensor]:
-        if self.bind is not None:
-            return self.bind(scheme, x, qweight, scales, zeros, bias)
-        run = self.run
-        return lambda x, qweight, scales, zeros, bias: run(scheme, x, qweight, scales, zeros, bias)
 
-
-_KERNELS: list[KernelEntry] = []
 #: (call signature) → (chosen kernel row or None, launcher); a signature is validated and dispatched once
 _CHOICES: dict[tuple, tuple] = {}
 _MAX_CHOICES = 4096
 _NOTIFIED: set[tuple] = set()
-_BUILTIN_MODULES = ("qcompile.codegen.cpp", "qcompile.codegen.triton")
-_builtin_loaded = False
+
+
+def load_family_kernels(name: str) -> None:
+    """Import the kernel modules of family ``name`` once; each gives its rows with ``kernel_entries(name)``.
+
+    A module that fails to import or to build (no compiler, no triton) is reported once and skipped: the
+    reference path keeps serving its calls.
+    """
+    record = family(name)
+    if record.kernels_loaded:
+        return
+    record.kernels_loaded = True
+    for module in record.kernels:
+        try:
+            entries = importlib.import_module(module).kernel_entries(name)
+        except Exception as error:  # noqa: BLE001 - a broken kernel package must not break the op
+            warnings.warn(f"qcompile: kernels from {module} are unavailable for {name} ({error}); "
+                          "using the reference path")  # fmt: skip
+            continue
+        for entry in entries:
+            register_kernel(entry)
 
 
 def load_builtin_kernels() -> None:
-    """Import the built-in kernel packages once; each calls :func:`register_kernel` for what it has.
-
-    A package that fails to import (no compiler, no triton) is reported once and skipped: the reference
-    path keeps serving its calls.
-    """
-    global _builtin_loaded
-    if _builtin_loaded:
-        return
-    _builtin_loaded = True
-    import importlib
-
-    for module in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(module).register()
-        except Exception as error:  # noqa: BLE001 - a broken kernel package must not break the op
-            warnings.warn(f"qcompile: kernels from {module} are unavailable ({error}); using the reference path")
+    """Load the kernel rows of every registered family."""
+    for record in families():
+        load_family_kernels(record.name)
 
 
 def register_kernel(entry: KernelEntry) -> None:
-    """Add (or replace, by name) a kernel row."""
-    _KERNELS[:] = [k for k in _KERNELS if k.name != entry.name]
-    _KERNELS.append(entry)
-    _KERNELS.sort(key=lambda k: -k.priority)
+    """Add (or replace, by name) a kernel row in the table of each of its families."""
+    for name in entry.families:
+        rows = family(name).rows
+        rows[:] = [k for k in rows if k.name != entry.name]
+        rows.append(entry)
+        rows.sort(key=lambda k: -k.priority)
     _forget_choices()
 
 
 def unregister_kernel(name: str) -> None:
-    _KERNELS[:] = [k for k in _KERNELS if k.name != name]
+    for record in families():
+        record.rows[:] = [k for k in record.rows if k.name != name]
     _forget_choices()
 
 
@@ -112,21 +117,26 @@ def _forget_choices() -> None:
 
 
 def registered_kernels() -> list[KernelEntry]:
-    return list(_KERNELS)
+    """Every row of every family (each once)."""
+    out: dict[str, KernelEntry] = {}
+    for record in families():
+        for entry in record.rows:
+            out.setdefault(entry.name, entry)
+    return list(out.values())
 
 
-def select_kernel(scheme: Scheme, x, qweight, scales, zeros) -> tuple[KernelEntry | None, str]:
-    """The first kernel row that supports the call, or ``(None, reasons)``."""
-    load_builtin_kernels()
+def select_kernel(scheme: Scheme, x, packed) -> tuple[KernelEntry | None, str]:
+    """The first row of the scheme's family that supports the call, or ``(None, reasons)``."""
+    load_family_kernels(scheme.family)
     reasons = []
-    for entry in _KERNELS:
+    for entry in family(scheme.family).rows:
         if entry.device_type != x.device.type:
             continue
-        reason = entry.supports(scheme, x, qweight, scales, zeros)
+        reason = entry.supports(scheme, x, packed)
         if reason is None:
             return entry, ""
         reasons.append(f"{entry.name}: {reason}")
-    return None, "; ".join(reasons) or f"no fast kernel is registered for {x.device.type}"
+    return None, "; ".join(reasons) or f"no fast kernel is registered for {scheme.family} on {x.device.type}"
 
 
 def notify_fallback(scheme: Scheme, device_type: str, reason: str) -> None:
@@ -136,51 +146,57 @@ def notify_fallback(scheme: Scheme, device_type: str, reason: str) -> None:
         return
     _NOTIFIED.add(key)
     message = f"qcompile: {scheme.name} on {device_type} runs the reference path ({reason})"
-    if device_type != "cpu" or any(k.device_type == device_type for k in _KERNELS):
+    if device_type != "cpu" or any(k.device_type == device_type for k in family(scheme.family).rows):
         warnings.warn(message, stacklevel=3)
     else:
         log.info(message)
 
 
-def _signature(scheme: str, x, qweight, scales, zeros, bias) -> tuple:
+def _signature(scheme: str, x, packed, bias, in_features, out_features) -> tuple:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     bucket = rows if x.device.type != "cpu" else min(rows, 256)  # GPU paths pick by M; CPU only by M >= 256
-    return (scheme, x.device, x.dtype, x.shape[-1], bucket, tuple(qweight.shape), qweight.dtype,
-            tuple(scales.shape), scales.dtype, None if zeros is None else zeros.dtype,
-            None if bias is None else bias.dtype)  # fmt: skip
+    tensors = tuple((tuple(t.shape), t.dtype) for t in packed)
+    return (scheme, x.device, x.dtype, x.shape[-1], bucket, tensors, None if bias is None else bias.dtype,
+            in_features, out_features)  # fmt: skip
 
 
-def _choose(scheme: str, x, qweight, scales, zeros, bias) -> tuple:
-    key = _signature(scheme, x, qweight, scales, zeros, bias)
+def _choose(scheme: str, x, packed, bias, in_features, out_features) -> tuple:
+    key = _signature(scheme, x, packed, bias, in_features, out_features)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
     parsed = parse_scheme(scheme)
-    if x.shape[-1] == 0:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"qcompile::linear ({parsed.name}): the input has {x.shape[-1]} features, the layer takes "
+                         f"{in_features}")  # fmt: skip
+    if in_features == 0:
         raise ValueError("qcompile::linear: the activation has no features")
-    parsed.check_packed(qweight, scales, zeros, x.shape[-1])
-    kernel, reason = select_kernel(parsed, x, qweight, scales, zeros)
+    parsed.check_packed(packed, out_features, in_features, where="qcompile::linear")
+    kernel, reason = select_kernel(parsed, x, packed)
     if kernel is None:
         notify_fallback(parsed, x.device.type, reason)
-        reference = parsed.reference_linear
+
+        def reference(x, packed, bias, scheme=parsed, n=out_features):
+            return scheme.reference_linear(x, packed, bias, n)
+
         choice = (None, reference)
     else:
-        choice = (kernel, kernel.launcher(parsed, x, qweight, scales, zeros, bias))
+        choice = (kernel, kernel.bind(parsed, x, packed, bias, out_features))
     if len(_CHOICES) >= _MAX_CHOICES:
         _forget_choices()
     _CHOICES[key] = choice
     return choice
 
 
-def choose_kernel(scheme: str, x, qweight, scales, zeros, bias) -> KernelEntry | None:
+def choose_kernel(scheme: str, x, packed, bias, in_features, out_features) -> KernelEntry | None:
     """Validate the packed tensors against the scheme and pick a kernel row, once per call signature."""
-    return _choose(scheme, x, qweight, scales, zeros, bias)[0]
+    return _choose(scheme, x, packed, bias, in_features, out_features)[0]
 
 
-def launcher(scheme: str, x, qweight, scales, zeros, bias) -> Callable[..., torch.Tensor]:
-    """``launch(x, qweight, scales, zeros, bias) -> y`` for this call signature: the chosen kernel, bound to
-    the signature where the row can be, else the scheme's reference (the fallback notice is said once)."""
-    return _choose(scheme, x, qweight, scales, zeros, bias)[1]
+def launcher(scheme: str, x, packed, bias, in_features, out_features) -> Callable[..., torch.Tensor]:
+    """``launch(x, packed, bias) -> y`` for this call signature: the chosen kernel, bound to the signature, else
+    the scheme's reference (the fallback notice is said once)."""
+    return _choose(scheme, x, packed, bias, in_features, out_features)[1]
 
 
 # -- inlined launches ---------------------------------------------------------------------------------------------
@@ -228,7 +244,7 @@ def inline_launches(mode, args: tuple, kwargs: dict):
         return NotImplemented
     if not getattr(torch._functorch.config, "decompose_custom_triton_ops", True):  # torch.export sets it off
         return NotImplemented
-    x, qweight, scales, zeros, bias, scheme = _linear_args(*args, **kwargs)
+    x, packed, bias, scheme, in_features, out_features = _linear_args(*args, **kwargs)
     if x.device.type == "cpu" or not all(isinstance(size, int) for size in x.shape):
         return NotImplemented  # symbolic sizes: the launch config depends on M, so one graph per M bucket would result
     entry = None
@@ -236,10 +252,10 @@ def inline_launches(mode, args: tuple, kwargs: dict):
         with mode:
             # the launcher eager calls of this signature use: its configs and launches (and any stage count lowered
             # to fit the device's shared memory) serve every trace of the signature too
-            entry, launch = _choose(scheme, x, qweight, scales, zeros, bias)
+            entry, launch = _choose(scheme, x, packed, bias, in_features, out_features)
             if entry is None or entry.inline is None:
                 return NotImplemented
-            return entry.inline(launch, x, qweight, scales, zeros, bias)
+            return entry.inline(launch, x, packed, bias)
     except Exception as error:  # noqa: BLE001 - the whole op still serves the call
         row = "the kernel choice" if entry is None else entry.name
         message = f"qcompile: {row} could not be inlined for {scheme} ({error}); the call stays one op"
@@ -249,5 +265,5 @@ def inline_launches(mode, args: tuple, kwargs: dict):
         return NotImplemented
 
 
-def _linear_args(x, qweight, scales, zeros, bias, scheme):
-    return x, qweight, scales, zeros, bias, scheme
+def _linear_args(x, packed, bias, scheme, in_features, out_features):
+    return x, packed, bias, scheme, in_features, out_features

@@ -23,7 +23,7 @@ import struct
 import sys
 
 MAGIC = b"QPT1"
-FORMAT_MAJOR = 1
+FORMAT_MAJOR = 2
 FORMAT_MINOR = 0
 HEADER = struct.Struct("<4sHHQ32s")  # magic, major, minor, manifest length, manifest sha256
 HEADER_SIZE = HEADER.size  # 48

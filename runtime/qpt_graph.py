@@ -11,14 +11,15 @@ JSON form (``graph`` member)::
 
 ``op`` is ``placeholder`` (target: the argument name), ``get_attr`` (target: a buffer path in the weights
 member), ``call_function`` or ``output``. A ``call_function`` target is looked up in an allow-list: the
-``torch.ops`` namespaces in :data:`OP_NAMESPACES`, and the symbolic-size helpers in :data:`PYTHON_FUNCTIONS`;
+ops :mod:`~qcompile.runtime.qpt_ops` allows, and the symbolic-size helpers in :data:`PYTHON_FUNCTIONS`;
 nothing is imported or evaluated by name. Arguments are JSON values: ``null``, booleans, integers, finite
 floats and strings stand for themselves, lists for lists, and single-key objects for the rest —
 ``{"node": name}``, ``{"tuple": [...]}``, ``{"dtype": "float32"}``, ``{"device": "cpu"}``,
 ``{"layout": "strided"}``, ``{"memory_format": "contiguous_format"}``, ``{"float": "inf" | "-inf" | "nan"}``.
 
-Reading rebuilds a :class:`torch.fx.GraphModule`; FX generates its Python source from node names and
-targets that this module has validated (identifiers, allow-listed callables, literal constants).
+Reading rebuilds a :class:`torch.fx.GraphModule` (a :class:`~qcompile.runtime.qpt_ops.LoadedGraphModule`, which
+names the node when a call fails); FX generates its Python source from node names and targets that this
+module has validated (identifiers, allow-listed callables, literal constants).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from qcompile.runtime.qpt_format import ArtifactError, check_dotted_name, check_identifier
+from qcompile.runtime.qpt_ops import (
+    OP_NAMESPACES, LoadedGraphModule, check_created_size, check_helper_call, check_op, op_name, refusal,
+)  # fmt: skip
 
 GRAPH_VERSION = 1
-OP_NAMESPACES = ("aten", "qcompile", "prims")
 PYTHON_FUNCTIONS = {
     f"_operator.{name}": getattr(operator, name)
     for name in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne", "lt",
@@ -44,7 +47,7 @@ PYTHON_FUNCTIONS = {
                  "_check_is_size")
 }  # fmt: skip
 DROPPED_MODULES = ("_guards_fn",)  # torch.export's input-guard submodule; the loader checks inputs itself
-LAYOUTS = {"strided": torch.strided, "sparse_coo": torch.sparse_coo}
+LAYOUTS = {"strided": torch.strided}  # no sparse layouts: their indices are not checked
 MEMORY_FORMATS = {
     "contiguous_format": torch.contiguous_format, "preserve_format": torch.preserve_format,
     "channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d,
@@ -62,10 +65,10 @@ SPEC_OUTPUT_MODULE = "transformers.modeling_outputs"  # the one module the loade
 # -- writing ------------------------------------------------------------------------------------------
 def _target_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
-        namespace = target.namespace
-        if namespace not in OP_NAMESPACES:
-            raise ValueError(f"op {target} is outside the namespaces a .qpt may hold ({', '.join(OP_NAMESPACES)})")
-        return f"{namespace}.{target._opname}.{target._overloadname}"
+        reason = refusal(target)  # the reader's rule: a file written here always loads
+        if reason is not None:
+            raise ValueError(f"op {op_name(target)} cannot be written to a .qpt graph: {reason}")
+        return op_name(target)
     for name, fn in PYTHON_FUNCTIONS.items():
         if fn is target:
             return name
@@ -150,27 +153,8 @@ def _resolve_target(name, where: str):
     if not isinstance(packet, torch._ops.OpOverloadPacket) or overload not in packet.overloads():
         raise ArtifactError(f"{where}: op {name!r} does not exist in this torch ({torch.__version__})")
     op = getattr(packet, overload)
-    _check_op_is_pure(op, name, where)
+    check_op(op, where)
     return op
-
-
-#: string arguments that only pick a mode of a pure op; any other string (a file name …) is refused
-SAFE_STRING_ARGUMENTS = frozenset({
-    "rounding_mode", "approximate", "reduce", "norm", "side", "padding_side", "indexing", "pad_mode", "mode",
-    "UPLO", "driver", "activation", "padding", "assert_msg", "equation", "scheme",
-})  # fmt: skip
-
-
-def _check_op_is_pure(op, name: str, where: str) -> None:
-    """Refuse ops that mutate their inputs or take a free-form string or a storage (``aten.from_file``,
-    ``aten.fill_``, ``*.out`` overloads …): a graph from a file may only compute, never touch the world."""
-    schema = op._schema
-    if schema.is_mutable:
-        raise ArtifactError(f"{where}: op {name!r} mutates its inputs, which a .qpt graph may not do")
-    for argument in schema.arguments:
-        kind = str(argument.type)
-        if "Storage" in kind or ("str" in kind and argument.name not in SAFE_STRING_ARGUMENTS):
-            raise ArtifactError(f"{where}: op {name!r} takes {kind} {argument.name!r}, which a .qpt graph may not use")
 
 
 def _decode(value, nodes: dict, where: str, device_map: dict):
@@ -300,6 +284,10 @@ def graph_from_json(data, buffers: dict[str, torch.Tensor], device_map: dict | N
                 node = graph.output(args[0])
             else:
                 target = _resolve_target(raw.get("target"), where)
+                if isinstance(target, torch._ops.OpOverload):
+                    check_created_size(target, args, kwargs, where)
+                else:
+                    check_helper_call(raw["target"], args, kwargs, where)
                 node = graph.create_node("call_function", target, args, kwargs, name)
         else:
             raise ArtifactError(f"{where}: op {op!r} is not one a .qpt graph may hold")
@@ -311,7 +299,7 @@ def graph_from_json(data, buffers: dict[str, torch.Tensor], device_map: dict | N
     graph._codegen = fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(orig_args, in_spec, out_spec))
     try:
         graph.lint()
-        gm = fx.GraphModule(root, graph)
+        gm = LoadedGraphModule(root, graph)
     except ArtifactError:
         raise
     except Exception as error:  # noqa: BLE001

@@ -6,7 +6,10 @@
               weight_dtype, weight_bytes},
      "scheme": "int4-g128" | null, "algorithm": "rtn", "options": {...}, "reason": "default",
      "layout": "canonical" | null,                    # packed layout name (qcompile.schemes, per scheme)
-     "tensors": {"qweight": "<path>", "scales": "<path>", "zeros": "<path>"}}   # weights-member names
+     "tensors": {"<declared name>": "<path>", ...}}   # weights-member names, in the scheme's declared order
+
+A site's ``tensors`` must name exactly the tensors its scheme declares for its ``[N, K]``
+(``Scheme.tensors``), in that order, and each must have the declared shape and dtype.
 
 ``inputs``: one row per flat input, ``{"name", "dtype", "shape"}``; a dimension is an int (fixed) or a
 symbol name (dynamic; ``symbols`` gives its ``[min, max]``, ``null`` for unbounded).
@@ -36,8 +39,8 @@ def plan_to_json(plan: Plan, buffer_prefix) -> list[dict]:
         if entry.scheme is not None:
             prefix = buffer_prefix(entry.site)
             row["layout"] = "canonical"
-            row["tensors"] = {key: f"{prefix}.{key}" for key in ("qweight", "scales", "zeros")
-                              if entry.parsed.pack_shapes(1, entry.site.in_features).get(key) is not None}  # fmt: skip
+            specs = entry.parsed.tensors(entry.site.out_features, entry.site.in_features)
+            row["tensors"] = {spec.name: f"{prefix}.{spec.name}" for spec in specs}
         rows.append(row)
     return rows
 
@@ -95,48 +98,52 @@ def plan_from_json(rows, recipe_data) -> Plan:
 
 
 def check_packed_tensors(plan: Plan, rows: list[dict], weights: dict[str, torch.Tensor]) -> None:
-    """Every quantized site's tensors exist in the weights member and fit its scheme (``Scheme.check_packed``)."""
+    """Every quantized site names exactly the tensors its scheme declares, in order, and each exists in the weights
+    member with the declared shape and dtype (``Scheme.check_packed``)."""
     for index, (entry, row) in enumerate(zip(plan.entries, rows)):
         if entry.scheme is None:
             continue
         where = f"manifest: plan[{index}] ({entry.site.name}, {entry.scheme})"
+        specs = entry.parsed.tensors(entry.site.out_features, entry.site.in_features)
+        declared = [spec.name for spec in specs]
         names = row.get("tensors")
-        if not isinstance(names, dict) or not set(names) <= {"qweight", "scales", "zeros"}:
-            raise ArtifactError(f"{where}: 'tensors' must map qweight/scales/zeros to tensor names")
-        got = {}
+        if not isinstance(names, dict) or list(names) != declared:
+            got = list(names) if isinstance(names, dict) else type(names).__name__
+            raise ArtifactError(f"{where}: 'tensors' must name {declared} in that order, got {got}")
+        tensors = []
         for key, name in names.items():
             if check_dotted_name(name, where) not in weights:
-                raise ArtifactError(f"{where}: tensor {name!r} is not in the weights member")
-            got[key] = weights[name]
-        if "qweight" not in got or "scales" not in got:
-            raise ArtifactError(f"{where}: needs qweight and scales tensors")
+                raise ArtifactError(f"{where}: tensor {key} ({name!r}) is not in the weights member")
+            tensors.append(weights[name])
         try:
-            entry.parsed.check_packed(got["qweight"], got["scales"], got.get("zeros"), entry.site.in_features)
+            entry.parsed.check_packed(tensors, entry.site.out_features, entry.site.in_features)
         except ValueError as error:
             raise ArtifactError(f"{where}: packed tensors do not fit the scheme: {error}") from None
-        if got["scales"].shape[0] != entry.site.out_features:
-            raise ArtifactError(f"{where}: scales has {got['scales'].shape[0]} rows, the site has "
-                                f"{entry.site.out_features} outputs")  # fmt: skip
 
 
 def check_graph_sites(gm: torch.fx.GraphModule, plan: Plan, rows: list[dict]) -> None:
-    """Every ``qcompile::linear`` node reads the tensors of one planned site, with that site's scheme."""
-    by_qweight = {row["tensors"]["qweight"]: (entry, row) for entry, row in zip(plan.entries, rows) if entry.scheme}
+    """Every ``qcompile::linear`` node reads the tensors of one planned site, in order, with that site's scheme and
+    shape."""
+    by_first = {next(iter(row["tensors"].values())): (entry, row) for entry, row in zip(plan.entries, rows)
+                if entry.scheme}  # fmt: skip
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.qcompile.linear.default:
             continue
         where = f"graph member: node {node.name}"
         args = list(node.args) + [None] * (6 - len(node.args))
-        qweight, scheme = args[1], args[5]
-        if not isinstance(qweight, torch.fx.Node) or qweight.op != "get_attr" or qweight.target not in by_qweight:
-            raise ArtifactError(f"{where}: its qweight is not the tensor of a site in the plan")
-        entry, row = by_qweight[qweight.target]
+        tensors, scheme, in_features, out_features = args[1], args[3], args[4], args[5]
+        first = tensors[0] if isinstance(tensors, (list, tuple)) and tensors else None
+        if not isinstance(first, torch.fx.Node) or first.op != "get_attr" or first.target not in by_first:
+            raise ArtifactError(f"{where}: its packed tensors are not the tensors of a site in the plan")
+        entry, row = by_first[first.target]
         if scheme != entry.scheme:
             raise ArtifactError(f"{where}: scheme {scheme!r}, but the plan gives {entry.site.name} {entry.scheme!r}")
-        for arg, key in ((args[2], "scales"), (args[3], "zeros")):
-            name = row["tensors"].get(key)
-            if (name is None) != (arg is None) or (arg is not None and getattr(arg, "target", None) != name):
-                raise ArtifactError(f"{where}: {key} argument is not the plan's tensor {name!r}")
+        paths = [getattr(t, "target", None) for t in tensors]
+        if paths != list(row["tensors"].values()):
+            raise ArtifactError(f"{where}: packed tensors {paths} are not the plan's {list(row['tensors'].values())}")
+        if (in_features, out_features) != (entry.site.in_features, entry.site.out_features):
+            raise ArtifactError(f"{where}: in/out features {in_features}/{out_features}, but the plan gives "
+                                f"{entry.site.name} {entry.site.in_features}/{entry.site.out_features}")  # fmt: skip
 
 
 def inputs_to_json(gm: torch.fx.GraphModule) -> tuple[list[dict], dict]:

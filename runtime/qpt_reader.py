@@ -51,7 +51,9 @@ def _version_error(path: str, major: int, minor: int, data: memoryview, size: in
                              f"({__version__}) reads (format {FORMAT_MAJOR}.x); upgrade qcompile to the version that "
                              "wrote it or later")  # fmt: skip
     return ArtifactError(f"{path}: header: .qpt format {major}.{minor}{writer} predates format {FORMAT_MAJOR}, which "
-                         f"this qcompile ({__version__}) reads; export the model again")  # fmt: skip
+                         f"this qcompile ({__version__}) reads (format 2 calls qcompile::linear over each scheme's "
+                         "declared tensor list); export the model again from its float weights with "
+                         "qcompile.export(...) or `qcompile export`")  # fmt: skip
 
 
 def _check_zero(data: memoryview, begin: int, end: int, where: str) -> None:

@@ -48,7 +48,7 @@ def local_model_dir(tmp_path_factory):
 
 def test_quantize_inspect_verify(tiny_qpt, capsys):
     code, inspect = run(capsys, "inspect", str(tiny_qpt))
-    assert code == OK and inspect["format"] == "1.0" and len(inspect["layers"]) == 15
+    assert code == OK and inspect["format"] == "2.0" and len(inspect["layers"]) == 15
     assert sum(layer["scheme"] == "int4-g32" for layer in inspect["layers"]) == 14
     assert inspect["bytes_after"] < inspect["bytes_before"]
     code, verify = run(capsys, "verify", str(tiny_qpt))

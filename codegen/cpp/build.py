@@ -1,10 +1,12 @@
 """Compile the C++ kernels of this package into one shared library, cached on disk by content hash.
 
 One translation unit per instruction set (``isa_scalar.cpp``, ``isa_avx2.cpp``, ``isa_avx512.cpp``), each with
-its own ``-m`` flags, plus ``cpu_features.cpp`` for run-time detection; all linked into ``libqcompile_cpu.so``.
+its own ``-m`` flags, plus ``cpu_features.cpp`` for run-time detection and the kernel table; all linked into
+``libqcompile_cpu.so``. Every ISA unit includes every kernel file in ``kernels/`` (through a ``kernels.inc`` this
+module writes), so a new format's kernels are one new file there.
 No torch headers: a cold build takes a few seconds, and the library is called through ctypes.
 
-Cache: ``$QCOMPILE_CACHE_DIR/cpp/<hash>/libqcompile_cpu.so`` (default ``~/.cache/qcompile``), where the hash
+Cache: ``<cache root>/cpp/<hash>/libqcompile_cpu.so`` (``qcompile.cache``), where the hash
 covers every source file, the flags and the compiler's version line. A second process finds the file and
 loads it without compiling. The library is written to a temporary name and renamed into place, so a crash
 or a concurrent build never leaves a half-written ``.so`` under the final name.
@@ -20,6 +22,8 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+
+from qcompile.cache import cache_root
 
 SOURCE_DIR = pathlib.Path(__file__).resolve().parent
 LIBRARY_NAME = "libqcompile_cpu.so"
@@ -56,19 +60,26 @@ def _compiler_version(path: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else path
 
 
+KERNEL_DIR = SOURCE_DIR / "kernels"
+
+
 def source_files() -> list[pathlib.Path]:
-    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h"))
+    return sorted(p for p in (*SOURCE_DIR.iterdir(), *KERNEL_DIR.iterdir()) if p.suffix in (".cpp", ".h"))
 
 
-def cache_root() -> pathlib.Path:
-    base = os.environ.get("QCOMPILE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qcompile")
-    return pathlib.Path(base) / "cpp"
+def kernel_headers() -> list[pathlib.Path]:
+    """Every kernel file, in name order (each one's kernels declare themselves with ``QC_KERNEL``)."""
+    return sorted(KERNEL_DIR.glob("*.h"))
+
+
+def cpp_cache() -> pathlib.Path:
+    return cache_root() / "cpp"
 
 
 def content_hash(cxx: str) -> str:
     digest = hashlib.sha256()
     for path in source_files():
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        digest.update(path.relative_to(SOURCE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     flags = repr((COMMON_FLAGS, sorted(UNIT_FLAGS.items()), LINK_FLAGS))
     digest.update(flags.encode() + _compiler_version(cxx).encode())
     return digest.hexdigest()[:24]
@@ -76,7 +87,7 @@ def content_hash(cxx: str) -> str:
 
 def library_path() -> pathlib.Path:
     """Where the library for the current sources, flags and compiler lives (built or not)."""
-    return cache_root() / content_hash(compiler()) / LIBRARY_NAME
+    return cpp_cache() / content_hash(compiler()) / LIBRARY_NAME
 
 
 def _run(command: list[str], what: str) -> None:
@@ -94,13 +105,15 @@ def build() -> pathlib.Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as work:
+        includes = "".join(f'#include "{header}"\n' for header in kernel_headers())
+        pathlib.Path(work, "kernels.inc").write_text(includes)
         objects = []
         jobs = []
         with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
             for unit, flags in UNIT_FLAGS.items():
                 obj = os.path.join(work, unit.replace(".cpp", ".o"))
                 objects.append(obj)
-                command = [cxx, *COMMON_FLAGS, *flags, "-c", str(SOURCE_DIR / unit), "-o", obj]
+                command = [cxx, *COMMON_FLAGS, *flags, f"-I{work}", "-c", str(SOURCE_DIR / unit), "-o", obj]
                 jobs.append(pool.submit(_run, command, unit))
             for job in jobs:
                 job.result()

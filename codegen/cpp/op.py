@@ -26,7 +26,6 @@ SOURCE = build.SOURCE_DIR / "op" / "qcompile_op.cpp"
 LIBRARY_NAME = "libqcompile_op.so"
 ENV = "QCOMPILE_CPU_OP"
 FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared", "-w")
-WEIGHT_ONLY, W8A8, W4A8 = 0, 1, 2
 
 
 def _torch_flags() -> list[str]:
@@ -44,7 +43,7 @@ def library_path(cpu_library: pathlib.Path) -> pathlib.Path:
     for part in (SOURCE.read_bytes(), (build.SOURCE_DIR / "qc_abi.h").read_bytes(), str(cpu_library).encode(),
                  torch.__version__.encode(), repr(FLAGS).encode(), build._compiler_version(cxx).encode()):  # fmt: skip
         digest.update(part + b"\0")
-    return build.cache_root().parent / "op" / digest.hexdigest()[:24] / LIBRARY_NAME
+    return build.cache_root() / "op" / digest.hexdigest()[:24] / LIBRARY_NAME
 
 
 def compile_library(cpu_library: pathlib.Path) -> pathlib.Path:
@@ -81,11 +80,12 @@ def loaded() -> bool:
     return load.cache_info().currsize > 0 and load()
 
 
-def remember(kind: int, scheme, x, qweight, scales, zeros, bias, bits=0, kp=0, group=0, zero_const=0.0) -> None:
-    """Hand the C++ kernel the plan for this call signature (a no-op while the op library is not loaded)."""
+def remember(scheme, x, packed, bias, out_features: int, kernel: str, ints=(), floats=(), max_tokens: int = 0):
+    """Hand the C++ op the plan for this call signature: kernel ``kernel`` of the library's table, with its
+    parameters, for calls of up to ``max_tokens`` tokens (0: any). A no-op while the op library is not loaded."""
     if loaded():
-        torch.ops.qcompile_cpu.remember(x, qweight, scales, zeros, bias, scheme.name, kind, bits, kp, group,
-                                        zero_const)  # fmt: skip
+        torch.ops.qcompile_cpu.remember(x, list(packed), bias, scheme.name, out_features, kernel, list(ints),
+                                        [float(v) for v in floats], max_tokens)  # fmt: skip
 
 
 def forget() -> None:

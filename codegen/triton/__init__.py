@@ -6,7 +6,7 @@
 | `int4_kernels` | the W4A16 ``@triton.jit`` kernels (GEMV, dot, dequantize)                  |
 | `w8a16`     | W8A16 (`int8` per channel) and FP8 weight-only (`fp8`)                         |
 | `w8a8`      | W8A8 (`w8a8` int8, `fp8-w8a8`): per-row activation quantization + 8-bit GEMM   |
-| `paths`     | the path table (GEMV / split-K / GEMM by M) registered in the dispatch table   |
+| `paths`     | the path table (GEMV / split-K / GEMM by M): the families' CUDA kernel rows    |
 | `autotune`  | tuned configs: per-key search on a GPU, on-disk cache, JSON export/import;   |
 |             | the bound launches of one call signature                                     |
 | `candidates`| candidate and default launch configs by path and M bucket                      |
@@ -19,16 +19,3 @@ See ``docs/gpu-kernels.md``.
 """
 
 from __future__ import annotations
-
-
-def register() -> None:
-    """Add the Triton rows to ``qcompile.runtime.dispatch``; nothing when triton cannot be imported."""
-    from qcompile.codegen.triton.common import triton_missing
-
-    if triton_missing() is not None:
-        return
-    from qcompile.codegen.triton.paths import kernel_entries
-    from qcompile.runtime.dispatch import register_kernel
-
-    for entry in kernel_entries():
-        register_kernel(entry)

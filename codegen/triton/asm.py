@@ -204,7 +204,7 @@ def record_case(case: Case) -> list[Launch]:
     }[case.family]
     extra = {} if case.family == "w8a8" else {"path": case.path}
     with record(module, *names) as launches:
-        launcher(x, packed.qweight, packed.scales, packed.zeros, None, scheme, config=case.config, **extra)
+        launcher(x, packed.qweight, packed.scales, packed.get("zeros"), None, scheme, config=case.config, **extra)
     return launches
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from qcompile.cache import cache_root
 from qcompile.codegen.triton.common import (
     device_name, interpreting, m_bucket, tracing, triton_version, tuning_tensors, untraced,
 )  # fmt: skip
@@ -98,11 +99,7 @@ def tune_key(kernel: str, m: int, n: int, k: int, group_size: int, device: torch
 
 
 def default_cache_path() -> Path:
-    root = os.environ.get("QCOMPILE_CACHE_DIR")
-    if root:
-        return Path(root) / "triton" / CACHE_FILE
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "qcompile" / "triton" / CACHE_FILE
+    return cache_root() / "triton" / CACHE_FILE
 
 
 class TunedConfigs:
@@ -327,14 +324,10 @@ class GraphTimer:
 _CHOICES: dict[tuple, KernelConfig] = {}
 
 
-#: the config of the latest bound launch in this process (see :func:`last_config`)
-_LAST: dict[str, KernelConfig] = {}
-
-
-def last_config(forget: bool = False) -> KernelConfig | None:
-    """The config the latest bound launch ran with (``None`` if none since the last ``forget``): which tile and form
-    a benchmark row ran. ``forget=True`` returns it and starts afresh."""
-    return _LAST.pop("config", None) if forget else _LAST.get("config")
+def choices() -> dict[tuple, KernelConfig]:
+    """A copy of the memoized configs by call signature: which tile and form a benchmark row ran is the entry its
+    calls added (nothing is written per call to find it out)."""
+    return dict(_CHOICES)
 
 
 def memoized_choice(signature: tuple, choose: Callable[[], KernelConfig]) -> KernelConfig:
@@ -370,7 +363,6 @@ class BoundLaunches:
             config = self._traced_config(config, variant, tensors)
         elif config is None:
             config = self._choice(variant, tensors)
-        _LAST["config"] = config
         return self.run(config, variant, tensors)
 
     def _traced_config(self, config: KernelConfig | None, variant, tensors: tuple) -> KernelConfig:

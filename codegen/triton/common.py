@@ -122,23 +122,16 @@ def dot_precision(x_dtype: torch.dtype) -> str:
 
 
 #: packed-tensor signatures already validated: (scheme, K, then shape and dtype of each tensor)
-_CHECKED: set[tuple] = set()
-
-
 def prepare_rows(x: torch.Tensor, qweight, scales, zeros, scheme, where: str):
-    """Validate a launcher's call and flatten ``x [..., K]`` to rows: ``(x2 [M, K], M, N, K)``.
+    """Check a launcher's activation and flatten ``x [..., K]`` to rows: ``(x2 [M, K], M, N, K)``.
 
-    The packed tensors' check depends only on shapes and dtypes, so each signature is checked once.
+    The packed tensors were checked against the scheme's declared specs where the call was bound
+    (``dispatch`` checks them once per signature, with the choice it memoizes); direct callers pass packed
+    tensors that the scheme itself wrote.
     """
     check_activation(x, f"{where}({scheme.name})")
-    k = x.shape[-1]
-    signature = (scheme.name, k, qweight.shape, qweight.dtype, scales.shape, scales.dtype,
-                 None if zeros is None else (zeros.shape, zeros.dtype))  # fmt: skip
-    if signature not in _CHECKED:
-        scheme.check_packed(qweight, scales, zeros, k)
-        _CHECKED.add(signature)
     x2 = as_rows(x)
-    return x2, x2.shape[0], scales.shape[0], k
+    return x2, x2.shape[0], scales.shape[0], x.shape[-1]
 
 
 def check_activation(x: torch.Tensor, where: str) -> None:

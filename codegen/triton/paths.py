@@ -10,8 +10,8 @@
 | `triton-w8a16-gemm`    | same                           | ≥ 17     | same                  |
 | `triton-w8a8-gemm`     | `w8a8`, `fp8-w8a8`             | ≥ 1      | sm_80+ (`fp8-w8a8`: sm_89+) |
 
-Each row becomes a ``KernelEntry`` in ``qcompile.runtime.dispatch``; a call no row supports runs the reference
-path, and the reasons collected here are what the fallback notice shows. :func:`path_reason` is the pure part of
+Each row becomes a ``KernelEntry`` of the families it serves (:func:`kernel_entries`, which the families name in
+their registry entries); a call no row supports runs the reference path, and the reasons collected here are what the fallback notice shows. :func:`path_reason` is the pure part of
 the predicate (no tensors), so the table can be checked without a GPU.
 """
 
@@ -56,12 +56,19 @@ class KernelPath:
     #: signature (its per-call Python work is a reshape, an allocation and the launch), where the family has one
     binder: Callable[..., Callable[..., torch.Tensor]] | None = None
 
-    def run(self, scheme, x, qweight, scales, zeros, bias) -> torch.Tensor:
-        extra = {} if self.path is None else {"path": self.path}
-        return self.launcher(x, qweight, scales, zeros, bias, scheme, **extra)
+    def bind(self, scheme, x, packed, bias, out_features) -> Callable[..., torch.Tensor]:
+        """The dispatch row's ``bind``: this family's launchers take its declared tensors by name."""
+        launch = self.binder(scheme, x, *named(packed), bias, path=self.path)
 
-    def bind(self, scheme, x, qweight, scales, zeros, bias) -> Callable[..., torch.Tensor]:
-        return self.binder(scheme, x, qweight, scales, zeros, bias, path=self.path)
+        def launch_packed(x, packed, bias):
+            return launch(x, *named(packed), bias)
+
+        return launch_packed
+
+
+def named(packed) -> tuple:
+    """``(qweight, scales, zeros or None)``: the tensors these kernel families' schemes declare, in order."""
+    return (packed[0], packed[1], packed[2] if len(packed) > 2 else None)
 
 
 PATHS: tuple[KernelPath, ...] = (
@@ -106,7 +113,7 @@ def select_path(scheme: Scheme, m: int, device_type: str = "cuda", capability=(9
     return None
 
 
-def _supports(row: KernelPath, scheme, x, qweight, scales, zeros) -> str | None:
+def _supports(row: KernelPath, scheme, x, packed) -> str | None:
     missing = common.triton_missing()
     if missing is not None:
         return missing
@@ -114,23 +121,29 @@ def _supports(row: KernelPath, scheme, x, qweight, scales, zeros) -> str | None:
     reason = path_reason(row, scheme, m, x.device.type, common.device_capability(x.device), x.dtype)
     if reason is not None:
         return reason
-    for name, tensor in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if tensor is not None and tensor.device != x.device:
-            return f"{name} is on {tensor.device}, the activation on {x.device}"
+    for index, tensor in enumerate(packed):
+        if tensor.device != x.device:
+            return f"packed tensor {index} is on {tensor.device}, the activation on {x.device}"
     return None
 
 
-def kernel_entries() -> list[KernelEntry]:
-    """The table as dispatch rows (CUDA only)."""
+#: the families whose schemes these rows serve (each row's ``serves`` picks its schemes among them)
+FAMILIES = ("int-weight-only", "fp8", "w8a8-int8")
+
+
+def kernel_entries(family: str) -> list[KernelEntry]:
+    """The table's rows for ``family`` (CUDA only; none when triton cannot be imported)."""
+    if family not in FAMILIES or common.triton_missing() is not None:
+        return []
     return [
         KernelEntry(
             name=row.name,
             device_type="cuda",
+            families=FAMILIES,
             supports=functools.partial(_supports, row),
-            run=row.run,
+            bind=row.bind,
             priority=PRIORITY,
-            bind=None if row.binder is None else row.bind,
-            inline=None if row.binder is None else traceable.inline,
+            inline=traceable.inline,
         )
         for row in PATHS
     ]

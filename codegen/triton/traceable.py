@@ -20,11 +20,11 @@ from qcompile.codegen.triton import common
 TUNING_MAGNITUDE = 0.01
 
 
-def inline(launch, x, qweight, scales, zeros, bias) -> torch.Tensor:
+def inline(launch, x, packed, bias) -> torch.Tensor:
     """The launches of a row's bound ``launch`` for this call, recorded by the tracer whose mode is active (see
     module docstring)."""
     with common.traced_launches(real_like):
-        return launch(x, qweight, scales, zeros, bias)
+        return launch(x, packed, bias)
 
 
 def real_like(tensors: tuple) -> tuple | None:

@@ -11,15 +11,14 @@ from __future__ import annotations
 import torch
 
 from qcompile.schemes import IntWeightOnly, Scheme
-from qcompile.schemes.integer import QuantizedActivations
 
 
 def integer_scheme(scheme: Scheme, algorithm: str) -> IntWeightOnly:
-    """The :class:`IntWeightOnly` grid behind ``scheme``; an error naming the algorithm otherwise."""
-    if isinstance(scheme, IntWeightOnly):
-        return scheme
-    if isinstance(scheme, QuantizedActivations):  # w8a8, w4a8: integer weights, activations rounded at run time
-        return scheme.weights
+    """The :class:`IntWeightOnly` grid behind ``scheme`` (``Scheme.integer_grid``); an error naming the algorithm
+    otherwise."""
+    grid = scheme.integer_grid()
+    if grid is not None:
+        return grid
     raise ValueError(
         f"algorithm {algorithm!r} writes integer grids (int2/3/4/8, w8a8, w4a8); scheme {scheme.name!r} is not one. "
         f"Use algorithm 'rtn' for {scheme.name!r} or pick an integer scheme such as 'int4-g128'."

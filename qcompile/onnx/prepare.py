@@ -51,21 +51,23 @@ def prepare_for_onnx(gm: fx.GraphModule, options: ExportOptions) -> list[Prepare
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not QUANTIZED_LINEAR:
             continue
-        x, qweight, scales, zeros, bias, scheme_name = node.args
-        owner, owner_path, _ = _owner_and_attr(gm, qweight.target)
+        x, tensor_nodes, bias, scheme_name, in_features, out_features = node.args
+        first = tensor_nodes[0]
+        owner, owner_path, _ = _owner_and_attr(gm, first.target)
         site = node.meta.get("qcompile_site", owner_path)
-        if qweight.target not in lowered:
-            packed = PackedWeight(_fetch(gm, qweight), _fetch(gm, scales), _fetch(gm, zeros))
-            in_features = int(x.meta["val"].shape[-1])
-            lowering = lower_site(site, parse_scheme(scheme_name), packed, in_features, options)
+        if first.target not in lowered:
+            scheme = parse_scheme(scheme_name)
+            tensors = [_fetch(gm, n) for n in tensor_nodes]
+            packed = PackedWeight.from_list(scheme, tensors, int(out_features), int(in_features))
+            lowering = lower_site(site, scheme, packed, int(in_features), options)
             paths = {}
             for key, tensor in lowering.tensors.items():
                 if tensor is not None:
                     owner.register_buffer(f"onnx_{key}", tensor)
                     paths[key] = f"{owner_path}.onnx_{key}" if owner_path else f"onnx_{key}"
-            lowered[qweight.target] = PreparedSite(site, scheme_name, lowering, paths)
-        lowering, paths = lowered[qweight.target].lowering, lowered[qweight.target].paths
-        old_paths.update(n.target for n in (qweight, scales, zeros) if n is not None)
+            lowered[first.target] = PreparedSite(site, scheme_name, lowering, paths)
+        lowering, paths = lowered[first.target].lowering, lowered[first.target].paths
+        old_paths.update(n.target for n in tensor_nodes)
         with graph.inserting_before(node):
             inputs = [graph.get_attr(paths[key]) if key in paths else None for key in lowering.tensors]
             new = graph.call_function(lowering.op, (x, *inputs, bias, *lowering.attrs))

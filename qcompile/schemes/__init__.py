@@ -12,30 +12,38 @@
 | `fp8`                        | FP8 weight-only   | e4m3 per channel                   | float                 |
 | `fp8-w8a8`                   | W8A8-FP8          | e4m3 per channel                   | e4m3 per row, dynamic |
 
-A new scheme family is one module here plus an entry in ``FAMILIES``.
+Every module of this package that defines a family registers it (:mod:`qcompile.schemes.registry`); this
+package imports them all, so a new family is a new module and nothing here changes.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib
+import pkgutil
 
-from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme
-from qcompile.schemes.fp8 import FP8
-from qcompile.schemes.integer import IntWeightOnly
-from qcompile.schemes.nf4 import NF4
-from qcompile.schemes.w4a8 import W4A8Int
-from qcompile.schemes.w8a8 import W8A8Int
+from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme, TensorSpec
+from qcompile.schemes.registry import Family, families, family, family_of, register_family
 
-FAMILIES: tuple[type[Scheme], ...] = (IntWeightOnly, W8A8Int, W4A8Int, FP8, NF4)
-EXAMPLE_NAMES = (
-    "int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g128-sym", "int3-g128", "int2-g64",
-    "nf4-g64", "w8a8", "w4a8-g128", "w4a8-g32", "fp8", "fp8-w8a8",
-)  # fmt: skip
+_NOT_FAMILIES = {"base", "registry", "packing"}
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in _NOT_FAMILIES:
+        importlib.import_module(f"{__name__}.{_module}")
+
+from qcompile.schemes.fp8 import FP8  # noqa: E402  (families the rest of the package names directly)
+from qcompile.schemes.integer import IntWeightOnly  # noqa: E402
+from qcompile.schemes.nf4 import NF4  # noqa: E402
+from qcompile.schemes.w4a8 import W4A8Int  # noqa: E402
+from qcompile.schemes.w8a8 import W8A8Int  # noqa: E402
 
 
 class SchemeError(ValueError):
     """An unknown or malformed scheme name."""
+
+
+def example_names() -> tuple[str, ...]:
+    return tuple(name for f in families() for name in f.examples)
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,16 +53,16 @@ def parse_scheme(name: str) -> Scheme:
         return name
     if not isinstance(name, str):
         raise SchemeError(f"a scheme is a name such as 'int4-g128', got {type(name).__name__}")
-    for family in FAMILIES:
+    for registered in families():
         try:
-            scheme = family.from_name(name.strip().lower())
+            scheme = registered.scheme.from_name(name.strip().lower())
         except ValueError as error:
             raise SchemeError(f"scheme {name!r}: {error}") from None
         if scheme is not None:
             return scheme
-    close = difflib.get_close_matches(name, EXAMPLE_NAMES, n=1)
+    close = difflib.get_close_matches(name, example_names(), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise SchemeError(f"unknown scheme {name!r}.{hint} Known forms: {', '.join(EXAMPLE_NAMES)}")
+    raise SchemeError(f"unknown scheme {name!r}.{hint} Known forms: {', '.join(example_names())}")
 
 
 def as_scheme(value: str | Scheme) -> Scheme:
@@ -62,6 +70,7 @@ def as_scheme(value: str | Scheme) -> Scheme:
 
 
 __all__ = [
-    "FAMILIES", "FP8", "IntWeightOnly", "NF4", "PackedWeight", "QuantizedWeight", "Scheme", "SchemeError",
-    "W4A8Int", "W8A8Int", "as_scheme", "parse_scheme",
+    "FP8", "Family", "IntWeightOnly", "NF4", "PackedWeight", "QuantizedWeight", "Scheme", "SchemeError",
+    "TensorSpec", "W4A8Int", "W8A8Int", "as_scheme", "example_names", "families", "family", "family_of",
+    "parse_scheme", "register_family",
 ]  # fmt: skip

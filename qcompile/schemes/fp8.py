@@ -20,7 +20,8 @@ import dataclasses
 
 import torch
 
-from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme
+from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme, TensorSpec
+from qcompile.schemes.registry import Family, register_family
 
 E4M3_MAX = 448.0
 _NAMES = {"fp8": False, "fp8-row": False, "fp8-w8a8": True}
@@ -57,15 +58,9 @@ class FP8(Scheme):
     def padded_in_features(self, in_features):
         return in_features
 
-    def pack_shapes(self, out_features, in_features):
-        return {
-            "qweight": ((out_features, in_features), torch.float8_e4m3fn),
-            "scales": ((out_features, 1), torch.float32),
-            "zeros": None,
-        }
-
-    def packed_nbytes(self, out_features, in_features):
-        return out_features * in_features + 4 * out_features
+    def tensors(self, out_features, in_features):
+        return (TensorSpec("qweight", (out_features, in_features), torch.float8_e4m3fn, "e4m3 codes"),
+                TensorSpec("scales", (out_features, 1), torch.float32, "one scale per output channel"))
 
     def quantize(self, weight):
         codes, scales = quantize_rowwise_fp8(weight)
@@ -75,14 +70,16 @@ class FP8(Scheme):
         return q.codes.to(torch.float32) * q.scales
 
     def pack(self, q):
-        return PackedWeight(q.codes, q.scales, None)
+        return self.checked_pack(PackedWeight({"qweight": q.codes, "scales": q.scales}), q.out_features,
+                                 q.in_features)
 
     def unpack(self, packed: PackedWeight, in_features):
-        return QuantizedWeight(packed.qweight, packed.scales, None, in_features)
+        return QuantizedWeight(packed["qweight"], packed["scales"], None, in_features)
 
-    def reference_linear(self, x, qweight, scales, zeros, bias):
+    def reference_linear(self, x, packed, bias, out_features):
         if not self.activations:
-            return super().reference_linear(x, qweight, scales, zeros, bias)
+            return super().reference_linear(x, packed, bias, out_features)
+        qweight, scales = packed
         lead = x.shape[:-1]
         x_q, x_scale = quantize_rowwise_fp8(x.reshape(-1, x.shape[-1]))
         acc = x_q.to(torch.float32) @ qweight.to(torch.float32).t()
@@ -90,3 +87,9 @@ class FP8(Scheme):
         if bias is not None:
             y = y + bias.to(torch.float32)
         return y.to(x.dtype).reshape(*lead, -1)
+
+
+register_family(Family(
+    "fp8", FP8, examples=("fp8", "fp8-w8a8"), algorithms=("awq", "smoothquant"),
+    kernels=("qcompile.codegen.triton.paths",), onnx="qcompile.onnx.families.fp8:lower",
+))  # fmt: skip

@@ -33,8 +33,9 @@ import re
 
 import torch
 
-from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme, ceil_to, pad_columns
+from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme, TensorSpec, ceil_to, pad_columns
 from qcompile.schemes.packing import ELEMENTS_PER_UNIT, pack_codes, packed_row_bytes, unpack_codes
+from qcompile.schemes.registry import Family, register_family
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 _NAME = re.compile(r"^int(?P<bits>[2348])(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?$")
@@ -78,6 +79,9 @@ class IntWeightOnly(Scheme):
         return cls(bits=bits, group_size=group, symmetric=symmetric)
 
     # -- geometry -------------------------------------------------------------------------------
+    def integer_grid(self) -> IntWeightOnly:
+        return self
+
     def padded_in_features(self, in_features: int) -> int:
         if self.group_size is not None:
             return ceil_to(in_features, self.group_size)
@@ -86,23 +90,19 @@ class IntWeightOnly(Scheme):
     def group_size_for(self, in_features: int) -> int:
         return self.group_size or self.padded_in_features(in_features)
 
-    def pack_shapes(self, out_features, in_features):
+    def tensors(self, out_features, in_features):
         kp = self.padded_in_features(in_features)
         groups = kp // self.group_size_for(in_features)
         if self.bits == 8:
-            qweight = ((out_features, kp), torch.int8)
+            qweight = TensorSpec("qweight", (out_features, kp), torch.int8, "signed codes q = u - 128")
         else:
-            qweight = ((out_features, packed_row_bytes(self.bits, kp)), torch.uint8)
-        meta = ((out_features, groups), torch.float32)
-        return {"qweight": qweight, "scales": meta, "zeros": None if self.symmetric else meta}
-
-    def packed_nbytes(self, out_features, in_features):
-        total = 0
-        for spec in self.pack_shapes(out_features, in_features).values():
-            if spec is not None:
-                shape, dtype = spec
-                total += shape[0] * shape[1] * dtype.itemsize
-        return total
+            qweight = TensorSpec("qweight", (out_features, packed_row_bytes(self.bits, kp)), torch.uint8,
+                                 f"{self.bits}-bit unsigned codes packed along K (qcompile.schemes.packing)")
+        scales = TensorSpec("scales", (out_features, groups), torch.float32, "one scale per group")
+        if self.symmetric:
+            return qweight, scales
+        return qweight, scales, TensorSpec("zeros", (out_features, groups), torch.float32, "zero point per group, "
+                                           "in code units (float)")  # fmt: skip
 
     # -- reference quantization -------------------------------------------------------------------
     def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
@@ -156,14 +156,15 @@ class IntWeightOnly(Scheme):
 
     def pack(self, q: QuantizedWeight) -> PackedWeight:
         qweight = q.codes if self.bits == 8 else pack_codes(q.codes, self.bits)
-        packed = PackedWeight(qweight.contiguous(), q.scales, q.zeros)
-        assert packed.nbytes == self.packed_nbytes(q.out_features, q.in_features)
-        return packed
+        tensors = {"qweight": qweight.contiguous(), "scales": q.scales}
+        if q.zeros is not None:
+            tensors["zeros"] = q.zeros
+        return self.checked_pack(PackedWeight(tensors), q.out_features, q.in_features)
 
     def unpack(self, packed: PackedWeight, in_features: int) -> QuantizedWeight:
         kp = self.padded_in_features(in_features)
-        codes = packed.qweight if self.bits == 8 else unpack_codes(packed.qweight, self.bits, kp)
-        return QuantizedWeight(codes, packed.scales, packed.zeros, in_features)
+        codes = packed["qweight"] if self.bits == 8 else unpack_codes(packed["qweight"], self.bits, kp)
+        return QuantizedWeight(codes, packed["scales"], packed.get("zeros"), in_features)
 
 
 class QuantizedActivations:
@@ -182,11 +183,11 @@ class QuantizedActivations:
     def group_size_for(self, in_features):
         return self.weights.group_size_for(in_features)
 
-    def pack_shapes(self, out_features, in_features):
-        return self.weights.pack_shapes(out_features, in_features)
+    def tensors(self, out_features, in_features):
+        return self.weights.tensors(out_features, in_features)
 
-    def packed_nbytes(self, out_features, in_features):
-        return self.weights.packed_nbytes(out_features, in_features)
+    def integer_grid(self):
+        return self.weights
 
     def quantize(self, weight):
         return self.weights.quantize(weight)
@@ -199,3 +200,12 @@ class QuantizedActivations:
 
     def unpack(self, packed: PackedWeight, in_features):
         return self.weights.unpack(packed, in_features)
+
+
+register_family(Family(
+    "int-weight-only", IntWeightOnly,
+    examples=("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g128-sym", "int3-g128", "int2-g64"),
+    algorithms=("gptq", "awq", "hqq"),
+    kernels=("qcompile.codegen.cpp.integer", "qcompile.codegen.triton.paths"),
+    onnx="qcompile.onnx.families.integer:lower",
+))  # fmt: skip

@@ -17,8 +17,9 @@ import re
 
 import torch
 
-from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme, ceil_to, pad_columns
+from qcompile.schemes.base import PackedWeight, QuantizedWeight, Scheme, TensorSpec, ceil_to, pad_columns
 from qcompile.schemes.packing import pack_codes, packed_row_bytes, unpack_codes
+from qcompile.schemes.registry import Family, register_family
 
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -56,17 +57,11 @@ class NF4(Scheme):
     def group_size_for(self, in_features):
         return self.group_size
 
-    def pack_shapes(self, out_features, in_features):
+    def tensors(self, out_features, in_features):
         kp = self.padded_in_features(in_features)
-        return {
-            "qweight": ((out_features, packed_row_bytes(4, kp)), torch.uint8),
-            "scales": ((out_features, kp // self.group_size), torch.float32),
-            "zeros": None,
-        }
-
-    def packed_nbytes(self, out_features, in_features):
-        kp = self.padded_in_features(in_features)
-        return out_features * (kp // 2 + 4 * (kp // self.group_size))
+        return (TensorSpec("qweight", (out_features, packed_row_bytes(4, kp)), torch.uint8,
+                           "level indices, element 2j in the low nibble, 2j+1 in the high one"),
+                TensorSpec("scales", (out_features, kp // self.group_size), torch.float32, "absmax per group"))
 
     def quantize(self, weight):
         n, k = weight.shape
@@ -86,10 +81,13 @@ class NF4(Scheme):
         return values.reshape(n, kp)[:, : q.in_features]
 
     def pack(self, q):
-        packed = PackedWeight(pack_codes(q.codes, 4), q.scales, None)
-        assert packed.nbytes == self.packed_nbytes(q.out_features, q.in_features)
-        return packed
+        packed = PackedWeight({"qweight": pack_codes(q.codes, 4), "scales": q.scales})
+        return self.checked_pack(packed, q.out_features, q.in_features)
 
     def unpack(self, packed: PackedWeight, in_features):
-        codes = unpack_codes(packed.qweight, 4, self.padded_in_features(in_features))
-        return QuantizedWeight(codes, packed.scales, None, in_features)
+        codes = unpack_codes(packed["qweight"], 4, self.padded_in_features(in_features))
+        return QuantizedWeight(codes, packed["scales"], None, in_features)
+
+
+register_family(Family("nf4", NF4, examples=("nf4-g64",), algorithms=("awq", "smoothquant"),
+                       onnx="qcompile.onnx.families.nf4:lower"))  # fmt: skip

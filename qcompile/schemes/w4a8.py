@@ -21,6 +21,7 @@ import torch
 
 from qcompile.schemes.base import PackedWeight, Scheme
 from qcompile.schemes.integer import IntWeightOnly, QuantizedActivations
+from qcompile.schemes.registry import Family, register_family
 from qcompile.schemes.w8a8 import quantize_per_token_int8
 
 _NAME = re.compile(r"^w4a8(?:-g(?P<group>\d+))?(?:-(?P<sym>sym|asym))?$")
@@ -59,18 +60,26 @@ class W4A8Int(QuantizedActivations, Scheme):
             return None
         return cls(group_size=int(m["group"]) if m["group"] else None, symmetric=m["sym"] == "sym")
 
-    def reference_linear(self, x, qweight, scales, zeros, bias):
+    def reference_linear(self, x, packed, bias, out_features):
         """The formula of the module docstring in float64 (integer sums are exact there), cast to ``x.dtype``."""
         k = x.shape[-1]
         lead = x.shape[:-1]
         kp, group = self.padded_in_features(k), self.group_size_for(k)
+        named = PackedWeight.from_list(self, packed, out_features, k)
+        scales, zeros = named["scales"], named.get("zeros")
         x_q, x_scale = quantize_per_token_int8(x.reshape(-1, k))
         m, n, g = x_q.shape[0], scales.shape[0], kp // group
         xq = torch.nn.functional.pad(x_q.to(torch.float64), (0, kp - k)).reshape(m, g, group)
-        u = self.unpack(PackedWeight(qweight, scales, zeros), k).codes.to(torch.float64).reshape(n, g, group)
+        u = self.unpack(named, k).codes.to(torch.float64).reshape(n, g, group)
         zero = zeros.double() if zeros is not None else torch.full_like(scales, 8.0, dtype=torch.float64)
         dots = torch.einsum("mgk,ngk->mng", xq, u) - zero.unsqueeze(0) * xq.sum(-1).unsqueeze(1)
         y = (dots * scales.double().unsqueeze(0)).sum(-1) * x_scale.double()
         if bias is not None:
             y = y + bias.double()
         return y.to(torch.float32).to(x.dtype).reshape(*lead, n)
+
+
+register_family(Family(
+    "w4a8-int", W4A8Int, examples=("w4a8-g128", "w4a8-g32"), algorithms=("gptq", "awq", "hqq", "smoothquant"),
+    kernels=("qcompile.codegen.cpp.integer",),
+))  # fmt: skip

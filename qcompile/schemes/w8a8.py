@@ -19,6 +19,7 @@ import torch
 
 from qcompile.schemes.base import Scheme
 from qcompile.schemes.integer import IntWeightOnly, QuantizedActivations
+from qcompile.schemes.registry import Family, register_family
 
 _WEIGHTS = IntWeightOnly(bits=8, group_size=None, symmetric=True)
 _ALIASES = {"w8a8": True, "w8a8-int8": True}
@@ -58,7 +59,8 @@ class W8A8Int(QuantizedActivations, Scheme):
     def from_name(cls, name: str):
         return cls() if name in _ALIASES else None
 
-    def reference_linear(self, x, qweight, scales, zeros, bias):
+    def reference_linear(self, x, packed, bias, out_features):
+        qweight, scales = packed
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         x_q, x_scale = quantize_per_token_int8(x2)
@@ -67,3 +69,9 @@ class W8A8Int(QuantizedActivations, Scheme):
         if bias is not None:
             y = y + bias.to(torch.float32)
         return y.to(x.dtype).reshape(*lead, -1)
+
+
+register_family(Family(
+    "w8a8-int8", W8A8Int, examples=("w8a8",), algorithms=("gptq", "awq", "hqq", "smoothquant"),
+    kernels=("qcompile.codegen.cpp.integer", "qcompile.codegen.triton.paths"), onnx="qcompile.onnx.families.w8a8:lower",
+))  # fmt: skip

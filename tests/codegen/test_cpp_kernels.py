@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from qcompile.codegen import cpp
-from qcompile.codegen.cpp import build, kernels, library
+from qcompile.codegen.cpp import build, integer, library
 from qcompile.runtime import dispatch, ops
 from qcompile.schemes import parse_scheme
 
@@ -49,13 +49,23 @@ def _inputs(m: int, k: int, n: int, dtype, seed: int):
 
 
 def _run(name: str):
+    """``run(scheme, x, packed, bias)``: the row's launcher for this one call, bound and called."""
+    bind = integer.weight_only_bind
     if name == "w8a8":
-        return kernels.w8a8_run
-    return kernels.w4a8_run if name.startswith("w4a8") else kernels.weight_only_run
+        bind = integer.w8a8_bind
+    elif name.startswith("w4a8"):
+        bind = integer.w4a8_bind
+
+    def run(scheme, x, packed, bias):
+        n = packed.list()[1].shape[0]
+        bias32 = None if bias is None else bias.float()
+        return bind(scheme, x, packed.list(), bias32, n)(x, packed.list(), bias32)
+
+    return run
 
 
 def _assert_matches_reference(y, x, packed, bias, name):
-    ref = ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias, name)
+    ref = ops.reference_linear(x, packed.list(), bias, name, x.shape[-1], y.shape[-1])
     assert y.dtype == ref.dtype and y.shape == ref.shape
     if name == "w8a8":
         torch.testing.assert_close(y, ref, rtol=0, atol=0)
@@ -75,18 +85,18 @@ def test_kernel_matches_reference(name, dtype, isa, monkeypatch):
         scheme, packed = _packed(name, n, k, seed=i)
         x, bias = _inputs(m, k, n, dtype, seed=i)
         bias = bias if i % 2 == 0 else None
-        y = run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
+        y = run(scheme, x, packed, bias)
         _assert_matches_reference(y, x, packed, bias, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["int8-asym", "int4-g24", "int4-g128-sym", "int4"])
 def test_dequantize_gemm_path_matches_reference(name, dtype, monkeypatch):
-    monkeypatch.setattr(kernels, "GEMM_MIN_TOKENS", 4)
-    monkeypatch.setattr(kernels, "GEMM_SLICE_BYTES", 4 * 100 * 7)  # several slices, the last one short
+    monkeypatch.setattr(integer, "GEMM_MIN_TOKENS", 4)
+    monkeypatch.setattr(integer, "GEMM_SLICE_BYTES", 4 * 100 * 7)  # several slices, the last one short
     scheme, packed = _packed(name, 45, 100, seed=11)
     x, bias = _inputs(6, 100, 45, dtype, seed=11)
-    y = kernels.weight_only_run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
+    y = _run(name)(scheme, x, packed, bias)
     _assert_matches_reference(y, x, packed, bias, name)
 
 
@@ -95,9 +105,9 @@ def test_op_dispatches_to_cpp_kernel(name):
     scheme, packed = _packed(name, 48, 96, seed=7)
     x, bias = _inputs(3, 96, 48, torch.float32, seed=7)
     x = x.reshape(1, 3, 96)
-    entry, reason = dispatch.select_kernel(scheme, x, packed.qweight, packed.scales, packed.zeros)
+    entry, reason = dispatch.select_kernel(scheme, x, packed.list())
     assert entry is not None and entry.name.startswith("cpp-"), reason
-    y = torch.ops.qcompile.linear(x, packed.qweight, packed.scales, packed.zeros, bias, name)
+    y = torch.ops.qcompile.linear(x, packed.list(), bias, name, 96, 48)
     assert y.shape == (1, 3, 48)
     _assert_matches_reference(y, x, packed, bias, name)
 
@@ -107,12 +117,12 @@ def test_op_dispatches_to_cpp_kernel(name):
 def test_unsupported_calls_give_a_reason_and_fall_back(name, dtype):
     scheme, packed = _packed(name, 16, 64, seed=3)
     x = torch.randn(2, 64).to(dtype)
-    entry, reason = dispatch.select_kernel(scheme, x, packed.qweight, packed.scales, packed.zeros)
-    assert entry is None and "cpp-" in reason
+    entry, reason = dispatch.select_kernel(scheme, x, packed.list())
+    assert entry is None and ("cpp-" in reason or "no fast kernel" in reason)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        y = torch.ops.qcompile.linear(x, packed.qweight, packed.scales, packed.zeros, None, name)
-    torch.testing.assert_close(y, ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, None, name))
+        y = torch.ops.qcompile.linear(x, packed.list(), None, name, 64, 16)
+    torch.testing.assert_close(y, ops.reference_linear(x, packed.list(), None, name, x.shape[-1], 16))
 
 
 @pytest.mark.parametrize("name, m", [("int4-g32", 3), ("int8", 5), ("int4", 20), ("w8a8", 6), ("w4a8-g64", 7)])
@@ -123,9 +133,9 @@ def test_one_and_two_threads_agree_exactly(name, m):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
+        one = run(scheme, x, packed, bias)
         torch.set_num_threads(2)
-        two = run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
+        two = run(scheme, x, packed, bias)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
@@ -137,7 +147,7 @@ def test_isa_variants_agree_with_each_other(monkeypatch):
     results = []
     for isa in ISAS:
         monkeypatch.setenv(library.ISA_ENV, isa)
-        results.append(kernels.weight_only_run(scheme, x, packed.qweight, packed.scales, packed.zeros, None))
+        results.append(_run("int4-g64")(scheme, x, packed, None))
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=1e-5, atol=1e-5)
 
@@ -195,13 +205,20 @@ def test_missing_compiler_is_reported(monkeypatch):
         raise build.CompilerError("no C++ compiler found")
 
     monkeypatch.setattr(library, "load", no_library)
-    names = [k.name for k in dispatch.registered_kernels() if k.name.startswith("cpp-")]
+    cpp.available.cache_clear()
     try:
-        for name in names:
-            dispatch.unregister_kernel(name)
         with pytest.warns(UserWarning, match="reference path"):
-            cpp.register()
-        assert not [k for k in dispatch.registered_kernels() if k.name.startswith("cpp-")]
+            assert integer.kernel_entries("int-weight-only") == []
     finally:
         monkeypatch.undo()
-        cpp.register()
+        cpp.available.cache_clear()
+    assert [k.name for k in integer.kernel_entries("int-weight-only")] == ["cpp-w8a16", "cpp-w4a16"]
+
+
+def test_kernel_table_holds_every_kernel_for_every_isa():
+    """Kernels declare themselves once (QC_KERNEL); the table has each one for each ISA variant."""
+    names = library.kernel_names()
+    for kernel in ("linear_wo", "dequant_wo", "linear_w8a8", "linear_w4a8"):
+        assert names.count(kernel) == len(library.ISAS), kernel
+        assert library.has_kernel(kernel)
+    assert not library.has_kernel("no_such_kernel")

@@ -13,8 +13,7 @@ import sys
 import pytest
 import torch
 
-from qcompile.codegen import cpp
-from qcompile.codegen.cpp import kernels, library, op
+from qcompile.codegen.cpp import integer, library, op
 from qcompile.runtime import dispatch, ops
 from qcompile.schemes import parse_scheme
 
@@ -31,15 +30,21 @@ def _case(name, m, k, n, dtype=torch.float32, seed=0, bias=True):
 
 
 def _call(x, packed, bias, name):
-    return torch.ops.qcompile.linear(x, packed.qweight, packed.scales, packed.zeros, bias, name)
+    n = packed.scales.shape[0]
+    return torch.ops.qcompile.linear(x, packed.list(), bias, name, x.shape[-1], n)
+
+
+def _reference(x, packed, bias, name):
+    return ops.reference_linear(x, packed.list(), bias, name, x.shape[-1], packed.scales.shape[0])
 
 
 def _python_launcher(scheme, x, packed, bias):
     if scheme.quantizes_activations:
-        run = kernels.w4a8_run if scheme.name.startswith("w4a8") else kernels.w8a8_run
+        bind = integer.w4a8_bind if scheme.name.startswith("w4a8") else integer.w8a8_bind
     else:
-        run = kernels.weight_only_run
-    return run(scheme, x, packed.qweight, packed.scales, packed.zeros, bias)
+        bind = integer.weight_only_bind
+    n = packed.scales.shape[0]
+    return bind(scheme, x, packed.list(), bias, n)(x, packed.list(), bias)
 
 
 CASES = [("int4-g32", 1, 100, 37), ("int4-g128-sym", 3, 257, 64), ("int8", 5, 130, 20), ("int8-asym", 1, 64, 9),
@@ -56,7 +61,7 @@ def test_second_call_runs_in_cpp_and_matches_python_bit_for_bit(name, m, k, n, d
     assert op.stats()["fast"] == before + 1
     assert y.shape == (1, m, n) and y.dtype == dtype
     assert torch.equal(y, _python_launcher(scheme, x, packed, bias))
-    ref = ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias, name)
+    ref = _reference(x, packed, bias, name)
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
 
 
@@ -72,7 +77,7 @@ def test_calls_it_cannot_serve_go_back_to_python(variant):
     y = _call(x, packed, bias, "int4-g32")
     after = op.stats()
     assert after["fast"] == before["fast"] and after["fallback"] == before["fallback"] + 1
-    ref = ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias, "int4-g32")
+    ref = _reference(x, packed, bias, "int4-g32")
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -84,7 +89,7 @@ def test_bfloat16_model_with_a_bias_stays_in_cpp():
     y = _call(x, packed, bias, "int8")
     assert op.stats()["fast"] == before + 1
     assert torch.equal(y, _python_launcher(scheme, x, packed, bias))
-    ref = ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias, "int8")
+    ref = _reference(x, packed, bias, "int8")
     torch.testing.assert_close(y.float(), ref.float(), rtol=1.6e-2, atol=1.6e-2 * ref.float().abs().max().item())
 
 
@@ -112,10 +117,10 @@ def test_plans_follow_the_dispatch_table():
         before = op.stats()["fast"]
         y = _call(x, packed, bias, "int8")
         assert op.stats()["fast"] == before
-        torch.testing.assert_close(y, ops.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias,
-                                                           "int8"))  # fmt: skip
+        torch.testing.assert_close(y, _reference(x, packed, bias, "int8"))
     finally:
-        cpp.register()
+        for entry in integer.kernel_entries("int-weight-only"):
+            dispatch.register_kernel(entry)
 
 
 def test_gradients_still_flow_through_the_cpp_kernel():
@@ -124,7 +129,7 @@ def test_gradients_still_flow_through_the_cpp_kernel():
     x.requires_grad_(True)
     y = _call(x, packed, bias, "int4-g32")
     y.pow(2).sum().backward()
-    weight = scheme.dequantize_packed(packed.qweight, packed.scales, packed.zeros, 64)
+    weight = scheme.dequantize_packed(packed, 24, 64)
     x2, b2 = x.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
     torch.nn.functional.linear(x2, weight, b2).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)

@@ -59,7 +59,8 @@ def test_traced_launches_compute_the_op(row_name, symmetric, monkeypatch):
     workspaces = dict(common._WORKSPACES)
     with common.traced_launches():
         assert common.tracing()
-        y = row.bind(parse_scheme(scheme_name), x, qweight, scales, zeros, bias)(x, qweight, scales, zeros, bias)
+        tensors = [t for t in (qweight, scales, zeros) if t is not None]
+        y = row.bind(parse_scheme(scheme_name), x, tensors, bias, n)(x, tensors, bias)
     assert not common.tracing()
     assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 2e-2)
     assert KERNELS[f"{family}-{path}"] <= set(wrapped), wrapped
@@ -160,14 +161,16 @@ TRACE_SCRIPT = textwrap.dedent(
 
 
     class Linear(torch.nn.Module):
-        def __init__(self, scheme, tensors):
+        def __init__(self, scheme, tensors, n, k):
             super().__init__()
-            self.scheme = scheme
-            for name, tensor in tensors.items():
-                self.register_buffer(name, tensor)
+            self.scheme, self.n, self.k = scheme, n, k
+            self.names = [name for name, tensor in tensors.items() if tensor is not None]
+            for name in self.names:
+                self.register_buffer(name, tensors[name])
 
         def forward(self, x):
-            return (torch.ops.qcompile.linear(x, self.qweight, self.scales, self.zeros, None, self.scheme),)
+            packed = [getattr(self, name) for name in self.names]
+            return (torch.ops.qcompile.linear(x, packed, None, self.scheme, self.k, self.n),)
 
 
     def trace(scheme_name, m, n, k, device="cuda", inline=True, symbolic=False, export=False):
@@ -177,7 +180,7 @@ TRACE_SCRIPT = textwrap.dedent(
         with FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env):
             tensors = {name: None if t is None else torch.empty(t.shape, dtype=t.dtype, device=device)
                        for name, t in (("qweight", packed.qweight), ("scales", packed.scales),
-                                       ("zeros", packed.zeros))}
+                                       ("zeros", packed.get("zeros")))}
             if symbolic:  # M a symbol, as under torch.compile(dynamic=True)
                 source = ConstantSource("m")
                 m = shape_env.create_symintnode(shape_env.create_symbol(m, source=source), hint=m, source=source)
@@ -185,9 +188,9 @@ TRACE_SCRIPT = textwrap.dedent(
         with dispatch.inline_kernels(inline), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if export:
-                graph = torch.export.export(Linear(scheme_name, tensors), (x,)).run_decompositions({}).graph_module
+                graph = torch.export.export(Linear(scheme_name, tensors, n, k), (x,)).run_decompositions({}).graph_module
             else:
-                graph, _ = aot_export_module(Linear(scheme_name, tensors), (x,), trace_joint=False)
+                graph, _ = aot_export_module(Linear(scheme_name, tensors, n, k), (x,), trace_joint=False)
         nodes = []
         for node in graph.graph.nodes:
             if node.op != "call_function" or node.target.__name__ == "getitem":

@@ -29,7 +29,7 @@ def test_onnx_layout_matches_reference(scheme_name, int4_format, k):
     lowering = lower_site("layer", scheme, packed, k, ExportOptions(int4_format))
     x, bias = torch.randn(3, 5, k), torch.randn(24)
     got = lowering.op(x, *lowering.tensors.values(), bias, *lowering.attrs)
-    expected = scheme.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias)
+    expected = scheme.reference_linear(x, packed.list(), bias, 24)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     assert lowering.tensors.get("qweight", lowering.tensors.get("B")).dtype != torch.float32
 

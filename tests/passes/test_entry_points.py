@@ -234,7 +234,7 @@ def test_eager_swaps_every_alias_of_a_module():
 
 def test_quantized_linear_refuses_a_width_hidden_by_padding():
     layer = qcompile.quantize(torch.nn.Sequential(torch.nn.Linear(100, 8)), "int4-g128", progress_bar=False)[0]
-    with pytest.raises(ValueError, match="input has 128 features, expected 100"):
+    with pytest.raises(ValueError, match="the input has 128 features, the layer takes 100"):
         layer(torch.randn(2, 128))  # 128 = K padded to a whole group: the packed shapes alone would accept it
 
 

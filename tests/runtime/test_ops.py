@@ -26,20 +26,21 @@ def test_opcheck(name):
     bias = torch.randn(24)
     # torch's schema checker compares inputs with ops that have no float8 CPU kernel: skip that one check for fp8
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    kwargs = {"test_utils": utils} if p.qweight.dtype == torch.float8_e4m3fn else {}
+    fp8 = any(t.dtype == torch.float8_e4m3fn for t in p.list())
+    kwargs = {"test_utils": utils} if fp8 else {}
     op = torch.ops.qcompile.linear.default
-    torch.library.opcheck(op, (x, p.qweight, p.scales, p.zeros, bias, scheme.name), **kwargs)
+    torch.library.opcheck(op, (x, p.list(), bias, scheme.name, 72, 24), **kwargs)
     x_grad = torch.randn(5, 72, requires_grad=True)
-    torch.library.opcheck(op, (x_grad, p.qweight, p.scales, p.zeros, None, scheme.name), **kwargs)
+    torch.library.opcheck(op, (x_grad, p.list(), None, scheme.name, 72, 24), **kwargs)
 
 
 @pytest.mark.parametrize("name", [n for n in SCHEMES if not parse_scheme(n).quantizes_activations])
 def test_weight_only_reference_is_dequantized_linear(name):
     scheme, _, p = _packed(name, 10, 50)
     x = torch.randn(4, 50, dtype=torch.float64)
-    w = scheme.dequantize_packed(p.qweight, p.scales, p.zeros, 50).double()
+    w = scheme.dequantize_packed(p, 10, 50).double()
     expected = x @ w.t()
-    torch.testing.assert_close(reference_linear(x, p.qweight, p.scales, p.zeros, None, name), expected)
+    torch.testing.assert_close(reference_linear(x, p.list(), None, name, x.shape[-1], 10), expected)
 
 
 def test_w8a8_reference_matches_float64_integer_math():
@@ -49,7 +50,7 @@ def test_w8a8_reference_matches_float64_integer_math():
     x_scale = x64.abs().amax(1, keepdim=True) / 127
     x_q = torch.clamp(torch.round(x64 / x_scale), -127, 127)
     expected = (x_q @ p.qweight.double().t()) * x_scale * p.scales.double().reshape(1, -1)
-    got = reference_linear(x, p.qweight, p.scales, None, None, "w8a8")
+    got = reference_linear(x, p.list(), None, "w8a8", x.shape[-1], 12)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -58,12 +59,12 @@ def test_activation_gradient_matches_autograd_through_dequantized_weight(name):
     scheme, _, p = _packed(name, 16, 48)
     bias = torch.randn(16, requires_grad=True)
     x = torch.randn(3, 48, requires_grad=True)
-    y = torch.ops.qcompile.linear(x, p.qweight, p.scales, p.zeros, bias, name)
+    y = torch.ops.qcompile.linear(x, p.list(), bias, name, 48, 16)
     grad_out = torch.randn_like(y)
     gx, gb = torch.autograd.grad(y, (x, bias), grad_out)
     x_ref = x.detach().clone().requires_grad_(True)
     bias_ref = bias.detach().clone().requires_grad_(True)
-    w = scheme.dequantize_packed(p.qweight, p.scales, p.zeros, 48)
+    w = scheme.dequantize_packed(p, 16, 48)
     y_ref = torch.nn.functional.linear(x_ref, w, bias_ref)
     gx_ref, gb_ref = torch.autograd.grad(y_ref, (x_ref, bias_ref), grad_out)
     torch.testing.assert_close(gx, gx_ref)
@@ -81,7 +82,7 @@ def test_lora_trains_over_frozen_quantized_base():
     optimizer = torch.optim.Adam([lora_a, lora_b], lr=1e-2)
     losses = []
     for _ in range(60):
-        y = torch.ops.qcompile.linear(x, p.qweight, p.scales, p.zeros, None, "int4-g32") + x @ lora_a.t() @ lora_b.t()
+        y = torch.ops.qcompile.linear(x, p.list(), None, "int4-g32", 32, 8) + x @ lora_a.t() @ lora_b.t()
         loss = torch.nn.functional.mse_loss(y, y_target)
         optimizer.zero_grad()
         loss.backward()
@@ -92,25 +93,40 @@ def test_lora_trains_over_frozen_quantized_base():
 
 def test_bad_packed_shapes_are_refused_with_the_tensor_named():
     _, _, p = _packed("int4-g32", 8, 64)
-    with pytest.raises(ValueError, match="qweight"):
-        torch.ops.qcompile.linear(torch.randn(2, 64), p.qweight[:, :-1], p.scales, p.zeros, None, "int4-g32")
-    with pytest.raises(ValueError, match="zeros"):
-        torch.ops.qcompile.linear(torch.randn(2, 64), p.qweight, p.scales, None, None, "int4-g32")
-    with pytest.raises(ValueError, match="expected"):
-        torch.ops.qcompile.linear(torch.randn(2, 96), p.qweight, p.scales, p.zeros, None, "int4-g32")
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"qweight is uint8\[8, 31\], expected uint8\[8, 32\]"):
+        torch.ops.qcompile.linear(x, [p.qweight[:, :-1], p.scales, p.zeros], None, "int4-g32", 64, 8)
+    with pytest.raises(ValueError, match=r"takes 3 packed tensors \(qweight, scales, zeros\).*got 2"):
+        torch.ops.qcompile.linear(x, [p.qweight, p.scales], None, "int4-g32", 64, 8)
+    with pytest.raises(ValueError, match="zeros is float16"):
+        torch.ops.qcompile.linear(x, [p.qweight, p.scales, p.zeros.half()], None, "int4-g32", 64, 8)
+    with pytest.raises(ValueError, match=r"qweight is uint8\[8, 32\], expected uint8\[9, 32\] for \[N=9, K=64\]"):
+        torch.ops.qcompile.linear(x, p.list(), None, "int4-g32", 64, 9)
+
+
+def test_activation_width_is_checked_by_the_op():
+    """A call whose activation width does not match the layer's K is refused, even when K pads to the same size."""
+    _, _, p = _packed("int4-g32", 8, 60)  # K = 60 pads to 64
+    with pytest.raises(ValueError, match="the input has 64 features, the layer takes 60"):
+        torch.ops.qcompile.linear(torch.randn(2, 64), p.list(), None, "int4-g32", 60, 8)
+    fake = torch._subclasses.FakeTensorMode()
+    with fake, pytest.raises(Exception, match="the input has 64 features, the layer takes 60"):
+        torch.ops.qcompile.linear(fake.from_tensor(torch.randn(2, 64)), [fake.from_tensor(t) for t in p.list()], None,
+                                  "int4-g32", 60, 8)  # fmt: skip
 
 
 def test_unserved_call_falls_back_and_says_so_once():
-    def refuse(scheme, x, qweight, scales, zeros):
+    def refuse(scheme, x, packed):
         return "test kernel refuses everything"
 
-    entry = dispatch.KernelEntry("refusing-test-kernel", "cpu", refuse, lambda *a: None, priority=1000)
+    entry = dispatch.KernelEntry("refusing-test-kernel", "cpu", ("int-weight-only",), refuse, lambda *a: None,
+                                 priority=1000)  # fmt: skip
     dispatch.register_kernel(entry)
     try:
         _, _, p = _packed("int2-g16-sym", 8, 32)
         x = torch.randn(2, 32)
         with pytest.warns(UserWarning, match="reference path"):
-            y = torch.ops.qcompile.linear(x, p.qweight, p.scales, p.zeros, None, "int2-g16-sym")
-        torch.testing.assert_close(y, reference_linear(x, p.qweight, p.scales, p.zeros, None, "int2-g16-sym"))
+            y = torch.ops.qcompile.linear(x, p.list(), None, "int2-g16-sym", 32, 8)
+        torch.testing.assert_close(y, reference_linear(x, p.list(), None, "int2-g16-sym", x.shape[-1], 8))
     finally:
         dispatch.unregister_kernel("refusing-test-kernel")

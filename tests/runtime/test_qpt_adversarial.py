@@ -48,7 +48,7 @@ def split(data: bytes) -> tuple[dict, dict[str, bytes]]:
 
 
 def assemble(manifest: dict, blobs: dict[str, bytes], relayout: bool = True, rehash: bool = True,
-             major: int = 1, raw_manifest: bytes | None = None) -> bytes:  # fmt: skip
+             major: int = 2, raw_manifest: bytes | None = None) -> bytes:  # fmt: skip
     """Rebuild a file. ``relayout`` recomputes member offsets/sizes, ``rehash`` the member checksums."""
     rows = manifest["members"]
     if relayout:
@@ -134,9 +134,9 @@ def test_manifest_length_near_2_63(good, tmp_path, length):
 
 def test_future_major_version_is_refused_with_the_writer_version(good, tmp_path):
     manifest, blobs = split(good)
-    manifest["format"]["major"] = 2
-    message = expect(tmp_path, assemble(manifest, blobs, major=2), "format 2.0", "written by qcompile", "upgrade")
-    assert "reads (format 1.x)" in message
+    manifest["format"]["major"] = 3
+    message = expect(tmp_path, assemble(manifest, blobs, major=3), "format 3.0", "written by qcompile", "upgrade")
+    assert "reads (format 2.x)" in message
 
 
 def test_older_major_version_is_refused_clearly(good, tmp_path):
@@ -298,7 +298,7 @@ def test_graph_scheme_disagrees_with_plan(good, tmp_path):
     graph = json.loads(blobs["graph"])
     for node in graph["nodes"]:
         if node.get("target") == "qcompile.linear.default":
-            node["args"][5] = "int8"
+            node["args"][3] = "int8"
     blobs["graph"] = json.dumps(graph).encode()
     expect(tmp_path, assemble(manifest, blobs), "graph member: node", "scheme 'int8'")
 
@@ -385,7 +385,7 @@ def test_no_stray_files_after_failed_loads(good, tmp_path):
     [
         ([{"name": "evil_file", "op": "call_function", "target": "aten.from_file.default",
            "args": ["victim.txt", True, 16], "kwargs": {}}], "takes str 'filename'"),
-        ([{"name": "evil_ones", "op": "call_function", "target": "aten.ones.default", "args": [[4]], "kwargs": {}},
+        ([{"name": "evil_ones", "op": "call_function", "target": "aten.full.default", "args": [[4], 1], "kwargs": {}},
           {"name": "evil_fill", "op": "call_function", "target": "aten.fill_.Scalar",
            "args": [{"node": "evil_ones"}, 65], "kwargs": {}}], "mutates its inputs"),
     ],
@@ -397,3 +397,36 @@ def test_graph_cannot_touch_files_or_mutate(good, tmp_path, nodes, fragment):
     graph["nodes"] = graph["nodes"][:-1] + nodes + graph["nodes"][-1:]
     blobs["graph"] = json.dumps(graph).encode()
     expect(tmp_path, assemble(manifest, blobs), "graph member: node", fragment)
+
+
+def test_format_1_file_is_refused_with_how_to_re_export(good, tmp_path):
+    manifest, blobs = split(good)
+    manifest["format"]["major"] = 1
+    expect(tmp_path, assemble(manifest, blobs, major=1), "format 1.0", "predates format 2", "export the model again")
+
+
+# -- a site's tensors against its scheme's declared specs ----------------------------------------------
+def test_site_tensors_renamed(good, tmp_path):
+    manifest, blobs = split(good)
+    row = next(r for r in manifest["plan"] if r["site"]["name"] == "up")
+    row["tensors"] = {("codes" if key == "qweight" else key): path for key, path in row["tensors"].items()}
+    expect(tmp_path, assemble(manifest, blobs), "plan[", "(up, int4-g32)", "'qweight', 'scales', 'zeros'",
+           "got ['codes', 'scales', 'zeros']")  # fmt: skip
+
+
+def test_site_missing_a_declared_tensor(good, tmp_path):
+    manifest, blobs = split(good)
+    row = next(r for r in manifest["plan"] if r["site"]["name"] == "up")
+    del row["tensors"]["zeros"]
+    expect(tmp_path, assemble(manifest, blobs), "(up, int4-g32)", "'tensors' must name", "got ['qweight', 'scales']")
+
+
+def test_site_tensor_of_the_wrong_dtype(good, tmp_path):
+    """The plan points a site's ``scales`` at its ``zeros`` tensor: same shape, still float32 — so point it at the
+    int8 codes of another site instead, whose dtype the spec refuses."""
+    manifest, blobs = split(good)
+    rows = {r["site"]["name"]: r for r in manifest["plan"] if r["scheme"]}
+    up = rows["up"]
+    other = next(r for name, r in rows.items() if name != "up")
+    up["tensors"]["scales"] = other["tensors"]["qweight"]
+    expect(tmp_path, assemble(manifest, blobs), "(up, int4-g32)", "do not fit the scheme", "scales")

@@ -5,7 +5,7 @@ import zlib
 import pytest
 import torch
 
-from qcompile.schemes import EXAMPLE_NAMES, FP8, NF4, IntWeightOnly, SchemeError, W8A8Int, parse_scheme
+from qcompile.schemes import FP8, NF4, IntWeightOnly, SchemeError, W8A8Int, example_names, parse_scheme
 from qcompile.schemes.nf4 import NF4_LEVELS
 from qcompile.schemes.packing import pack_codes, unpack_codes
 
@@ -14,7 +14,7 @@ INT_NAMES = ["int8", "int8-g32-asym", "int4", "int4-g32", "int4-g64", "int4-g128
              "int3", "int2-g32", "int2-g16-sym"]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", [*EXAMPLE_NAMES, "int8-g64-asym", "int3-g32-sym", "nf4-g128", "w8a8-int8", "fp8-row"])
+@pytest.mark.parametrize("name", [*example_names(), "int8-g64-asym", "int3-g32-sym", "nf4-g128", "w8a8-int8", "fp8-row"])
 def test_names_round_trip(name):
     scheme = parse_scheme(name)
     assert parse_scheme(scheme.name) == scheme
@@ -90,7 +90,8 @@ def test_pack_unpack_round_trip(name, shape):
     q = scheme.quantize(weight)
     packed = scheme.pack(q)
     assert packed.nbytes == scheme.packed_nbytes(*shape)
-    scheme.check_packed(packed.qweight, packed.scales, packed.zeros, shape[1])
+    scheme.check_packed(packed, *shape)
+    assert packed.names() == [spec.name for spec in scheme.tensors(*shape)]
     back = scheme.unpack(packed, shape[1])
     assert torch.equal(back.codes.view(torch.uint8), q.codes.view(torch.uint8))
     torch.testing.assert_close(scheme.dequantize(back), scheme.dequantize(q), rtol=0, atol=0)

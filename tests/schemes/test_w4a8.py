@@ -27,10 +27,10 @@ def test_reference_is_integer_dot_products_per_group(name, k):
     packed = scheme.pack(scheme.quantize(torch.randn(n, k)))
     x = torch.randn(m, k) * 4
     bias = torch.randn(n)
-    got = scheme.reference_linear(x, packed.qweight, packed.scales, packed.zeros, bias)
+    got = scheme.reference_linear(x, packed.list(), bias, n)
 
     codes = scheme.unpack(packed, k).codes.long()
-    zeros = packed.zeros if packed.zeros is not None else torch.full_like(packed.scales, 8.0)
+    zeros = packed.zeros if packed.get("zeros") is not None else torch.full_like(packed.scales, 8.0)
     expected = torch.empty(m, n, dtype=torch.float64)
     for i in range(m):
         scale = x[i].abs().max() / 127  # float32, as the activation is quantized
@@ -52,6 +52,6 @@ def test_close_to_the_float_linear_it_approximates():
     scheme = parse_scheme("w4a8-g32")
     weight, x = torch.randn(64, 256), torch.randn(8, 256)
     packed = scheme.pack(scheme.quantize(weight))
-    got = scheme.reference_linear(x, packed.qweight, packed.scales, packed.zeros, None)
-    w4a16 = x @ scheme.dequantize_packed(packed.qweight, packed.scales, packed.zeros, 256).t()
+    got = scheme.reference_linear(x, packed.list(), None, 64)
+    w4a16 = x @ scheme.dequantize_packed(packed, 64, 256).t()
     assert (got - w4a16).norm() / w4a16.norm() < 0.02  # the activation rounding only

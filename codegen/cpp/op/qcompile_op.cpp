@@ -3,10 +3,12 @@
 //
 // The Python side stays the source of truth: the first call of a signature goes to qcompile::_linear_fallback
 // (the Python implementation), which validates the packed tensors, picks a kernel row and, when that row is
-// a C++ one, hands this file a plan with qcompile_cpu::remember. Later calls of the same signature (scheme,
-// K, dtypes and shapes of every tensor) with fewer than GEMM_MIN_TOKENS tokens run the plan here. Anything
-// else (no plan, non-contiguous tensors, a forced ISA this CPU lacks, many tokens) goes to the Python
-// implementation, which serves it or raises the error the user should see.
+// a C++ one, hands this file a plan with qcompile_cpu::remember: the kernel's name (found in the kernel library's
+// table, qc_abi.h), its parameters, and up to how many tokens it serves a call itself. Later calls of the same
+// signature (scheme, K, N, dtypes and shapes of every tensor) run the plan here. Anything else (no plan,
+// non-contiguous tensors, a forced ISA this CPU lacks, more tokens than the plan takes) goes to the Python
+// implementation, which serves it or raises the error the user should see. No kernel, argument list or
+// threshold is named here.
 //
 // Autograd (AutogradCPU): without a gradient to record, redispatch below autograd; with one, call
 // qcompile::_linear_train, whose Python autograd formula records the backward.
@@ -30,20 +32,20 @@
 
 namespace {
 
-constexpr int64_t GEMM_MIN_TOKENS = 256;  // same constant as codegen/cpp/kernels.py
-enum Kind : int64_t { WEIGHT_ONLY = 0, W8A8 = 1, W4A8 = 2 };
+const char* const ISAS[] = {"avx512", "avx2", "scalar"};  // best first, as codegen/cpp/library.py
 
 struct Plan {
-    int64_t kind, bits, kp, group;
-    double zero_const;
+    qc_kernel fn[3];  // per entry of ISAS
+    int64_t ints[QC_MAX_PARAMS];
+    double floats[QC_MAX_PARAMS];
+    int64_t max_tokens;  // 0: any number
 };
 
-using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view);
+using LinearFn = at::Tensor(const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::SymInt, c10::SymInt);
 
-std::string signature(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                      const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
-                      c10::string_view scheme) {
+std::string signature(const at::Tensor& x, at::TensorList packed, const std::optional<at::Tensor>& bias,
+                      c10::string_view scheme, int64_t out_features) {
     std::string key(scheme.data(), scheme.size());
     auto add = [&key](const at::Tensor* t) {
         key += '|';
@@ -51,10 +53,8 @@ std::string signature(const at::Tensor& x, const at::Tensor& qweight, const at::
         key += c10::toString(t->scalar_type());
         for (int64_t s : t->sizes()) key += ',' + std::to_string(s);
     };
-    key += '|' + std::to_string(x.size(-1)) + c10::toString(x.scalar_type());
-    add(&qweight);
-    add(&scales);
-    add(zeros.has_value() ? &*zeros : nullptr);
+    key += '|' + std::to_string(x.size(-1)) + c10::toString(x.scalar_type()) + '|' + std::to_string(out_features);
+    for (const at::Tensor& t : packed) add(&t);
     add(bias.has_value() ? &*bias : nullptr);
     return key;
 }
@@ -64,7 +64,7 @@ std::unordered_map<std::string, Plan> plans;
 std::atomic<bool> enabled{true};
 std::atomic<int64_t> fast_calls{0}, fallback_calls{0};
 
-// 0 avx512, 1 avx2, 2 scalar; -1 when $QCOMPILE_CPU_ISA names something this CPU cannot run (Python raises).
+// Index into ISAS; -1 when $QCOMPILE_CPU_ISA names something this CPU cannot run (Python raises).
 int active_isa() {
     static const int best = qc_cpu_supports("avx512") ? 0 : (qc_cpu_supports("avx2") ? 1 : 2);
     const char* forced = std::getenv("QCOMPILE_CPU_ISA");
@@ -73,98 +73,103 @@ int active_isa() {
     for (const char* c = forced; *c; c++)
         if (*c != ' ' && *c != '\t' && *c != '\n') name += (char)std::tolower((unsigned char)*c);
     if (name.empty()) return best;
-    static const char* names[] = {"avx512", "avx2", "scalar"};
     for (int i = 0; i < 3; i++)
-        if (name == names[i]) return qc_cpu_supports(names[i]) ? i : -1;
+        if (name == ISAS[i]) return qc_cpu_supports(ISAS[i]) ? i : -1;
     return -1;
 }
 
-bool dense(const at::Tensor& t) { return t.is_contiguous(); }
-
-at::Tensor fallback(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                    const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
-                    c10::string_view scheme) {
+at::Tensor fallback(const at::Tensor& x, at::TensorList packed, const std::optional<at::Tensor>& bias,
+                    c10::string_view scheme, c10::SymInt in_features, c10::SymInt out_features) {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("qcompile::_linear_fallback", "").typed<LinearFn>();
     fallback_calls++;
-    return op.call(x, qweight, scales, zeros, bias, scheme);
+    return op.call(x, packed, bias, scheme, std::move(in_features), std::move(out_features));
 }
 
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                      const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
-                      c10::string_view scheme) {
-    const bool has_zeros = zeros.has_value() && zeros->defined();
+at::Tensor linear_cpu(const at::Tensor& x, at::TensorList packed, const std::optional<at::Tensor>& bias,
+                      c10::string_view scheme, c10::SymInt in_features, c10::SymInt out_features) {
     const bool has_bias = bias.has_value() && bias->defined();
-    if (!enabled.load(std::memory_order_relaxed) || x.dim() < 1 || x.numel() == 0 || qweight.dim() != 2 ||
-        scales.dim() < 1)
-        return fallback(x, qweight, scales, zeros, bias, scheme);
-    const int64_t K = x.size(-1), N = scales.size(0), M = x.numel() / K;
+    const int64_t N = out_features.expect_int();
+    if (!enabled.load(std::memory_order_relaxed) || x.dim() < 1 || x.numel() == 0 ||
+        x.size(-1) != in_features.expect_int() || packed.size() > QC_MAX_TENSORS)
+        return fallback(x, packed, bias, scheme, in_features, out_features);
+    const int64_t K = x.size(-1), M = x.numel() / K;
     const bool bf16 = x.scalar_type() == at::kBFloat16;
-    if (M >= GEMM_MIN_TOKENS || !(bf16 || x.scalar_type() == at::kFloat) || !dense(x) || !dense(qweight) ||
-        !dense(scales) || (has_zeros && !dense(*zeros)) || (has_bias && !bias->is_floating_point()))
-        return fallback(x, qweight, scales, zeros, bias, scheme);
+    bool dense = x.is_contiguous() && (!has_bias || bias->is_floating_point());
+    for (const at::Tensor& t : packed) dense = dense && t.is_contiguous();
     const int isa = active_isa();
-    if (isa < 0) return fallback(x, qweight, scales, zeros, bias, scheme);
+    if (!dense || !(bf16 || x.scalar_type() == at::kFloat) || isa < 0)
+        return fallback(x, packed, bias, scheme, in_features, out_features);
     Plan plan;
     {
-        const std::string key = signature(x, qweight, scales, zeros, bias, scheme);
+        const std::string key = signature(x, packed, bias, scheme, N);
         std::shared_lock<std::shared_mutex> lock(plans_mutex);
         auto found = plans.find(key);
         if (found == plans.end()) {
             lock.unlock();
-            return fallback(x, qweight, scales, zeros, bias, scheme);
+            return fallback(x, packed, bias, scheme, in_features, out_features);
         }
         plan = found->second;
     }
+    if ((plan.max_tokens > 0 && M > plan.max_tokens) || plan.fn[isa] == nullptr)
+        return fallback(x, packed, bias, scheme, in_features, out_features);
     std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
     out_sizes.back() = N;
     at::Tensor y = at::empty(out_sizes, x.options());
-    const float* zp = has_zeros ? zeros->data_ptr<float>() : nullptr;
     at::Tensor bias32;  // the kernels add a float32 bias (a bfloat16 model's bias is widened, N values)
     if (has_bias) bias32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat).contiguous();
-    const float* bp = has_bias ? bias32.data_ptr<float>() : nullptr;
-    const int threads = at::get_num_threads();
-    int rc;
-    if (plan.kind == WEIGHT_ONLY) {
-        auto fn = isa == 0 ? qc_linear_wo_avx512 : (isa == 1 ? qc_linear_wo_avx2 : qc_linear_wo_scalar);
-        rc = fn(x.data_ptr(), bf16, M, K, qweight.data_ptr(), (int)plan.bits, N, plan.kp, scales.data_ptr<float>(),
-                zp, (float)plan.zero_const, plan.group, bp, y.data_ptr(), bf16, threads);
-    } else if (plan.kind == W4A8) {
-        auto fn = isa == 0 ? qc_linear_w4a8_avx512 : (isa == 1 ? qc_linear_w4a8_avx2 : qc_linear_w4a8_scalar);
-        rc = fn(x.data_ptr(), bf16, M, K, (const uint8_t*)qweight.data_ptr(), N, plan.kp, scales.data_ptr<float>(),
-                zp, (float)plan.zero_const, plan.group, bp, y.data_ptr(), bf16, threads);
-    } else {
-        auto fn = isa == 0 ? qc_linear_w8a8_avx512 : (isa == 1 ? qc_linear_w8a8_avx2 : qc_linear_w8a8_scalar);
-        rc = fn(x.data_ptr(), bf16, M, K, (const int8_t*)qweight.data_ptr(), N, scales.data_ptr<float>(), bp,
-                y.data_ptr(), bf16, threads);
-    }
+    qc_call call;
+    std::memset(&call, 0, sizeof(call));
+    call.x = x.data_ptr();
+    call.y = y.data_ptr();
+    call.bias = has_bias ? bias32.data_ptr<float>() : nullptr;
+    call.M = M;
+    call.K = K;
+    call.N = N;
+    call.x_bf16 = call.y_bf16 = bf16;
+    call.threads = at::get_num_threads();
+    call.n_tensors = (int32_t)packed.size();
+    for (size_t i = 0; i < packed.size(); i++) call.tensors[i] = packed[i].data_ptr();
+    std::memcpy(call.ints, plan.ints, sizeof(call.ints));
+    std::memcpy(call.floats, plan.floats, sizeof(call.floats));
+    const int rc = plan.fn[isa](&call);
     TORCH_CHECK(rc == 0, "qcompile::linear (", scheme, "): no memory for scratch buffers (M=", M, ", K=", K,
                 ", N=", N, ")");
     fast_calls++;
     return y;
 }
 
-at::Tensor linear_autograd_cpu(c10::DispatchKeySet keys, const at::Tensor& x, const at::Tensor& qweight,
-                               const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
-                               const std::optional<at::Tensor>& bias, c10::string_view scheme) {
+at::Tensor linear_autograd_cpu(c10::DispatchKeySet keys, const at::Tensor& x, at::TensorList packed,
+                               const std::optional<at::Tensor>& bias, c10::string_view scheme,
+                               c10::SymInt in_features, c10::SymInt out_features) {
     const bool wants_grad = c10::GradMode::is_enabled() &&
                             (x.requires_grad() || (bias.has_value() && bias->defined() && bias->requires_grad()));
     if (wants_grad) {
         static auto train =
             c10::Dispatcher::singleton().findSchemaOrThrow("qcompile::_linear_train", "").typed<LinearFn>();
-        return train.call(x, qweight, scales, zeros, bias, scheme);
+        return train.call(x, packed, bias, scheme, std::move(in_features), std::move(out_features));
     }
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("qcompile::linear", "").typed<LinearFn>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.redispatch(keys & c10::after_autograd_keyset, x, qweight, scales, zeros, bias, scheme);
+    return op.redispatch(keys & c10::after_autograd_keyset, x, packed, bias, scheme, std::move(in_features),
+                         std::move(out_features));
 }
 
-void remember(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-              const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias, c10::string_view scheme,
-              int64_t kind, int64_t bits, int64_t kp, int64_t group, double zero_const) {
-    TORCH_CHECK(kind == WEIGHT_ONLY || kind == W8A8 || kind == W4A8, "qcompile_cpu::remember: unknown kind ", kind);
-    const std::string key = signature(x, qweight, scales, zeros, bias, scheme);
+void remember(const at::Tensor& x, at::TensorList packed, const std::optional<at::Tensor>& bias,
+              c10::string_view scheme, int64_t out_features, c10::string_view kernel, at::IntArrayRef ints,
+              at::ArrayRef<double> floats, int64_t max_tokens) {
+    TORCH_CHECK(ints.size() <= QC_MAX_PARAMS && floats.size() <= QC_MAX_PARAMS,
+                "qcompile_cpu::remember: at most ", QC_MAX_PARAMS, " parameters of each kind");
+    Plan plan;
+    std::memset(&plan, 0, sizeof(plan));
+    const std::string name(kernel.data(), kernel.size());
+    for (int i = 0; i < 3; i++) plan.fn[i] = qc_find_kernel(name.c_str(), ISAS[i]);
+    TORCH_CHECK(plan.fn[2] != nullptr, "qcompile_cpu::remember: the kernel library has no kernel ", name);
+    for (size_t i = 0; i < ints.size(); i++) plan.ints[i] = ints[i];
+    for (size_t i = 0; i < floats.size(); i++) plan.floats[i] = floats[i];
+    plan.max_tokens = max_tokens;
+    const std::string key = signature(x, packed, bias, scheme, out_features);
     std::unique_lock<std::shared_mutex> lock(plans_mutex);
-    plans[key] = Plan{kind, bits, kp, group, zero_const};
+    plans[key] = plan;
 }
 
 void forget() {
@@ -179,8 +184,8 @@ std::vector<int64_t> stats() { return {fast_calls.load(), fallback_calls.load(),
 }  // namespace
 
 TORCH_LIBRARY(qcompile_cpu, m) {
-    m.def("remember(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, str scheme, int kind, "
-          "int bits, int kp, int group, float zero_const) -> ()",
+    m.def("remember(Tensor x, Tensor[] packed, Tensor? bias, str scheme, int out_features, str kernel, int[] ints, "
+          "float[] floats, int max_tokens) -> ()",
           &remember);
     m.def("forget() -> ()", &forget);
     m.def("set_enabled(bool on) -> ()", &set_enabled);

@@ -9,6 +9,9 @@
 | `w8a8-int8`                      | per-token int8 activation quantization + `MatMulInteger`                   |
 | `fp8`                            | `DequantizeLinear` on `float8e4m3fn` + `MatMul`; `fp8-w8a8`: a clear error  |
 | `nf4`                            | nibble unpack + `Gather` of the 16 levels + `MatMul`                        |
+
+A family names its lowering in the registry (``Family.onnx = "module:function"``); a family without one gets a
+clear error naming the layer.
 """
 
 from __future__ import annotations
@@ -16,24 +19,18 @@ from __future__ import annotations
 import torch
 
 from qcompile.onnx.base import ExportOptions, Lowering, OnnxExportError
-from qcompile.onnx.families import fp8, integer, nf4, w8a8
-from qcompile.schemes import PackedWeight, Scheme
-
-LOWER_BY_FAMILY = {
-    "int-weight-only": integer.lower,
-    "w8a8-int8": w8a8.lower,
-    "fp8": fp8.lower,
-    "nf4": nf4.lower,
-}
+from qcompile.schemes import PackedWeight, Scheme, families, family_of
 
 
 def lower_site(site: str, scheme: Scheme, packed: PackedWeight, in_features: int, options: ExportOptions) -> Lowering:
-    """The ONNX form of one quantized site (raises :class:`OnnxExportError` naming the site)."""
-    lower = LOWER_BY_FAMILY.get(scheme.family)
+    """The ONNX form of one quantized site (raises :class:`OnnxExportError` naming the site); each family names
+    its lowering in the family registry (``Family.onnx``)."""
+    lower = family_of(scheme).onnx_lowering()
     if lower is None:
+        exportable = ", ".join(f.name for f in families() if f.onnx is not None)
         raise OnnxExportError(
             f"layer {site}: scheme {scheme.name} (family {scheme.family}) has no ONNX translation; "
-            f"exportable families: {', '.join(LOWER_BY_FAMILY)}. Re-plan this layer with one of them."
+            f"exportable families: {exportable}. Re-plan this layer with one of them."
         )
     with torch.no_grad():
         return lower(site, scheme, packed, in_features, options)

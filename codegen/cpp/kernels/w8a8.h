@@ -79,3 +79,10 @@ static int linear_w8a8(const void* x, int x_bf16, int64_t M, int64_t K, const in
     free(xsum);
     return 0;
 }
+
+// Entry point (qc_abi.h). tensors: qweight int8 [N, K], scales float32 [N, 1]; no parameters.
+static int linear_w8a8_call(const qc_call* c) {
+    return linear_w8a8(c->x, c->x_bf16, c->M, c->K, (const int8_t*)c->tensors[0], c->N, (const float*)c->tensors[1],
+                       c->bias, c->y, c->y_bf16, c->threads);
+}
+QC_KERNEL(linear_w8a8, linear_w8a8_call)

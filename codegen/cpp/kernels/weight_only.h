@@ -213,3 +213,21 @@ static int dequant_wo(const void* qweight, int bits, int64_t N, int64_t Kp, int6
     }
     return 0;
 }
+
+// Entry points (qc_abi.h). tensors: qweight, scales, zeros (absent for symmetric schemes: n_tensors == 2);
+// ints: bits, Kp, group_size (dequant_wo also n0, n1); floats: zero_const. dequant_wo writes `y` as float32
+// [n1 - n0, K] and reads no activation.
+static const float* wo_zeros(const qc_call* c) { return c->n_tensors > 2 ? (const float*)c->tensors[2] : nullptr; }
+
+static int linear_wo_call(const qc_call* c) {
+    return linear_wo(c->x, c->x_bf16, c->M, c->K, c->tensors[0], (int)c->ints[0], c->N, c->ints[1],
+                     (const float*)c->tensors[1], wo_zeros(c), (float)c->floats[0], c->ints[2], c->bias, c->y,
+                     c->y_bf16, c->threads);
+}
+QC_KERNEL(linear_wo, linear_wo_call)
+
+static int dequant_wo_call(const qc_call* c) {
+    return dequant_wo(c->tensors[0], (int)c->ints[0], c->N, c->ints[1], c->K, (const float*)c->tensors[1],
+                      wo_zeros(c), (float)c->floats[0], c->ints[2], c->ints[3], c->ints[4], (float*)c->y, c->threads);
+}
+QC_KERNEL(dequant_wo, dequant_wo_call)

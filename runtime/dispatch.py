@@ -91,13 +91,13 @@ def register_kernel(entry: KernelEntry) -> None:
         rows[:] = [k for k in rows if k.name != entry.name]
         rows.append(entry)
         rows.sort(key=lambda k: -k.priority)
-    _forget_choices()
+    forget_choices()
 
 
 def unregister_kernel(name: str) -> None:
     for record in families():
         record.rows[:] = [k for k in record.rows if k.name != name]
-    _forget_choices()
+    forget_choices()
 
 
 _forget_hooks: list[Callable[[], None]] = []
@@ -109,8 +109,8 @@ def on_forget(hook: Callable[[], None]) -> None:
         _forget_hooks.append(hook)
 
 
-def _forget_choices() -> None:
-    """Memoized choices are stale once the table changes."""
+def forget_choices() -> None:
+    """Drop every memoized choice (and the bound launches it holds): after the table or tuned configs change."""
     _CHOICES.clear()
     for hook in _forget_hooks:
         hook()
@@ -183,7 +183,7 @@ def _choose(scheme: str, x, packed, bias, in_features, out_features) -> tuple:
     else:
         choice = (kernel, kernel.bind(parsed, x, packed, bias, out_features))
     if len(_CHOICES) >= _MAX_CHOICES:
-        _forget_choices()
+        forget_choices()
     _CHOICES[key] = choice
     return choice
 

@@ -193,7 +193,9 @@ def load_tuned_configs(data: dict, persist: bool = False) -> int:
     """Adopt configs from :func:`export_tuned_configs` output (e.g. from a ``.qpt``); returns how many."""
     configs = _parse(data, "tuned configs")
     STORE.update(configs, persist=persist)
-    _CHOICES.clear()
+    from qcompile.runtime import dispatch  # bound launches keep their configs: bind afresh
+
+    dispatch.forget_choices()
     return len(configs)
 
 
@@ -320,45 +322,25 @@ class GraphTimer:
         return graph_replay_ms(flushed)
 
 
-#: launcher-side memo: call signature -> chosen config (skips key strings and candidate lists on the hot path)
-_CHOICES: dict[tuple, KernelConfig] = {}
-
-
-def choices() -> dict[tuple, KernelConfig]:
-    """A copy of the memoized configs by call signature: which tile and form a benchmark row ran is the entry its
-    calls added (nothing is written per call to find it out)."""
-    return dict(_CHOICES)
-
-
-def memoized_choice(signature: tuple, choose: Callable[[], KernelConfig]) -> KernelConfig:
-    """``choose()`` once per ``signature`` (a tuple of the launch's shape facts); not kept while a CUDA graph is
-    being captured (the search is skipped then, a later call may still tune)."""
-    config = _CHOICES.get(signature)
-    if config is None:
-        config = choose()
-        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            _CHOICES[signature] = config
-    return config
-
-
 class BoundLaunches:
     """The launches of one call signature, for launchers bound to it (the dispatch rows' ``bind``).
 
-    ``bound(variant, *tensors)`` picks the config (``config`` when given; else :func:`memoized_choice` of ``memo``,
-    searching ``candidates()`` against ``default`` under ``key()`` on the first call) and runs the launch that
-    ``build(config, variant)`` made for it, once per ``(config, variant)``. ``variant`` is whatever the family's
+    ``bound(variant, *tensors)`` picks the config once (``config`` when given; else the tuned one under ``key()``, or
+    a search of ``candidates()`` against ``default``, on the first call; kept on this object, which dispatch keeps
+    per call signature — not while a CUDA graph is being captured, where the search is skipped) and runs the launch
+    that ``build(config, variant)`` made for it, once per ``(config, variant)``. ``variant`` is whatever the family's
     launch depends on beyond the signature (e.g. whether the weight's address allows word loads).
     """
 
-    def __init__(self, memo: tuple, key: Callable[[], str], candidates: Callable[[], list[KernelConfig]],
+    def __init__(self, key: Callable[[], str], candidates: Callable[[], list[KernelConfig]],
                  default: Callable[[], KernelConfig], build: Callable, device: torch.device,
                  config: KernelConfig | None = None):  # fmt: skip
-        self.memo, self.key, self.candidates, self.default = memo, key, candidates, default
+        self.key, self.candidates, self.default = key, candidates, default
         self.build, self.device, self.config = build, device, config
         self.launches: dict[tuple, Callable[..., torch.Tensor]] = {}
 
     def __call__(self, variant, *tensors) -> torch.Tensor:
-        config = self.config or _CHOICES.get(self.memo)  # the lookup first: no closure on the hot path
+        config = self.config
         if tracing():
             config = self._traced_config(config, variant, tensors)
         elif config is None:
@@ -387,12 +369,11 @@ class BoundLaunches:
         return config
 
     def _choice(self, variant, tensors: tuple) -> KernelConfig:
-        return memoized_choice(
-            self.memo,
-            lambda: choose_config(
-                self.key(), self.candidates, self.default(), lambda c: self.run(c, variant, tensors), self.device
-            ),
-        )
+        config = choose_config(self.key(), self.candidates, self.default(), lambda c: self.run(c, variant, tensors),
+                               self.device)  # fmt: skip
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            self.config = config
+        return config
 
     def run(self, config: KernelConfig, variant, tensors: tuple) -> torch.Tensor:
         launch = self.launches.get((config, variant))

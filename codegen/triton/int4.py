@@ -276,7 +276,6 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
     shape_ok = words_shape(qweight.contiguous(), call.group_size)  # the part that depends on shapes alone
     dot_words = shape_ok and code_dtype(x.dtype) is not None
     bound = autotune.BoundLaunches(
-        (KERNEL_NAME, path, common.m_bucket(m), n, k, call.group_size, call.symmetric, dot_words, device),
         lambda: tune_key(path, m, n, k, call.group_size, device, call.symmetric, dot_words),
         lambda: candidate_configs(path, m, k, call.group_size),
         lambda: default_config(path, m, call.group_size, dot_words),
@@ -290,6 +289,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
         out = bound(shape_ok and common.word_aligned(qweight), x2, qweight, scales, zeros, bias)
         return common.as_input_shape(out, x)
 
+    run.bound = bound  # its config, for reports
     return run
 
 

@@ -63,6 +63,7 @@ class KernelPath:
         def launch_packed(x, packed, bias):
             return launch(x, *named(packed), bias)
 
+        launch_packed.bound = getattr(launch, "bound", None)  # its config, for reports
         return launch_packed
 
 

@@ -209,7 +209,6 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
         return linear
 
     bound = autotune.BoundLaunches(
-        ("w8a16", scheme.name, path, common.m_bucket(m), n, k, device),
         lambda: tune_key(scheme.name, path, m, n, k, device), lambda: candidate_configs(path, m, k),
         lambda: default_config(path, m), build, device, config,
     )  # fmt: skip
@@ -220,6 +219,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
         out = bound(k % 4 == 0 and common.word_aligned(qweight), x2, qweight, scales, bias)
         return common.as_input_shape(out, x)
 
+    run.bound = bound  # its config, for reports
     return run
 
 

@@ -216,7 +216,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
         return linear
 
     bound = autotune.BoundLaunches(
-        ("w8a8", scheme.name, common.m_bucket(m), n, k, device), lambda: tune_key(scheme.name, m, n, k, device),
+        lambda: tune_key(scheme.name, m, n, k, device),
         lambda: candidate_configs(m, k), lambda: default_config(m), build, device, config,
     )  # fmt: skip
 
@@ -226,6 +226,7 @@ def bind(scheme, x, qweight, scales, zeros, bias, *, path: str | None = None, co
         out = bound(None, x_q, x_scale, qweight.contiguous(), scales.reshape(-1).contiguous(), bias, x.dtype)
         return common.as_input_shape(out, x)
 
+    run.bound = bound  # its config, for reports
     return run
 
 

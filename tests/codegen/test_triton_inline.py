@@ -101,42 +101,37 @@ def test_traced_choice(monkeypatch):
 
     def bound(key):
         build = lambda config, variant: lambda *tensors: launches.append((config, common.tracing(), tensors))  # noqa: E731
-        return autotune.BoundLaunches(("test-traced-choice", key), lambda: key, lambda: [], lambda: default, build,
-                                      torch.device("cuda"))  # fmt: skip
+        return autotune.BoundLaunches(lambda: key, lambda: [], lambda: default, build, torch.device("cuda"))
 
     traced = torch.zeros(2)
-    try:
-        with common.traced_launches():  # no real tensors: the default, no search
-            bound("a")(None, traced)
-        assert searches == [] and launches[-1] == (default, True, (traced,))
-        real = torch.ones(2)
-        with common.traced_launches(lambda tensors: (real,)):
-            bound("b")(None, traced)
-        assert searches == ["b"] and launches[-2] == (tuned, False, (real,))  # the search ran on real tensors
-        assert launches[-1] == (tuned, True, (traced,)) and len(launches) == 3  # no second real launch of the winner
-        store.put("c", cached)
-        with common.traced_launches(lambda tensors: (real,)):
-            bound("c")(None, traced)
-        assert searches == ["b"] and launches[-1] == (cached, True, (traced,))
-        assert launches[-2] == (cached, False, (real,))  # a config no search ran is launched once for real first
-        monkeypatch.setenv("QCOMPILE_TRITON_TUNE", "0")
-        with common.traced_launches(lambda tensors: (real,)):
-            bound("d")(None, traced)
-        assert searches == ["b"] and launches[-2:] == [(default, False, (real,)), (default, True, (traced,))]
-        monkeypatch.delenv("QCOMPILE_TRITON_TUNE")
+    with common.traced_launches():  # no real tensors: the default, no search
+        bound("a")(None, traced)
+    assert searches == [] and launches[-1] == (default, True, (traced,))
+    real = torch.ones(2)
+    with common.traced_launches(lambda tensors: (real,)):
+        bound("b")(None, traced)
+    assert searches == ["b"] and launches[-2] == (tuned, False, (real,))  # the search ran on real tensors
+    assert launches[-1] == (tuned, True, (traced,)) and len(launches) == 3  # no second real launch of the winner
+    store.put("c", cached)
+    with common.traced_launches(lambda tensors: (real,)):
+        bound("c")(None, traced)
+    assert searches == ["b"] and launches[-1] == (cached, True, (traced,))
+    assert launches[-2] == (cached, False, (real,))  # a config no search ran is launched once for real first
+    monkeypatch.setenv("QCOMPILE_TRITON_TUNE", "0")
+    with common.traced_launches(lambda tensors: (real,)):
+        bound("d")(None, traced)
+    assert searches == ["b"] and launches[-2:] == [(default, False, (real,)), (default, True, (traced,))]
+    monkeypatch.delenv("QCOMPILE_TRITON_TUNE")
 
-        def traced_call(x):  # under a real tracer: the tuning tensors and launch stay out of the graph
-            with common.traced_launches(traceable.real_like):
-                bound("e")(None, x)
-            return x
+    def traced_call(x):  # under a real tracer: the tuning tensors and launch stay out of the graph
+        with common.traced_launches(traceable.real_like):
+            bound("e")(None, x)
+        return x
 
-        graph = make_fx(traced_call, tracing_mode="fake")(torch.zeros(3, 2))
-        assert searches == ["b", "e"] and [n.op for n in graph.graph.nodes] == ["placeholder", "output"]
-        config, was_tracing, (tuned_on,) = launches[-2]
-        assert (config, was_tracing, type(tuned_on), tuned_on.shape) == (tuned, False, torch.Tensor, (3, 2))
-    finally:
-        for key in "abcde":
-            autotune._CHOICES.pop(("test-traced-choice", key), None)
+    graph = make_fx(traced_call, tracing_mode="fake")(torch.zeros(3, 2))
+    assert searches == ["b", "e"] and [n.op for n in graph.graph.nodes] == ["placeholder", "output"]
+    config, was_tracing, (tuned_on,) = launches[-2]
+    assert (config, was_tracing, type(tuned_on), tuned_on.shape) == (tuned, False, torch.Tensor, (3, 2))
 
 
 # -- the graph AOTAutograd records: compiled kernels, fake CUDA tensors, in a fresh process --------------------------

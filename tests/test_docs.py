@@ -1,6 +1,9 @@
 """Docs name only paths that exist (README.md and docs/*.md)."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,21 @@ def test_readme_quick_start_is_two_make_commands():
     block = text.split("## Quick start", 1)[1].split("```", 2)[1]
     commands = [line.split("#")[0].strip() for line in block.splitlines()[1:] if line.strip()]
     assert commands == ["make demo", "make test"]
+
+
+#: documents whose ``python`` blocks are run as written (each in a fresh process, in an empty folder)
+RUNNABLE = [ROOT / "README.md", ROOT / "docs" / "formats.md"]
+
+
+def _python_blocks():
+    for doc in RUNNABLE:
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)):
+            yield pytest.param(block, id=f"{doc.name}[{i}]")
+
+
+@pytest.mark.parametrize("block", list(_python_blocks()))
+def test_python_blocks_run_as_written(block, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]

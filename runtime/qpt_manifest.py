@@ -6,10 +6,11 @@
               weight_dtype, weight_bytes},
      "scheme": "int4-g128" | null, "algorithm": "rtn", "options": {...}, "reason": "default",
      "layout": "canonical" | null,                    # packed layout name (qcompile.schemes, per scheme)
-     "tensors": {"<declared name>": "<path>", ...}}   # weights-member names, in the scheme's declared order
+     "tensors": {"<declared name>": "<path>", ...}}   # weights-member names of the scheme's declared tensors
 
 A site's ``tensors`` must name exactly the tensors its scheme declares for its ``[N, K]``
-(``Scheme.tensors``), in that order, and each must have the declared shape and dtype.
+(``Scheme.tensors``; the op takes them in the declared order, whatever the order of the JSON keys), and each must
+have the declared shape and dtype.
 
 ``inputs``: one row per flat input, ``{"name", "dtype", "shape"}``; a dimension is an int (fixed) or a
 symbol name (dynamic; ``symbols`` gives its ``[min, max]``, ``null`` for unbounded).
@@ -98,8 +99,9 @@ def plan_from_json(rows, recipe_data) -> Plan:
 
 
 def check_packed_tensors(plan: Plan, rows: list[dict], weights: dict[str, torch.Tensor]) -> None:
-    """Every quantized site names exactly the tensors its scheme declares, in order, and each exists in the weights
-    member with the declared shape and dtype (``Scheme.check_packed``)."""
+    """Every quantized site names exactly the tensors its scheme declares, and each exists in the weights member with
+    the declared shape and dtype (``Scheme.check_packed``). Each row's ``tensors`` is put in the declared order
+    (the manifest is written with sorted keys), which :func:`check_graph_sites` then relies on."""
     for index, (entry, row) in enumerate(zip(plan.entries, rows)):
         if entry.scheme is None:
             continue
@@ -107,9 +109,10 @@ def check_packed_tensors(plan: Plan, rows: list[dict], weights: dict[str, torch.
         specs = entry.parsed.tensors(entry.site.out_features, entry.site.in_features)
         declared = [spec.name for spec in specs]
         names = row.get("tensors")
-        if not isinstance(names, dict) or list(names) != declared:
+        if not isinstance(names, dict) or sorted(names) != sorted(declared):
             got = list(names) if isinstance(names, dict) else type(names).__name__
-            raise ArtifactError(f"{where}: 'tensors' must name {declared} in that order, got {got}")
+            raise ArtifactError(f"{where}: 'tensors' must name exactly {declared}, got {got}")
+        names = row["tensors"] = {key: names[key] for key in declared}  # a JSON object has no order: the scheme's
         tensors = []
         for key, name in names.items():
             if check_dotted_name(name, where) not in weights:

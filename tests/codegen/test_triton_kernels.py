@@ -455,7 +455,7 @@ def test_register_adds_cuda_rows_only():
 
     dispatch.load_builtin_kernels()
     rows = [k for k in dispatch.registered_kernels() if k.name.startswith("triton-")]
-    assert {k.name for k in rows} == {p.name for p in paths.PATHS}
+    assert {p.name for p in paths.PATHS} <= {k.name for k in rows}  # other families add rows of their own
     assert all(k.device_type == "cuda" for k in rows)
 
 

@@ -418,7 +418,7 @@ def test_site_missing_a_declared_tensor(good, tmp_path):
     manifest, blobs = split(good)
     row = next(r for r in manifest["plan"] if r["site"]["name"] == "up")
     del row["tensors"]["zeros"]
-    expect(tmp_path, assemble(manifest, blobs), "(up, int4-g32)", "'tensors' must name", "got ['qweight', 'scales']")
+    expect(tmp_path, assemble(manifest, blobs), "(up, int4-g32)", "'tensors' must name exactly", "got ['qweight', 'scales']")
 
 
 def test_site_tensor_of_the_wrong_dtype(good, tmp_path):

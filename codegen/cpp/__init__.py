@@ -2,16 +2,11 @@
 
 The kernel library (``kernels/*.h``, one shared library per machine, cached on disk, see ``build.py``) is
 compiled on the first CPU call of a family that has C++ rows; each family's rows live in a module that the family
-names in its registry entry (``Family.kernels``) and gives them with ``kernel_entries(family)``:
+names in its registry entry (``Family.kernels``) and gives them with ``kernel_entries(family)``,
+e.g. ``integer`` (rows ``cpp-w8a16``, ``cpp-w4a16``, ``cpp-w8a8``, ``cpp-w4a8``). A family's kernels are its own
+header in ``kernels/`` plus that module; nothing here names a family (``docs/cpu-kernels.md`` lists the rows).
 
-| module      | rows          | schemes                                  | activations        |
-|-------------|---------------|------------------------------------------|--------------------|
-| `integer`   | `cpp-w8a16`   | `int8`, `int8-gN`, `int8-asym`           | float32, bfloat16  |
-|             | `cpp-w4a16`   | `int4`, `int4-gN`, symmetric or not      | float32, bfloat16  |
-|             | `cpp-w8a8`    | `w8a8`                                   | float32, bfloat16  |
-|             | `cpp-w4a8`    | `w4a8-gN`, symmetric or not              | float32, bfloat16  |
-
-Schemes without a row here run the reference path. The same kernels back a C++ dispatcher kernel for CPU tensors
+Schemes without a row run the reference path. The same kernels back a C++ dispatcher kernel for CPU tensors
 (``op.py``), so decode-sized calls skip Python.
 """
 

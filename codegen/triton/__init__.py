@@ -15,7 +15,8 @@
 | `common`    | interpreter detection, M buckets, dtypes                                      |
 | `asm`       | compiles the real launches for a GPU target on any host and reads the code    |
 
-See ``docs/gpu-kernels.md``.
+A family with kernels of its own adds its module here and names it in its registry entry (``Family.kernels``),
+which gives its CUDA rows with ``kernel_entries(family)``. See ``docs/gpu-kernels.md``.
 """
 
 from __future__ import annotations

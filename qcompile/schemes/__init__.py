@@ -1,16 +1,8 @@
 """Quantization schemes: frozen dataclasses with short names that round-trip.
 
-| name                         | family            | weights                            | activations           |
-|------------------------------|-------------------|------------------------------------|-----------------------|
-| `int8`                       | W8A16             | int8 per channel, symmetric        | float                 |
-| `int4-g128`, `int4-g32`, `int4` | W4A16          | int4 per group (or channel), asym  | float                 |
-| `int4-g128-sym`              | W4A16             | int4 per group, symmetric          | float                 |
-| `int3-gN`, `int2-gN`         | W3A16, W2A16      | as int4                            | float                 |
-| `nf4-g64`                    | NF4 (QLoRA)       | NormalFloat4 levels, absmax/group  | float                 |
-| `w8a8`                       | W8A8-int8         | int8 per channel                   | int8 per token, dynamic |
-| `w4a8-g128`, `w4a8-g32-sym`  | W4A8-int          | int4 per group (as `int4-gN`)      | int8 per token, dynamic |
-| `fp8`                        | FP8 weight-only   | e4m3 per channel                   | float                 |
-| `fp8-w8a8`                   | W8A8-FP8          | e4m3 per channel                   | e4m3 per row, dynamic |
+Each family is one module here that documents its schemes, packed tensors and formulas where it defines them, and
+ends with one :func:`register_family` call; ``docs/formats.md`` and ``docs/recipes.md`` list the families and their
+schemes, and :func:`families` lists what is registered.
 
 Every module of this package that defines a family registers it (:mod:`qcompile.schemes.registry`); this
 package imports them all, so a new family is a new module and nothing here changes.

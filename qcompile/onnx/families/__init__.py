@@ -1,14 +1,7 @@
 """ONNX forms of each scheme family: ``lower(site, scheme, packed, in_features, options) -> Lowering``.
 
-| family (:mod:`qcompile.schemes`) | ONNX form                                                                  |
-|----------------------------------|----------------------------------------------------------------------------|
-| `int-weight-only`, 8 bits        | `DequantizeLinear` (per channel or `block_size`) + `MatMul`                 |
-| `int-weight-only`, 4 bits        | `com.microsoft::MatMulNBits`; `DequantizeLinear` on `int4`/`uint4` (`"qdq"`) |
-| `int-weight-only`, 2 bits        | `com.microsoft::MatMulNBits` (ONNX has no 2-bit type)                        |
-| `int-weight-only`, 3 bits        | not exportable: a clear error                                              |
-| `w8a8-int8`                      | per-token int8 activation quantization + `MatMulInteger`                   |
-| `fp8`                            | `DequantizeLinear` on `float8e4m3fn` + `MatMul`; `fp8-w8a8`: a clear error  |
-| `nf4`                            | nibble unpack + `Gather` of the 16 levels + `MatMul`                        |
+One module per family (``integer``, ``w8a8``, ``fp8``, ``nf4``, ...), which documents its form; ``docs/onnx.md`` has
+the table.
 
 A family names its lowering in the registry (``Family.onnx = "module:function"``); a family without one gets a
 clear error naming the layer.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 import warnings
 
@@ -30,6 +29,7 @@ import qcompile
 from qcompile.codegen.cpp import library
 from qcompile.runtime import dispatch
 from qcompile.schemes import families, parse_scheme
+from timing import median_ms
 
 NEW_FAMILIES = ("fp8-block", "mxfp4", "nvfp4")
 
@@ -40,17 +40,6 @@ def default_schemes() -> list[str]:
         if record.name in NEW_FAMILIES:
             names += list(record.examples)
     return names
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def cpu_times(name: str, repeats: int) -> dict[str, object]:

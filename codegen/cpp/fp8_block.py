@@ -49,23 +49,8 @@ def dequantize_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
                            x2.dtype == torch.bfloat16)  # fmt: skip
     call.x, call.y, call.M, call.y_bf16, call.threads = x2.data_ptr(), xd.data_ptr(), m, 0, threads
     launch.check(library.kernel("fake_quant_fp8_block")(call), f"{scheme.name} activations", m, k, n)
-    y_t = torch.empty((n, m), dtype=torch.float32)  # transposed: each slice of output rows is contiguous
     rows = min(cdiv(n, BLOCK) * BLOCK, max(BLOCK, GEMM_SLICE_BYTES // (4 * k) // BLOCK * BLOCK))
-    weight = torch.empty((rows, k), dtype=torch.float32)
-    call = launch.template("dequant_fp8_block", k, n, len(packed))
-    for i, tensor in enumerate(packed):
-        call.tensors[i] = tensor.data_ptr()
-    call.y, call.threads = weight.data_ptr(), threads
-    dequantize = library.kernel("dequant_fp8_block")
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        call.ints[1], call.ints[2] = n0, n1
-        launch.check(dequantize(call), f"{scheme.name} dequantize", m, k, n)
-        torch.mm(weight[: n1 - n0], xd.t(), out=y_t[n0:n1])
-    y = y_t.t()
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return launch.sliced_gemm(scheme, x, xd, packed, bias, n, "dequant_fp8_block", slots=(1, 2), rows=rows)
 
 
 def kernel_entries(family: str) -> list[KernelEntry]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.codegen import cpp
-from qcompile.codegen.cpp import launch, library
+from qcompile.codegen.cpp import launch
 from qcompile.runtime.dispatch import KernelEntry
 
 #: from this many tokens on, weight-only calls dequantize the weight in slices and use torch's float GEMM.
@@ -51,26 +51,10 @@ def dequantize_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
     """Many tokens: dequantize slices of N rows once (float32, C++) and multiply with torch's GEMM."""
     k = x.shape[-1]
     x32 = x.reshape(-1, k).to(torch.float32)
-    m = x32.shape[0]
     packed = [t.contiguous() for t in packed]
-    y_t = torch.empty((n, m), dtype=torch.float32)  # y transposed: every slice of rows is contiguous
     rows = max(1, min(n, GEMM_SLICE_BYTES // (4 * k)))
-    weight = torch.empty((rows, k), dtype=torch.float32)
     ints, floats = _weight_only_params(scheme, k)
-    call = launch.template("dequant_wo", k, n, len(packed), ints, floats)
-    for i, tensor in enumerate(packed):
-        call.tensors[i] = tensor.data_ptr()
-    call.y, call.threads = weight.data_ptr(), torch.get_num_threads()
-    dequantize = library.kernel("dequant_wo")
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        call.ints[3], call.ints[4] = n0, n1
-        launch.check(dequantize(call), f"{scheme.name} dequantize", m, k, n)
-        torch.mm(weight[: n1 - n0], x32.t(), out=y_t[n0:n1])
-    y = y_t.t()
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return launch.sliced_gemm(scheme, x, x32, packed, bias, n, "dequant_wo", ints, floats, (3, 4), rows)
 
 
 # -- W8A8 and W4A8 -----------------------------------------------------------------------------------------

@@ -88,3 +88,28 @@ def bind_kernel(scheme, kernel: str, x, packed, bias, n: int, ints=(), floats=()
         return y.view(*x.shape[:-1], n)
 
     return launch
+
+
+def sliced_gemm(scheme, x, x32, packed, bias, n: int, kernel: str, ints=(), floats=(), slots=(0, 1),
+                rows: int = 1) -> torch.Tensor:  # fmt: skip
+    """Many tokens: ``x32 [M, Kw]`` (float32, the activation as the weight rows line up with it) times the float32
+    weight rows ``kernel`` dequantizes, ``rows`` at a time (it writes rows ``ints[slots[0]]`` to ``ints[slots[1]]``),
+    with torch's GEMM; plus ``bias``, returned in ``x.dtype`` and ``x``'s leading shape. ``packed`` is contiguous."""
+    k, m, kw = x.shape[-1], x32.shape[0], x32.shape[1]
+    y_t = torch.empty((n, m), dtype=torch.float32)  # y transposed: every slice of rows is contiguous
+    weight = torch.empty((rows, kw), dtype=torch.float32)
+    call = template(kernel, k, n, len(packed), ints, floats)
+    for i, tensor in enumerate(packed):
+        call.tensors[i] = tensor.data_ptr()
+    call.y, call.threads = weight.data_ptr(), torch.get_num_threads()
+    dequantize = library.kernel(kernel)
+    first, end = slots
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        call.ints[first], call.ints[end] = n0, n1
+        check(dequantize(call), f"{scheme.name} dequantize", m, k, n)
+        torch.mm(weight[: n1 - n0], x32.t(), out=y_t[n0:n1])
+    y = y_t.t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -59,23 +59,8 @@ def prepare_dequantize_gemm(scheme, ints, x, packed, bias, n: int) -> torch.Tens
     call.x, call.y, call.M, call.threads = x2.data_ptr(), xp.data_ptr(), m, threads
     launch.check(library.kernel("prepare_fp4")(call), f"{scheme.name} prepare", m, k, n)
 
-    y_t = torch.empty((n, m), dtype=torch.float32)  # y transposed: every slice of rows is contiguous
     rows = max(1, min(n, GEMM_SLICE_BYTES // (4 * kp)))
-    weight = torch.empty((rows, kp), dtype=torch.float32)
-    call = launch.template("dequant_fp4", k, n, len(packed), ints)
-    for i, tensor in enumerate(packed):
-        call.tensors[i] = tensor.data_ptr()
-    call.y, call.threads = weight.data_ptr(), threads
-    dequantize = library.kernel("dequant_fp4")
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        call.ints[5], call.ints[6] = n0, n1
-        launch.check(dequantize(call), f"{scheme.name} dequantize", m, k, n)
-        torch.mm(weight[: n1 - n0], xp.t(), out=y_t[n0:n1])
-    y = y_t.t()
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return launch.sliced_gemm(scheme, x, xp, packed, bias, n, "dequant_fp4", ints, (), (5, 6), rows)
 
 
 def rows(family: str, name: str, kind: int) -> list[KernelEntry]:

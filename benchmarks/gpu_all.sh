@@ -27,11 +27,11 @@ stage "install"
 cd /tmp  # import the installed package, not the source tree
 
 if wants tests; then
-    stage "tests: Triton kernels compiled on CUDA (default configs)"
+    stage "tests: make test-gpu's selection, Triton kernels compiled on CUDA (default configs)"
     workers=$($PY -c "import importlib.util as u; print('-n 8' if u.find_spec('xdist') else '')")
-    tests=${TESTS:-$REPO/tests/codegen/test_triton_kernels.py $REPO/tests/codegen/test_triton_inline.py}
-    QCOMPILE_TRITON_TUNE=0 timeout "${TESTS_S:-120}" $PY -m pytest -q -p no:cacheprovider $workers $tests 2>&1 \
-        | tee "$RESULTS/tests.txt" | tail -30
+    tests=${TESTS:-$REPO/tests}
+    QCOMPILE_TRITON_TUNE=0 timeout "${TESTS_S:-240}" $PY -m pytest -q -p no:cacheprovider -rs $workers \
+        -m "gpu or triton" $tests 2>&1 | tee "$RESULTS/tests.txt" | tail -40
 fi
 if wants forms; then
     stage "forms: int4 byte and word forms at fixed configs"

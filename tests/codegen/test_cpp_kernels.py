@@ -26,12 +26,15 @@ from qcompile.codegen.cpp import build, integer, library
 from qcompile.runtime import dispatch, ops
 from qcompile.schemes import parse_scheme
 
+from cpp_required import skip_reason
+
 WEIGHT_ONLY = ["int8", "int8-g64", "int8-asym", "int4", "int4-g32", "int4-g128-sym", "int4-g24", "int4-g64-sym"]
 W4A8 = ["w4a8-g32", "w4a8-g24-sym", "w4a8-g128", "w4a8"]
 # (M, K, N): ragged everywhere; K=100 with g32/g64/g24 pads the last group.
 SHAPES = [(1, 100, 37), (3, 257, 64), (5, 130, 20), (17, 200, 33), (2, 1000, 16)]
 TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 1.6e-2}
-ISAS = library.available_isas()
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
+ISAS = library.available_isas() if skip_reason() is None else []
 
 
 def _packed(name: str, n: int, k: int, seed: int):

@@ -17,7 +17,9 @@ from qcompile.codegen.cpp import integer, library, op
 from qcompile.runtime import dispatch, ops
 from qcompile.schemes import parse_scheme
 
-pytestmark = pytest.mark.skipif(not op.load(), reason="the C++ op library could not be built here")
+from cpp_required import skip_reason
+
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
 
 def _case(name, m, k, n, dtype=torch.float32, seed=0, bias=True):
@@ -152,3 +154,23 @@ def test_disabled_by_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          timeout=120)  # fmt: skip
     assert out.stdout.split() == ["False"]
+
+
+def test_a_failed_build_fails_the_suite(tmp_path):
+    """``cpp_required.skip_reason`` (what these tests skip on) raises when the compiler exists but the build fails,
+    instead of turning a broken kernel library into skips; without a compiler it gives the one-line reason."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import cpp_required; print(cpp_required.skip_reason())"
+    failing = tmp_path / "failing-cxx"
+    failing.write_text("#!/bin/sh\necho 'error: planted compiler failure' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    env = {**os.environ, "CXX": str(failing), "QCOMPILE_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop(op.ENV, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "planted compiler failure" in out.stderr, out.stderr[-2000:]
+    env["CXX"] = "no-such-compiler-anywhere"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "no C++ compiler found" in out.stdout, out.stderr[-2000:]
+    env[op.ENV] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and f"{op.ENV}=0" in out.stdout

@@ -18,7 +18,9 @@ from qcompile.codegen.cpp import launch, library, mxfp4, op
 from qcompile.runtime import dispatch, ops
 from qcompile.schemes import PackedWeight, parse_scheme
 
-pytestmark = pytest.mark.skipif(not library.available_isas(), reason="no C++ kernel library")
+from cpp_required import skip_reason
+
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
 MX = ["mxfp4", "mxfp4-had", "mxfp4-had128", "mxfp4-w4a4", "mxfp4-w4a4-had", "mxfp4-w4a4-had64"]
 NV = ["nvfp4", "nvfp4-had", "nvfp4-had64", "nvfp4-w4a4", "nvfp4-w4a4-had", "nvfp4-w4a4-had128"]

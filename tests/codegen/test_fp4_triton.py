@@ -29,6 +29,7 @@ if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 if INTERPRETED and type(fp4.fp4_linear_kernel).__name__ != "InterpretedFunction":
     pytest.skip("triton kernels were created before TRITON_INTERPRET=1 was set", allow_module_level=True)
+pytestmark = pytest.mark.triton
 
 LEVELS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 GROUP = {"mxfp4": 32, "nvfp4": 16}

@@ -20,10 +20,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qcompile.codegen import cpp  # noqa: E402
 from qcompile.runtime import dispatch  # noqa: E402
 from qcompile.schemes import parse_scheme  # noqa: E402
 from qcompile.schemes.fp8_block import quantize_activations  # noqa: E402
+
+from cpp_required import skip_reason  # noqa: E402
 
 NAMES = ["fp8-block", "fp8-block-ue8m0"]
 # (M, K, N): ragged K and N (partial groups and blocks), one K of whole groups, M across the 4-token tiles
@@ -53,13 +54,13 @@ def assert_matches_reference(y, scheme, x, packed, bias):
 
 
 # -- C++ ----------------------------------------------------------------------------------------------------------
-needs_cpp = pytest.mark.skipif(not cpp.available(), reason="no C++ compiler")
+needs_cpp = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
 
 def _isas() -> list[str]:
     from qcompile.codegen.cpp import library
 
-    return library.available_isas() if cpp.available() else []
+    return library.available_isas() if skip_reason() is None else []
 
 
 @needs_cpp
@@ -186,9 +187,12 @@ def _triton():
 
 
 def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from qcompile.codegen.triton import common
+
+    return "cpu" if common.interpreting() else "cuda"
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", NAMES)
 def test_triton_launcher_matches_reference(name, dtype):
@@ -201,6 +205,7 @@ def test_triton_launcher_matches_reference(name, dtype):
         assert_matches_reference(y, scheme, x, packed, bias)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("split_k", [1, 2, 3])
 def test_triton_split_k_matches_reference(split_k):
     common, fp8_block = _triton()
@@ -212,6 +217,7 @@ def test_triton_split_k_matches_reference(split_k):
     assert fp8_block.split_for(2, 5, 132) == 5 and fp8_block.split_for(200, 5, 132) == 1
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name", NAMES)
 def test_triton_activation_quantization_is_the_reference(name):
     common, fp8_block = _triton()
@@ -225,6 +231,7 @@ def test_triton_activation_quantization_is_the_reference(name):
         assert torch.equal(q.cpu().float(), ref_q.float())  # the interpreter may drop the sign of a zero code
 
 
+@pytest.mark.triton
 def test_triton_row_reasons():
     common, fp8_block = _triton()
     scheme = parse_scheme("fp8-block")

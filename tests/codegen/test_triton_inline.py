@@ -32,6 +32,8 @@ from qcompile.schemes import parse_scheme  # noqa: E402
 
 from test_triton_kernels import DEVICE, INTERPRETED, activation, assert_matches_reference, packed  # noqa: E402
 
+pytestmark = pytest.mark.triton
+
 SCHEMES = {"int4": "int4-g32", "w8a16": "int8", "w8a8": "w8a8"}
 KERNELS = {"int4-gemv": {"int4_gemv_kernel"}, "int4-splitk": {"int4_linear_kernel"},
            "int4-gemm": {"int4_linear_kernel"}, "w8a16-gemv": {"w8a16_linear_kernel"},
@@ -332,7 +334,6 @@ def test_a_row_that_fails_to_trace_leaves_the_op_and_says_so(traced_graphs):
 
 # -- on a GPU: inductor compiles the inlined kernels -----------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("scheme_name,m", [("int4-g128", 1), ("int4-g128-sym", 64), ("int8", 8), ("w8a8", 64)])
 def test_inductor_inlines_on_gpu(scheme_name, m):
     from torch._inductor.utils import run_and_get_code
@@ -340,8 +341,8 @@ def test_inductor_inlines_on_gpu(scheme_name, m):
     import qcompile  # noqa: F401 - registers the backend
 
     k, n = 512, 384
-    model = torch.nn.Sequential(torch.nn.Linear(k, n), torch.nn.GELU()).to(DEVICE, torch.bfloat16)
-    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    model = torch.nn.Sequential(torch.nn.Linear(k, n), torch.nn.GELU()).to("cuda", torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     options = {"recipe": scheme_name, "inductor": True, "inline_kernels": True}
     compiled = torch.compile(model, backend="qcompile", options=options)
     y, code = run_and_get_code(compiled, x)

@@ -1,7 +1,8 @@
 """Triton kernels against the plain-PyTorch reference of ``qcompile::linear``.
 
 Without CUDA the kernels run under ``TRITON_INTERPRET=1`` on small CPU tensors (set here before triton is
-imported); tests marked ``gpu`` run the registered op on a CUDA device.
+imported); with the interpreter off (``make test-gpu``) the same tests run on CUDA tensors, N ragged against every
+tile (``N_RAGGED``). ``test_gpu_op.py`` runs the registered op of every family on a GPU.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from qcompile.codegen.triton import autotune, candidates, common, int4, paths, w
 from qcompile.runtime.ops import reference_linear  # noqa: E402
 from qcompile.schemes import parse_scheme  # noqa: E402
 
+pytestmark = pytest.mark.triton
+
 INTERPRETED = common.interpreting()
 DEVICE = "cpu" if INTERPRETED else "cuda"
+#: N with a partial last tile for every BLOCK_N >= 2 (on a GPU as large as a real layer's ragged edge)
+N_RAGGED = 45 if INTERPRETED else 383
 if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 if INTERPRETED and type(int4.int4_linear_kernel).__name__ != "InterpretedFunction":
@@ -75,7 +80,7 @@ def tolerance_for(dtype: torch.dtype) -> float:
 
 
 # (M, K, N): aligned, ragged K (padding in the last group), ragged N, M above one tile
-SHAPES = [(1, 64, 32), (3, 90, 48), (17, 96, 48)]
+SHAPES = [(1, 64, 32), (3, 90, N_RAGGED), (17, 96, N_RAGGED)]
 
 
 @pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g32-sym", "int4-g64", "int4", "int4-g8"])
@@ -93,7 +98,7 @@ def test_int4_default_path(scheme_name, m, k, n):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g64-sym"])
 def test_int4_every_path(path, dtype, with_bias, scheme_name):
-    m, k, n = 3, 90, 48
+    m, k, n = 3, 90, N_RAGGED
     qweight, scales, zeros = packed(scheme_name, n, k)
     x = activation(m, k, dtype)
     bias = torch.randn(n).to(dtype).to(DEVICE) if with_bias else None
@@ -116,7 +121,7 @@ def test_bound_launchers_serve_later_calls(row_name, monkeypatch):
     activations of that signature (a batched one, a row-strided view) and builds each config's launch once."""
     row = next(r for r in paths.PATHS if r.name == row_name)
     scheme_name = {"int4": "int4-g32", "w8a16": "int8", "w8a8": "w8a8"}[row_name.split("-")[1]]
-    m, k, n = {"gemv": 3, "splitk": 6, "gemm": 17}.get(row_name.split("-")[-1], 3), 90, 48
+    m, k, n = {"gemv": 3, "splitk": 6, "gemm": 17}.get(row_name.split("-")[-1], 3), 90, N_RAGGED
     qweight, scales, zeros = packed(scheme_name, n, k)
     built, init = [], autotune.BoundLaunches.__init__
 
@@ -139,7 +144,7 @@ def test_bound_launchers_serve_later_calls(row_name, monkeypatch):
 
 @pytest.mark.parametrize("scheme_name", ["int4-g32", "int4-g64-sym", "int4"])
 def test_int4_dequantize_then_dense_config(scheme_name):
-    m, k, n = 5, 90, 48
+    m, k, n = 5, 90, N_RAGGED
     qweight, scales, zeros = packed(scheme_name, n, k)
     x = activation(m, k, torch.float32)
     bias = torch.randn(n).to(DEVICE)
@@ -161,7 +166,7 @@ def test_int4_dequantize_then_dense_config(scheme_name):
 def test_int4_gemv_words(dtype, scheme_name, m, k, block_k):
     """The GEMV's int32-word form (8 nibbles a word, two instructions a nibble) against the reference, split-K
     included."""
-    n = 48
+    n = N_RAGGED
     qweight, scales, zeros = packed(scheme_name, n, k)
     group_size = parse_scheme(scheme_name).group_size_for(k)
     assert int4.words_shape(qweight, group_size) and common.word_aligned(qweight)
@@ -206,7 +211,7 @@ def test_int4_dot_words(dtype, scheme_name, path, m, k, block_k, monkeypatch):
     plane), each group's scale (and zero, through the tile's activation sum) applied to the fp32 product. Only the
     output's rounding to 16 bits remains, so the tolerance is one unit in the last place (the interpreter truncates
     fp32 to bf16), not 2%."""
-    n = 48
+    n = N_RAGGED
     qweight, scales, zeros = packed(scheme_name, n, k)
     group_size = parse_scheme(scheme_name).group_size_for(k)
     x = activation(m, k, dtype)
@@ -328,7 +333,7 @@ def test_int4_word_dots_in_the_candidates():
 @pytest.mark.parametrize("scheme_name,k", [("int4-g32", 90), ("int4-g8-sym", 90), ("int4", 90)])
 def test_int4_words_dequantize_and_fallback(scheme_name, k):
     """The dequantize kernel with words; per-channel int4 with 45-byte rows cannot use words and falls back."""
-    qweight, scales, zeros = packed(scheme_name, 48, k)
+    qweight, scales, zeros = packed(scheme_name, N_RAGGED, k)
     x = activation(5, k, torch.float32)
     config = dataclasses.replace(candidates.DEQUANT_CONFIG, words=1)
     y = int4.int4_linear(x, qweight, scales, zeros, None, scheme_name, path="gemm", config=config)
@@ -338,25 +343,25 @@ def test_int4_words_dequantize_and_fallback(scheme_name, k):
 @pytest.mark.parametrize("split_k", [2, 3, 8])
 def test_split_k_leaves_its_workspace_zeroed(split_k):
     """The last split of each tile stores the total and zeroes its workspace tile and counter."""
-    qweight, scales, zeros = packed("int4-g32", 48, 96)
+    qweight, scales, zeros = packed("int4-g32", N_RAGGED, 96)
     x = activation(3, 96, torch.float32)
     config = autotune.KernelConfig(4, 16, 32, split_k=split_k)
     first = int4.int4_linear(x, qweight, scales, zeros, None, "int4-g32", path="gemv", config=config)
-    work, counts = common.split_workspace(x.device, 3 * 48, 1)
+    work, counts = common.split_workspace(x.device, 3 * N_RAGGED, 1)
     assert not work.any() and not counts.any()
     second = int4.int4_linear(x, qweight, scales, zeros, None, "int4-g32", path="gemv", config=config)
     for y in (first, second):  # the order of the atomic adds may differ between launches on a GPU
         assert_matches_reference(y, x, qweight, scales, zeros, None, "int4-g32", 1e-5)
-    y = w8a16.w8a16_linear(x, *packed("int8", 48, 96)[:2], None, None, "int8", path="splitk",
+    y = w8a16.w8a16_linear(x, *packed("int8", N_RAGGED, 96)[:2], None, None, "int8", path="splitk",
                            config=autotune.KernelConfig(16, 16, 16, split_k=split_k))  # fmt: skip
     assert not work.any() and not counts.any()
-    assert_matches_reference(y, x, *packed("int8", 48, 96)[:2], None, None, "int8", 1e-5)
+    assert_matches_reference(y, x, *packed("int8", N_RAGGED, 96)[:2], None, None, "int8", 1e-5)
 
 
 @pytest.mark.parametrize("scheme_name", ["int8", "fp8"])
 @pytest.mark.parametrize("path", ["gemv", "splitk", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (17, 90, 48)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (17, 90, N_RAGGED)])
 def test_w8a16(scheme_name, path, dtype, m, k, n):
     qweight, scales, zeros = packed(scheme_name, n, k)
     x = activation(m, k, dtype)
@@ -367,7 +372,7 @@ def test_w8a16(scheme_name, path, dtype, m, k, n):
 
 @pytest.mark.parametrize("scheme_name", ["int8", "fp8"])
 def test_w8a16_dequantize_then_dense_config(scheme_name):
-    qweight, scales, zeros = packed(scheme_name, 48, 90)
+    qweight, scales, zeros = packed(scheme_name, N_RAGGED, 90)
     x = activation(5, 90, torch.float32)
     y = w8a16.w8a16_linear(x, qweight, scales, zeros, None, scheme_name, path="gemm", config=candidates.DEQUANT_CONFIG)
     assert_matches_reference(y, x, qweight, scales, zeros, None, scheme_name, 1e-5)
@@ -377,7 +382,7 @@ def test_w8a16_dequantize_then_dense_config(scheme_name):
 @pytest.mark.parametrize("m,k", [(1, 96), (3, 96), (1, 90)])
 def test_w8a16_words(scheme_name, m, k):
     """int32-word loads of the 8-bit codes (4 planes a tile); K=90 rows cannot be read as words and fall back."""
-    qweight, scales, zeros = packed(scheme_name, 48, k)
+    qweight, scales, zeros = packed(scheme_name, N_RAGGED, k)
     x = activation(m, k, torch.float32)
     for split_k in (1, 2):
         config = autotune.KernelConfig(common.m_bucket(m), 16, 32, split_k=split_k, words=1)
@@ -399,7 +404,7 @@ def test_w8a8(scheme_name, dtype, m, k, n):
 @pytest.mark.parametrize("scheme_name", ["w8a8", "fp8-w8a8"])
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_w8a8_split_k(scheme_name, split_k):
-    m, k, n = 3, 200, 48
+    m, k, n = 3, 200, N_RAGGED
     qweight, scales, zeros = packed(scheme_name, n, k)
     x = activation(m, k, torch.float32)
     bias = torch.randn(n).to(DEVICE)
@@ -524,25 +529,3 @@ def test_candidate_configs_respect_kernel_constraints():
                 assert path == "gemv" or (config.block_k >= 32 and config.block_m >= 16)
     assert {c.split_k for c in w8a8.candidate_configs(16, 4096)} >= {1, 4, 8}  # small M splits K
     assert all(c.split_k == 1 for c in w8a8.candidate_configs(256, 4096))
-
-
-# -- on a GPU: the registered op ------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("scheme_name", ["int4-g128", "int4-g128-sym", "int4", "int8", "fp8", "w8a8", "fp8-w8a8"])
-@pytest.mark.parametrize("m", [1, 8, 64, 300])
-def test_op_on_gpu(scheme_name, m):
-    from qcompile.runtime import dispatch
-
-    k, n = 1000, 384  # ragged against the group size and the tiles
-    qweight, scales, zeros = packed(scheme_name, n, k)
-    x = activation(m, k, torch.bfloat16)
-    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    tensors = [t for t in (qweight, scales, zeros) if t is not None]
-    kernel, reason = dispatch.select_kernel(parse_scheme(scheme_name), x, tensors)
-    if kernel is None:
-        # only fp8 on a GPU older than compute capability 8.9 may legitimately lack a Triton kernel
-        assert scheme_name.startswith("fp8") and torch.cuda.get_device_capability() < (8, 9), reason
-        pytest.skip(reason)
-    y = torch.ops.qcompile.linear(x, tensors, bias, scheme_name, k, n)
-    assert_matches_reference(y, x, qweight, scales, zeros, bias, scheme_name, 2e-2)

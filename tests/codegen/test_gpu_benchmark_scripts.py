@@ -41,3 +41,18 @@ def test_triton_launch_overhead_table():
     assert [row[0] for row in rows] == ["int4-g128", "int8", "w8a8"], out
     for row in rows:
         assert float(row[1]) > 0 and float(row[2]) > 0
+
+
+def test_gpu_forms_counts_a_nan_form_as_a_failure():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_forms", BENCHMARKS / "gpu_forms.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert module.worse(0.0, float("nan")) == float("inf")
+    assert module.worse(float("inf"), 1e-3) == float("inf")
+    assert module.worse(1e-4, 1e-3) == 1e-3

@@ -174,11 +174,12 @@ def test_unaligned_member(good, tmp_path):
 
 def test_nonzero_padding(good, tmp_path):
     manifest, blobs = split(good)
-    data = bytearray(assemble(manifest, blobs))
-    length = HEADER.unpack_from(data, 0)[3]
-    gap_start = HEADER_SIZE + length
-    if align_up(gap_start) == gap_start:
-        pytest.skip("no padding after this manifest")
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    if align_up(HEADER_SIZE + len(text)) == HEADER_SIZE + len(text):
+        text += b" "  # JSON may end in white space: this manifest leaves padding before the members
+    data = bytearray(assemble(manifest, blobs, raw_manifest=text))
+    gap_start = HEADER_SIZE + len(text)
+    assert align_up(gap_start) > gap_start
     data[gap_start] = 1
     expect(tmp_path, bytes(data), "padding")
 
@@ -235,6 +236,27 @@ def test_flipped_bit_in_graph(good, tmp_path):
     graph[40] ^= 0x01
     blobs["graph"] = bytes(graph)
     expect(tmp_path, assemble(manifest, blobs, rehash=False), "member 'graph': checksum mismatch")
+
+
+def test_manifest_that_is_not_a_json_object(good, tmp_path):
+    manifest, blobs = split(good)
+    expect(tmp_path, assemble(manifest, blobs, raw_manifest=b"[1, 2, 3]"), "manifest: not a JSON object")
+
+
+def test_manifest_that_is_not_utf8(good, tmp_path):
+    manifest, blobs = split(good)
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    text = text.replace(b'"format":', b'"\xff\xfe":1,"format":', 1)
+    message = expect(tmp_path, assemble(manifest, blobs, raw_manifest=text), "manifest")
+    assert "utf" in message.lower(), message
+
+
+def test_unknown_tensor_dtype_code(good, tmp_path):
+    manifest, blobs = split(good)
+    header, data = split_safetensors(blobs["weights"])
+    header["up.scales"]["dtype"] = "Q7"
+    blobs["weights"] = join_safetensors(header, data)
+    expect(tmp_path, assemble(manifest, blobs), "up.scales", "unknown dtype 'Q7'")
 
 
 def test_tampered_manifest_shape(good, tmp_path):

@@ -128,10 +128,15 @@ def test_fp8_matches_float64_rowwise():
 
 
 def test_nf4_picks_nearest_level():
-    weight = torch.randn(4, 64)
+    weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
     q = NF4(32).quantize(weight)
     levels = torch.tensor(NF4_LEVELS, dtype=torch.float64)
-    groups = weight.double().reshape(4, 2, 32)
+    groups = weight.double().reshape(64, 2, 32)
     normalized = groups / groups.abs().amax(-1, keepdim=True)
-    expected = (normalized.unsqueeze(-1) - levels).abs().argmin(-1).reshape(4, 64)
-    assert (expected == q.codes.long()).float().mean() > 0.999
+    distance = (normalized.unsqueeze(-1) - levels).abs()
+    expected = distance.argmin(-1).reshape(64, 64)
+    # the scheme divides in float32: only a value within float32 rounding of a midpoint may pick the other level
+    two = distance.topk(2, largest=False).values
+    near_tie = ((two[..., 1] - two[..., 0]) < 1e-6).reshape(64, 64)
+    assert torch.equal(expected[~near_tie], q.codes.long()[~near_tie])
+    assert near_tie.sum() <= 2

@@ -33,6 +33,13 @@ def test_awq_search_protects_salient_channels():
     assert scale[:4].min() > scale[4:].max()
     # measured: the best α (0.35) cuts the output error to 0.20x of round to nearest (errors[0], α = 0)
     assert min(errors) < 0.4 * errors[0]
+    # recomputed here in float64, apart from the search: y = x W^T against (x / s) Q(W s)^T and x Q(W)^T
+    x64, w64, s64 = x.double(), weight.double(), scale.double()
+    exact = x64 @ w64.t()
+    rtn = x64 @ scheme.dequantize(scheme.quantize(weight)).double().t()
+    awq = (x64 / s64) @ scheme.dequantize(scheme.quantize(weight * scale)).double().t()
+    rtn_error, awq_error = (rtn - exact).pow(2).mean().item(), (awq - exact).pow(2).mean().item()
+    assert awq_error <= 0.4 * rtn_error, (awq_error, rtn_error)
 
 
 def test_candidate_scale_is_normalised():

@@ -51,11 +51,13 @@ def test_gptq_through_quantize_matches_an_independent_gptq_of_the_first_block():
     got = model.get_submodule(SITE).dequantized_weight()
     assert (got == expected).float().mean() > 0.99  # rare rounding ties may flip from the accumulation order
     torch.testing.assert_close(got, expected, atol=float(scheme.quantize(expected).scales.max()) * 1.01, rtol=0)
-    # and the whole model: measured 0.95x of round to nearest's logit error on held-out ids
+    # and the whole model: measured 0.70x of round to nearest's logit error on held-out ids (8 samples; 0.49x
+    # with 32); held to 0.97x
     rtn = qcompile.quantize(copy.deepcopy(reference), "int4-g32", progress_bar=False)
     held_out = _ids(count=1, length=96, seed=5)[0]
     with torch.no_grad():
-        assert _output_error(model, reference, held_out) < _output_error(rtn, reference, held_out)
+        ratio = _output_error(model, reference, held_out) / _output_error(rtn, reference, held_out)
+    assert ratio <= 0.97, ratio
 
 
 def test_fixed_calibration_gives_identical_packed_weights():

@@ -14,6 +14,13 @@ def _weight(seed=0, n=64, k=200):
     return w
 
 
+#: the largest HQQ / round-to-nearest ratio of mean |error| accepted. Measured on ``_weight()``: 0.72-0.97; per
+#: channel (one 200-wide group a row) with the zero alone HQQ gains only 1.9 % (0.981, 20 to 100 iterations alike:
+#: moving the zero cannot do more there), so that one case is held to 0.985 and optimize_scale to 0.98.
+MARGIN = 0.98
+MARGIN_ZERO_ONLY_PER_CHANNEL = 0.985
+
+
 @pytest.mark.parametrize("name", ["int4-g64", "int4-g128", "int3-g64", "int2-g32", "int4", "int4-g32-sym"])
 @pytest.mark.parametrize("optimize_scale", [False, True])
 def test_error_never_increases(name, optimize_scale):
@@ -22,13 +29,15 @@ def test_error_never_increases(name, optimize_scale):
     scales, zeros, errors = hqq_optimize(scheme, weight, {"optimize_scale": optimize_scale})
     assert len(errors) == 21
     assert all(b <= a for a, b in zip(errors, errors[1:])), errors
-    # measured: HQQ ends 2-27 % below round to nearest in mean |error| on these weights
     assert errors[-1] < errors[0]
     q = hqq_quantize(scheme, weight, {"optimize_scale": optimize_scale})
     assert (q.zeros is None) == scheme.symmetric
-    achieved = float((scheme.dequantize(q) - weight).abs().mean())
-    rtn = float((scheme.dequantize(scheme.quantize(weight)) - weight).abs().mean())
-    assert achieved < rtn
+    # the error recomputed here in float64 from the weight, not taken from the solver's own report
+    achieved = float((scheme.dequantize(q).double() - weight.double()).abs().mean())
+    rtn = float((scheme.dequantize(scheme.quantize(weight)).double() - weight.double()).abs().mean())
+    per_channel_zero_only = scheme.group_size is None and not optimize_scale and not scheme.symmetric
+    margin = MARGIN_ZERO_ONLY_PER_CHANNEL if per_channel_zero_only else MARGIN
+    assert achieved <= margin * rtn, (name, optimize_scale, achieved / rtn)
 
 
 def test_fixed_input_gives_identical_packed_weights():

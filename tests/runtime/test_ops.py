@@ -34,15 +34,6 @@ def test_opcheck(name):
     torch.library.opcheck(op, (x_grad, p.list(), None, scheme.name, 72, 24), **kwargs)
 
 
-@pytest.mark.parametrize("name", [n for n in SCHEMES if not parse_scheme(n).quantizes_activations])
-def test_weight_only_reference_is_dequantized_linear(name):
-    scheme, _, p = _packed(name, 10, 50)
-    x = torch.randn(4, 50, dtype=torch.float64)
-    w = scheme.dequantize_packed(p, 10, 50).double()
-    expected = x @ w.t()
-    torch.testing.assert_close(reference_linear(x, p.list(), None, name, x.shape[-1], 10), expected)
-
-
 def test_w8a8_reference_matches_float64_integer_math():
     scheme, _, p = _packed("w8a8", 12, 40)
     x = torch.randn(6, 40)

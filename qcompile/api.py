@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from qcompile import eager
-from qcompile.passes.capture import _fetch, capture, find_sites, unsupported_sites
+from qcompile.passes.capture import _fetch, capture, find_prequantized, find_sites, unsupported_sites
 from qcompile.passes.lower import lower
 from qcompile.plan import Plan, make_plan
 from qcompile.progress import progress
@@ -19,9 +19,10 @@ from qcompile.calibration import statistics_for
 def quantize(model: torch.nn.Module, recipe=None, calibration=None, *, progress_bar: bool = True,
              verbose: bool = False) -> torch.nn.Module:  # fmt: skip
     """Quantize ``model`` in place: every ``nn.Linear`` / GPT-2 ``Conv1D`` the recipe plans becomes a
-    :class:`qcompile.nn.QuantizedLinear`. Returns ``model``; its plan is ``model.qcompile_plan``."""
+    :class:`qcompile.nn.QuantizedLinear`. Returns ``model``; its plan is ``model.qcompile_plan``. Layers that are
+    quantized already stay as they are (the plan marks them pre-quantized)."""
     sites = eager.linear_sites(model)
-    plan = make_plan(recipe, [s for s, _ in sites])
+    plan = make_plan(recipe, [s for s, _ in sites], eager.prequantized_sites(model))
     if verbose:
         print(plan.table())
     stats = statistics_for(model, plan, calibration)
@@ -51,6 +52,8 @@ def compile(model: torch.nn.Module, example_args=(), recipe=None, *, example_kwa
             calibration=None, progress_bar: bool = True, verbose: bool = False) -> QuantizedProgram:  # fmt: skip
     """Capture ``model`` with ``torch.export``, plan, quantize and lower it; returns a callable
     :class:`QuantizedProgram` that takes the same inputs as ``model`` (batch and sequence may vary).
+    A model quantized already (:func:`quantize`, ``from_pretrained``) keeps its quantized layers as they are: the
+    plan marks them pre-quantized and the recipe applies to its float layers only.
 
     ``model`` itself keeps its float weights. Recipes using ``awq`` or ``smoothquant`` fold equivalent
     per-channel scales into ``model``'s float weights first (its outputs are unchanged up to rounding)."""
@@ -74,14 +77,14 @@ def _compile(model, example_args, recipe, example_kwargs, dynamic_shapes, calibr
     if skipped:
         warnings.warn(f"qcompile: {len(skipped)} matmul(s) with a constant weight stay float (not a supported site): "
                       + "; ".join(skipped), stacklevel=2)  # fmt: skip
-    plan = make_plan(recipe, [m.site for m in matches])
+    plan = make_plan(recipe, [m.site for m in matches], [(p.site, p.scheme) for p in find_prequantized(gm)])
     if verbose:
         print(plan.table())
     stats = statistics_for(model, plan, calibration)
     start = time.perf_counter()
     packed, schemes = {}, {}
     by_name = {m.site.name: m for m in matches}
-    for entry in progress(plan.quantized(), "quantize", enabled=progress_bar):
+    for entry in progress(plan.to_quantize(), "quantize", enabled=progress_bar):
         weight = _fetch(gm, by_name[entry.site.name].weight_node.target)
         packed[entry.site.name] = quantize_entry(entry, weight, None if stats is None else stats.get(entry.site.name))
         schemes[entry.site.name] = entry.scheme

@@ -6,7 +6,7 @@ from qcompile.algorithms import get_algorithm
 
 
 def needs_calibration(plan) -> bool:
-    return any(get_algorithm(e.algorithm).needs_calibration for e in plan.quantized())
+    return any(get_algorithm(e.algorithm).needs_calibration for e in plan.to_quantize())
 
 
 def statistics_for(model, plan, calibration):

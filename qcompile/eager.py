@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from qcompile.nn import QuantizedLinear
-from qcompile.plan import Plan, Site
+from qcompile.plan import HEAD_NAMES, Plan, Site
 from qcompile.progress import progress
 from qcompile.quantizer import quantize_entry
 
@@ -62,6 +62,21 @@ def linear_sites(model: torch.nn.Module) -> list[tuple[Site, torch.nn.Module]]:
     return out
 
 
+def prequantized_sites(model: torch.nn.Module) -> list[tuple[Site, str]]:
+    """``(Site, scheme)`` for every :class:`QuantizedLinear` the model holds already (weight bytes counted in its
+    bias's dtype, else float32: what the float layer would hold)."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            dtype = module.bias.dtype if module.bias is not None else torch.float32
+            site = Site(name=name, weight_name=f"{name}.weight", out_features=module.out_features,
+                        in_features=module.in_features, kind="qcompile.linear", has_bias=module.bias is not None,
+                        head=name.split(".")[-1] in HEAD_NAMES, weight_dtype=str(dtype).removeprefix("torch."),
+                        weight_bytes=module.out_features * module.in_features * dtype.itemsize)  # fmt: skip
+            out.append((site, module.scheme))
+    return out
+
+
 def _set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     """Replace the module at ``name`` and at every other path that holds the same module object."""
     old = model.get_submodule(name)
@@ -77,7 +92,7 @@ def swap_modules(model, plan: Plan, modules: dict, stats=None, progress_bar=True
     by_site = {site.name: module for site, module in modules.items()}
     packed_by_weight: dict[tuple, object] = {}
     swapped = 0
-    for entry in progress(plan.quantized(), "quantize", enabled=progress_bar):
+    for entry in progress(plan.to_quantize(), "quantize", enabled=progress_bar):
         module = by_site[entry.site.name]
         key = (id(module.weight), entry.scheme, entry.algorithm, entry.options)
         if key not in packed_by_weight:

@@ -55,6 +55,9 @@ class PlanEntry:
     algorithm: str = "rtn"
     options: tuple[tuple[str, Any], ...] = ()
     reason: str = "default"
+    #: the model held this layer quantized already (a ``qcompile::linear`` call): its packed tensors are taken
+    #: as they are, nothing is quantized again
+    prequantized: bool = False
 
     @property
     def parsed(self) -> Scheme | None:
@@ -70,6 +73,8 @@ class PlanEntry:
     @property
     def note(self) -> str:
         notes = [] if self.reason == "default" else [self.reason]
+        if self.prequantized:
+            return "; ".join(notes)
         scheme = self.parsed
         if scheme is not None:
             k, kp = self.site.in_features, scheme.padded_in_features(self.site.in_features)
@@ -94,7 +99,13 @@ class Plan:
         return len(self.entries)
 
     def quantized(self) -> list[PlanEntry]:
+        """Entries with a scheme, pre-quantized ones included (their bytes count; :meth:`to_quantize` skips
+        them)."""
         return [e for e in self.entries if e.scheme is not None]
+
+    def to_quantize(self) -> list[PlanEntry]:
+        """Entries whose float weight is to be quantized now."""
+        return [e for e in self.entries if e.scheme is not None and not e.prequantized]
 
     def entry(self, site_name: str) -> PlanEntry:
         for e in self.entries:
@@ -128,16 +139,24 @@ def _check_all_match(targets: tuple[Target, ...], names: list[str], where: str) 
             )
 
 
-def make_plan(recipe, sites: list[Site]) -> Plan:
-    """Resolve ``recipe`` against ``sites``: ignore first, then ordered overrides, then the default."""
+def make_plan(recipe, sites: list[Site], prequantized: list[tuple[Site, str]] = ()) -> Plan:
+    """Resolve ``recipe`` against ``sites``: ignore first, then ordered overrides, then the default.
+
+    ``prequantized``: ``(site, scheme)`` of layers the model holds quantized already. They keep their scheme
+    whatever the recipe says (the recipe applies to the float layers only) and the plan says so per layer; a
+    recipe target may name them (the same recipe used twice), but one that names nothing at all is an error."""
     recipe = load_recipe(recipe)
-    names = [s.name for s in sites]
+    names = [s.name for s in sites] + [s.name for s, _ in prequantized]
     _check_all_match(recipe.ignore, names, "recipe.ignore")
     for i, rule in enumerate(recipe.overrides):
         _check_all_match(rule.targets, names, f"recipe.overrides[{i}]")
-    entries = []
-    for site in sites:
-        entries.append(_resolve(recipe, site))
+    entries = [_resolve(recipe, site) for site in sites]
+    for site, scheme in prequantized:
+        wanted = _resolve(recipe, site)
+        reason = "pre-quantized"
+        if wanted.scheme is not None and wanted.scheme != scheme:
+            reason += f" (the recipe's {wanted.scheme} not applied: quantize the float model to change it)"
+        entries.append(PlanEntry(site, scheme, reason=reason, prequantized=True))
     return Plan(recipe, tuple(entries))
 
 

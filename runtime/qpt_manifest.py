@@ -36,7 +36,7 @@ def plan_to_json(plan: Plan, buffer_prefix) -> list[dict]:
         site = dataclasses.asdict(entry.site)
         site["tied_to"] = list(site["tied_to"])
         row = {"site": site, "scheme": entry.scheme, "algorithm": entry.algorithm, "options": dict(entry.options),
-               "reason": entry.reason, "layout": None, "tensors": {}}  # fmt: skip
+               "reason": entry.reason, "layout": None, "tensors": {}, "prequantized": entry.prequantized}  # fmt: skip
         if entry.scheme is not None:
             prefix = buffer_prefix(entry.site)
             row["layout"] = "canonical"
@@ -93,8 +93,11 @@ def plan_from_json(rows, recipe_data) -> Plan:
         options = row.get("options", {})
         if not isinstance(options, dict) or not isinstance(row.get("algorithm", "rtn"), str):
             raise ArtifactError(f"{where}: options must be an object and algorithm a string")
+        prequantized = row.get("prequantized", False)
+        if type(prequantized) is not bool:
+            raise ArtifactError(f"{where}: prequantized must be true or false")
         entries.append(PlanEntry(site, scheme, row.get("algorithm", "rtn"), tuple(sorted(options.items())),
-                                 str(row.get("reason", "default"))))  # fmt: skip
+                                 str(row.get("reason", "default")), prequantized))  # fmt: skip
     return Plan(recipe, tuple(entries))
 
 

@@ -37,7 +37,7 @@ class _StopForward(Exception):
 
 def _options(plan) -> dict:
     merged = dict(plan.recipe.options)
-    for entry in plan.quantized():
+    for entry in plan.to_quantize():
         merged.update(dict(entry.options))
     return merged
 
@@ -160,7 +160,7 @@ def collect_statistics(model, plan, calibration, progress_bar: bool = True) -> d
 
 
 def _collect(model, plan, calibration, progress_bar):
-    entries = {e.site.name: e for e in plan.quantized()}
+    entries = {e.site.name: e for e in plan.to_quantize()}
     calibrating = [n for n, e in entries.items() if get_algorithm(e.algorithm).needs_calibration]
     options = _options(plan)
     batches = calibration_batches(model, calibration, int(options.get("samples", DEFAULT_SAMPLES)),

@@ -84,7 +84,12 @@ def _as_program(model_or_program, example_args, recipe, example_kwargs, dynamic_
         kind = type(model_or_program).__name__
         raise OnnxExportError(f"export takes an nn.Module or a QuantizedProgram, got {kind}")
     if recipe is None:
-        raise OnnxExportError("a float model needs a recipe (for example 'int4-g128') to be quantized before export")
+        from qcompile.nn import QuantizedLinear
+
+        if not any(isinstance(m, QuantizedLinear) for m in model_or_program.modules()):
+            raise OnnxExportError("a float model needs a recipe (for example 'int4-g128') to be quantized before "
+                                  "export")  # fmt: skip
+        recipe = {"default": None}  # quantized already (qcompile.quantize, from_pretrained): its float layers stay
     return qcompile.compile(model_or_program, example_args, recipe, example_kwargs=example_kwargs,
                             dynamic_shapes=dynamic_shapes, progress_bar=False)  # fmt: skip
 
@@ -94,8 +99,9 @@ def export(model_or_program, example_args=(), path: str | os.PathLike = "model.o
            validate_outputs: bool = True) -> ExportReport:  # fmt: skip
     """Export a quantized model to ONNX and check it in onnxruntime.
 
-    ``model_or_program``: a float ``nn.Module`` (quantized with ``recipe`` through :func:`qcompile.compile`) or a
-    :class:`qcompile.QuantizedProgram`. ``example_args``/``example_kwargs``: inputs as the model takes them (a
+    ``model_or_program``: a float ``nn.Module`` (quantized with ``recipe`` through :func:`qcompile.compile`), a
+    model quantized already (:func:`qcompile.quantize`, ``from_pretrained``: its quantized layers are taken as they
+    are, a ``recipe`` then applies to its float layers only) or a :class:`qcompile.QuantizedProgram`. ``example_args``/``example_kwargs``: inputs as the model takes them (a
     program's own examples when omitted). ``dynamic_shapes``: as for ``torch.export``; by default every axis the
     model lets vary stays dynamic (batch, sequence). ``int4_format``: ``"matmulnbits"`` or ``"qdq"``.
     ``atol``: largest accepted ``max |onnxruntime - qcompile|`` (default: 1e-3 of the largest output value, 1e-1

@@ -121,6 +121,20 @@ def test_float_model_and_recipe(tmp_path):
         qcompile.onnx.export(Tiny(), (torch.randn(2, 32),), tmp_path / "x.onnx")
 
 
+def test_eagerly_quantized_model(tmp_path):
+    """A model qcompile.quantize quantized exports with its layers as they are (no recipe needed); a recipe then
+    applies to the float layers only."""
+    model = Stack().eval()
+    qcompile.quantize(model, {"default": None, "overrides": [{"targets": ["l1", "l2"], "scheme": "int4-g32"}]},
+                      progress_bar=False)  # fmt: skip
+    x = torch.randn(2, 64)
+    report = qcompile.onnx.export(model, (x,), tmp_path / "eager.onnx")
+    ops = {s.site: s.lowering.onnx_op for s in report.sites}
+    assert set(ops) == {"l1", "l2"} and set(ops.values()) == {"MatMulNBits"}
+    report = qcompile.onnx.export(model, (x,), tmp_path / "eager_int8.onnx", recipe="int8")
+    assert len(report.sites) == len(LAYERS)
+
+
 @pytest.mark.slow
 def test_w8a8_layer_is_exact_on_real_activations(tmp_path):
     """One w8a8 matmul of MiniLM, fed real hidden states: onnxruntime equals the reference (integer sums)."""

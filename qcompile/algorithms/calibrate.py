@@ -190,7 +190,7 @@ def _collect(model, plan, calibration, progress_bar):
             problems += _rescale_and_recollect(modules, entries, stats, outside, lambda: _run_model(model, batches))
         if blocks is not None:
             inputs = _block_inputs(model, blocks[0], batches)
-            for i in progress(range(len(blocks)), "calibrate", enabled=progress_bar):
+            for i in progress(range(len(blocks)), "calibrate", enabled=progress_bar, unit="block"):
                 prefix = f"{path}.{i}."
                 planned = [n for n in entries if n.startswith(prefix)]
                 if not planned:

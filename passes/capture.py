@@ -289,3 +289,39 @@ def find_prequantized(gm: fx.GraphModule) -> list[PrequantizedMatch]:
         seen[paths] = PrequantizedMatch(site, scheme, node, paths)
         out.append(seen[paths])
     return out
+
+
+#: graph ops that read a weight but are no matmul site, and why they stay float
+KEPT_OPS = {
+    "embedding": "kept float: embedding (a table lookup, not a matmul)",
+    "conv1d": "kept float: convolution (qcompile quantizes linear and matmul layers)",
+    "conv2d": "kept float: convolution (qcompile quantizes linear and matmul layers)",
+    "conv3d": "kept float: convolution (qcompile quantizes linear and matmul layers)",
+    "convolution": "kept float: convolution (qcompile quantizes linear and matmul layers)",
+    "conv_transpose1d": "kept float: convolution (qcompile quantizes linear and matmul layers)",
+    "conv_transpose2d": "kept float: convolution (qcompile quantizes linear and matmul layers)",
+}
+
+
+def kept_sites(gm: fx.GraphModule, matches: list[SiteMatch]) -> list[tuple[Site, str]]:
+    """``(Site, reason)`` for the embeddings and convolutions of a captured graph whose weight is no matmul site's
+    (an embedding tied to the head is the head's site), so the plan lists them as kept float."""
+    taken = {m.weight_node for m in matches}
+    out, seen = [], set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _op_name(node.target) not in KEPT_OPS:
+            continue
+        weight = node.args[0] if _op_name(node.target) == "embedding" else node.args[1]
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or weight in taken or weight in seen:
+            continue
+        tensor = _fetch(gm, weight.target)
+        if tensor is None or tensor.dim() < 2:
+            continue
+        seen.add(weight)
+        name = _module_of(node) or weight.target.removesuffix(".weight")
+        site = Site(name=name, weight_name=weight.target, out_features=int(tensor.shape[0]),
+                    in_features=int(tensor[0].numel()), kind=_op_name(node.target),
+                    weight_dtype=str(tensor.dtype).removeprefix("torch."),
+                    weight_bytes=tensor.numel() * tensor.element_size())  # fmt: skip
+        out.append((site, KEPT_OPS[_op_name(node.target)]))
+    return out

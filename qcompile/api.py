@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from qcompile import eager
-from qcompile.passes.capture import _fetch, capture, find_prequantized, find_sites, unsupported_sites
+from qcompile.passes.capture import _fetch, capture, find_prequantized, find_sites, kept_sites, unsupported_sites
 from qcompile.passes.lower import lower
 from qcompile.plan import Plan, make_plan
 from qcompile.progress import progress
@@ -22,7 +22,7 @@ def quantize(model: torch.nn.Module, recipe=None, calibration=None, *, progress_
     :class:`qcompile.nn.QuantizedLinear`. Returns ``model``; its plan is ``model.qcompile_plan``. Layers that are
     quantized already stay as they are (the plan marks them pre-quantized)."""
     sites = eager.linear_sites(model)
-    plan = make_plan(recipe, [s for s, _ in sites], eager.prequantized_sites(model))
+    plan = make_plan(recipe, [s for s, _ in sites], eager.prequantized_sites(model), eager.kept_sites(model))
     if verbose:
         print(plan.table())
     stats = statistics_for(model, plan, calibration)
@@ -77,7 +77,8 @@ def _compile(model, example_args, recipe, example_kwargs, dynamic_shapes, calibr
     if skipped:
         warnings.warn(f"qcompile: {len(skipped)} matmul(s) with a constant weight stay float (not a supported site): "
                       + "; ".join(skipped), stacklevel=2)  # fmt: skip
-    plan = make_plan(recipe, [m.site for m in matches], [(p.site, p.scheme) for p in find_prequantized(gm)])
+    plan = make_plan(recipe, [m.site for m in matches], [(p.site, p.scheme) for p in find_prequantized(gm)],
+                     kept_sites(gm, matches))  # fmt: skip
     if verbose:
         print(plan.table())
     stats = statistics_for(model, plan, calibration)

@@ -62,6 +62,32 @@ def linear_sites(model: torch.nn.Module) -> list[tuple[Site, torch.nn.Module]]:
     return out
 
 
+#: weight-holding layers that are not matmuls qcompile quantizes, and why they stay float
+KEPT_LAYERS = (
+    ((torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
+      torch.nn.ConvTranspose3d), "kept float: convolution (qcompile quantizes linear and matmul layers)"),
+    ((torch.nn.Embedding, torch.nn.EmbeddingBag), "kept float: embedding (a table lookup, not a matmul)"),
+)  # fmt: skip
+
+
+def kept_sites(model: torch.nn.Module) -> list[tuple[Site, str]]:
+    """``(Site, reason)`` for every convolution and embedding, so the plan lists them as kept float (an embedding
+    tied to a linear head is that head's site already)."""
+    matmul_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) or _is_conv1d(m)}
+    out = []
+    for name, module in model.named_modules():
+        for types, reason in KEPT_LAYERS:
+            weight = getattr(module, "weight", None)
+            if isinstance(module, types) and isinstance(weight, torch.Tensor) and id(weight) not in matmul_weights:
+                kind = type(module).__name__.lower()
+                n, k = weight.shape[0], weight[0].numel()
+                site = Site(name=name, weight_name=f"{name}.weight", out_features=int(n), in_features=int(k),
+                            kind=kind, weight_dtype=str(weight.dtype).removeprefix("torch."),
+                            weight_bytes=weight.numel() * weight.element_size())  # fmt: skip
+                out.append((site, reason))
+    return out
+
+
 def prequantized_sites(model: torch.nn.Module) -> list[tuple[Site, str]]:
     """``(Site, scheme)`` for every :class:`QuantizedLinear` the model holds already (weight bytes counted in its
     bias's dtype, else float32: what the float layer would hold)."""

@@ -139,14 +139,17 @@ def _check_all_match(targets: tuple[Target, ...], names: list[str], where: str) 
             )
 
 
-def make_plan(recipe, sites: list[Site], prequantized: list[tuple[Site, str]] = ()) -> Plan:
+def make_plan(recipe, sites: list[Site], prequantized: list[tuple[Site, str]] = (),
+              kept: list[tuple[Site, str]] = ()) -> Plan:  # fmt: skip
     """Resolve ``recipe`` against ``sites``: ignore first, then ordered overrides, then the default.
 
     ``prequantized``: ``(site, scheme)`` of layers the model holds quantized already. They keep their scheme
     whatever the recipe says (the recipe applies to the float layers only) and the plan says so per layer; a
-    recipe target may name them (the same recipe used twice), but one that names nothing at all is an error."""
+    recipe target may name them (the same recipe used twice), but one that names nothing at all is an error.
+    ``kept``: ``(site, reason)`` of layers that hold weights but are no matmul qcompile quantizes (convolutions,
+    embeddings): listed float with the reason, so no layer is left out of the table silently."""
     recipe = load_recipe(recipe)
-    names = [s.name for s in sites] + [s.name for s, _ in prequantized]
+    names = [s.name for s in sites] + [s.name for s, _ in prequantized] + [s.name for s, _ in kept]
     _check_all_match(recipe.ignore, names, "recipe.ignore")
     for i, rule in enumerate(recipe.overrides):
         _check_all_match(rule.targets, names, f"recipe.overrides[{i}]")
@@ -157,6 +160,7 @@ def make_plan(recipe, sites: list[Site], prequantized: list[tuple[Site, str]] = 
         if wanted.scheme is not None and wanted.scheme != scheme:
             reason += f" (the recipe's {wanted.scheme} not applied: quantize the float model to change it)"
         entries.append(PlanEntry(site, scheme, reason=reason, prequantized=True))
+    entries += [PlanEntry(site, None, reason=reason) for site, reason in kept]
     return Plan(recipe, tuple(entries))
 
 

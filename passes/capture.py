@@ -261,10 +261,10 @@ def find_prequantized(gm: fx.GraphModule) -> list[PrequantizedMatch]:
     ``weight_bytes`` counts the weight in the activation dtype (what a float layer of that model would hold)."""
     from qcompile.schemes import parse_scheme
 
-    linear = torch.ops.qcompile.linear.default
+    linear = torch.ops.qcompile.linear  # Dynamo graphs call the packet, exported ones the overload
     out, seen = [], {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not linear:
+        if node.op != "call_function" or (node.target is not linear and node.target is not linear.default):
             continue
         args = list(node.args) + [None] * (6 - len(node.args))
         tensors, bias, scheme, in_features, out_features = args[1], args[2], args[3], args[4], args[5]

@@ -11,12 +11,16 @@ Options: ``recipe`` (dict, path, Recipe or scheme name), ``inductor`` (bool), ``
 ``inductor``: CUDA calls become the Triton launches of their kernels, which inductor compiles and launches itself;
 default: the ``QCOMPILE_INLINE_KERNELS`` environment variable, else off), ``verbose`` (print the plan table),
 ``progress`` (bool).
+
+A model that is quantized already (its graph calls ``qcompile::linear``) runs as it is: without a ``recipe`` option
+the layers it kept float stay float.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import re
 import warnings
 import weakref
@@ -119,9 +123,29 @@ def _refresh_changed_weights(gm: fx.GraphModule, watched: list, inductor: bool) 
         item.version = item.weight._version
 
 
+def _already_quantized(gm: fx.GraphModule) -> bool:
+    """Does the graph call ``qcompile::linear`` already (a model ``qcompile.quantize`` or ``from_pretrained``
+    quantized)?"""
+    linear = torch.ops.qcompile.linear
+    return any(n.op == "call_function" and (n.target is linear or n.target is linear.default) for n in gm.graph.nodes)
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _announce_default(plan) -> None:
+    """Say once per process which plan a ``torch.compile`` without a ``recipe`` option applied."""
+    key = plan.recipe.default or ""
+    if key in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(key)
+    print(f"qcompile: torch.compile without a recipe option quantizes with the default recipe ({key}); pass "
+          f"options={{'recipe': ...}} to choose. The plan (said once):\n{plan.table()}", file=sys.stderr)
+
+
 def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """The Dynamo backend (see module docstring)."""
-    from qcompile.passes.capture import _fetch, find_sites
+    from qcompile.passes.capture import _fetch, find_prequantized, find_sites, kept_sites
     from qcompile.passes.lower import lower
     from qcompile.plan import make_plan
     from qcompile.progress import progress
@@ -133,12 +157,18 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Dynamo keeps reading the graph it handed over
     kept = _lift_parameters(gm, example_inputs)
     matches = find_sites(gm)
-    plan = make_plan(options.get("recipe"), [m.site for m in matches])
+    recipe = options.get("recipe")
+    if recipe is None and _already_quantized(gm):
+        recipe = {"default": None}  # the layers a quantized model kept float stay float
+    prequantized = [(p.site, p.scheme) for p in find_prequantized(gm)]
+    plan = make_plan(recipe, [m.site for m in matches], prequantized, kept_sites(gm, matches))
     if options.get("verbose"):
         print(plan.table())
+    elif options.get("recipe") is None and plan.to_quantize():
+        _announce_default(plan)
     packed, schemes, watched = {}, {}, []
     by_name = {m.site.name: m for m in matches}
-    for entry in progress(plan.quantized(), "quantize", enabled=options.get("progress", False)):
+    for entry in progress(plan.to_quantize(), "quantize", enabled=options.get("progress", False)):
         weight = _fetch(gm, by_name[entry.site.name].weight_node.target)
         packed[entry.site.name] = _cached_quantize(entry, weight)
         schemes[entry.site.name] = entry.scheme

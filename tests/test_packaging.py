@@ -37,3 +37,16 @@ def test_package_data_ships_every_cpp_source():
                 missing.append(f"{package}: {relative}")
     assert seen, "no C++ source found: the check looked in the wrong folders"
     assert not missing, f"sources a regular install would not ship: {missing}"
+
+
+def test_every_python_package_is_listed():
+    """A folder with an ``__init__.py`` that ``packages`` does not list is left out of a regular install."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for package, folder in config["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *relative)))
+    assert found >= {"qcompile", "qcompile.runtime"}, found
+    assert not found - listed, f"packages a regular install would leave out: {sorted(found - listed)}"

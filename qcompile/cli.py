@@ -43,6 +43,13 @@ def _load_model(source: str):
     import transformers
 
     if os.path.isfile(source) and source.endswith(".gguf"):
+        from qcompile import gguf
+
+        try:  # linears keep the file's quantized blocks
+            model, tokenizer = gguf.load(source, keep_codes=True)
+            return model, tokenizer, "causal-lm"
+        except gguf.GGUFError as error:
+            print(f"qcompile: {error}; loading {source} dequantized through transformers instead", file=sys.stderr)
         directory, name = os.path.split(os.path.abspath(source))
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
@@ -117,6 +124,8 @@ def cmd_quantize(args) -> tuple[int, dict]:
 
     recipe = load_recipe(args.recipe)
     model, tokenizer, task = _load_model(args.model)
+    if getattr(args, "format", "qpt") == "gguf":
+        return _quantize_gguf(args, recipe, model, tokenizer)
     inputs = _example_inputs(model, tokenizer, task)
     start = time.perf_counter()
     program = export(model, (), recipe, args.output, example_kwargs=inputs, progress_bar=not args.json,
@@ -125,6 +134,27 @@ def cmd_quantize(args) -> tuple[int, dict]:
     result = {"output": args.output, "bytes": os.path.getsize(args.output),
               "seconds": round(time.perf_counter() - start, 2), "sites": len(plan), "quantized": len(plan.quantized()),
               "weights_before": plan.bytes_before, "weights_after": plan.bytes_after}  # fmt: skip
+    if not args.json:
+        print(plan.table())
+        print(f"wrote {args.output} ({_mib(result['bytes'])}) in {result['seconds']} s")
+    return OK, result
+
+
+def _quantize_gguf(args, recipe, model, tokenizer) -> tuple[int, dict]:
+    """``--format gguf``: quantize eagerly with the recipe (``gguf`` schemes), write a GGUF file llama.cpp loads."""
+    import qcompile
+    from qcompile import gguf
+
+    start = time.perf_counter()
+    qcompile.quantize(model, recipe, progress_bar=not args.json)
+    try:
+        gguf.save(model, args.output, tokenizer)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    plan = model.qcompile_plan
+    result = {"output": args.output, "bytes": os.path.getsize(args.output), "format": "gguf",
+              "seconds": round(time.perf_counter() - start, 2), "sites": len(plan),
+              "quantized": len(plan.quantized())}  # fmt: skip
     if not args.json:
         print(plan.table())
         print(f"wrote {args.output} ({_mib(result['bytes'])}) in {result['seconds']} s")
@@ -284,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(BUILTIN_MODELS)
     p.add_argument("model", help=f"a built-in name ({names}), a Hugging Face directory or a .gguf file")
     p.add_argument("--recipe", default="int4-g128", help="a recipe file (YAML/JSON) or a scheme name (int4-g128)")
-    p.add_argument("-o", "--output", required=True, help="the .qpt file to write")
+    p.add_argument("-o", "--output", required=True, help="the .qpt (or .gguf) file to write")
+    p.add_argument("--format", choices=("qpt", "gguf"), default="qpt",
+                   help="qpt (default) or gguf: a llama.cpp file; the recipe then uses gguf schemes (q4_0 … q6_k)")
     p = sub.add_parser("inspect", help="per-layer table of a .qpt file")
     p.add_argument("file")
     p = sub.add_parser("verify", help="check every checksum and replay the stored example")

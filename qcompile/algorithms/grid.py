@@ -4,6 +4,12 @@ GPTQ, AWQ, HQQ and SmoothQuant all produce the canonical form of :mod:`qcompile.
 (``codes [N, K_padded]``, ``scales`` and ``zeros`` ``float32 [N, groups]``, ``w = (u - zero) * scale``),
 so every kernel serves their output. ``w8a8`` stores its weights as symmetric per-channel ``int8`` and
 is handled through that integer scheme.
+
+A scheme that is not an integer grid may still let GPTQ choose its codes by offering a static **column grid**:
+``scheme.column_grid(weight [N, K])`` returns an object with ``padded_in_features``, ``quantize_column(index,
+values [N]) -> [N]`` (round column ``index``, in original order, to the grid fixed by round-to-nearest, remember
+the codes, return the values they stand for) and ``finish()`` (the scheme's unpacked form). :func:`column_grid`
+finds it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ def integer_scheme(scheme: Scheme, algorithm: str) -> IntWeightOnly:
         f"algorithm {algorithm!r} writes integer grids (int2/3/4/8, w8a8, w4a8); scheme {scheme.name!r} is not one. "
         f"Use algorithm 'rtn' for {scheme.name!r} or pick an integer scheme such as 'int4-g128'."
     )
+
+
+def column_grid(scheme: Scheme, weight: torch.Tensor):
+    """``scheme.column_grid(weight)`` for a scheme that offers one and is no integer grid, else ``None``."""
+    if scheme.integer_grid() is not None:
+        return None
+    make = getattr(scheme, "column_grid", None)
+    return None if make is None else make(weight)
 
 
 def code_range(scheme: IntWeightOnly) -> tuple[int, int]:

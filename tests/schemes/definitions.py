@@ -20,7 +20,8 @@ bitsandbytes FP4 — the bit layout commented in ``get_4bit_type("fp4")``;
 E4M3 — "FP8 Formats for Deep Learning" (Micikevicius et al. 2022, arXiv:2209.05433; OCP 8-bit FP v1.0): bias 7,
 3 mantissa bits, subnormals ``m/8 * 2**-6``, ``S.1111.111`` NaN, no infinities, max 448; E8M0, E2M1 — OCP
 Microscaling Formats v1.0 (via ``fp4_definition.py``); NVFP4 — the ``qcompile.schemes.nvfp4`` docstring (NVIDIA's
-two-level scaling); fp8-block — DeepSeek-V3 / the ``qcompile.schemes.fp8_block`` docstring.
+two-level scaling); fp8-block — DeepSeek-V3 / the ``qcompile.schemes.fp8_block`` docstring; GGUF blocks — decoded by
+the peer gguf-py (``gguf.quants.dequantize``, written from ggml's ``dequantize_row_*``).
 """
 
 from __future__ import annotations
@@ -301,6 +302,34 @@ def fp8_block_weight(tensors, n: int, k: int) -> np.ndarray:
     return codes * scales[np.arange(n) // 128][:, np.arange(k) // 128]
 
 
+def gguf_type(qtype: str):
+    """The peer's ggml type for a scheme name (``q4_k`` → ``GGMLQuantizationType.Q4_K``)."""
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[qtype.upper()]
+
+
+def gguf_kp(qtype: str, k: int) -> int:
+    """``K`` rounded up to the type's block size, as the peer ``gguf.constants.GGML_QUANT_SIZES`` gives it."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return ceil_to(k, GGML_QUANT_SIZES[gguf_type(qtype)][0])
+
+
+def gguf_weight(qtype: str, tensors, n: int, k: int) -> np.ndarray:
+    """GGUF blocks decoded by the peer, ``gguf.quants.dequantize`` (gguf-py, written from ggml's ``dequantize_row_*``):
+    one ``blocks uint8 [N, Kp / QK * BLOCK_BYTES]`` tensor, rows of whole blocks as in a GGUF file."""
+    from gguf import quants
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if len(tensors) != 1:
+        raise AssertionError(f"definitions: gguf has 1 packed tensor, got {len(tensors)}")
+    kp = gguf_kp(qtype, k)
+    block, nbytes = GGML_QUANT_SIZES[gguf_type(qtype)]
+    blocks = array(tensors[0], "blocks", (n, kp // block * nbytes), torch.uint8)
+    return quants.dequantize(blocks, gguf_type(qtype)).astype(np.float64)
+
+
 def unquantized(x: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
     """Weight-only schemes: the activation as it is, zero-padded to ``kp``; no rounding."""
     return pad(x, kp), np.zeros((x.shape[0], kp))
@@ -355,6 +384,11 @@ DEFINITIONS: dict[str, Definition] = {
         ("ue8m0",), lambda s, t, n, k: fp8_block_weight(t, n, k), lambda s, x: fp8_block_tokens(x, s.ue8m0),
     ),
     "mxfp4": Definition(("activations", "rotation"), fp4_weight, fp4_tokens),
+    "gguf": Definition(
+        ("qtype",),
+        lambda s, t, n, k: gguf_weight(s.qtype, t, n, k),
+        lambda s, x: unquantized(x, gguf_kp(s.qtype, x.shape[1])),
+    ),
     "nvfp4": Definition(("activations", "rotation"), fp4_weight, fp4_tokens),
 }
 

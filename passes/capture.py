@@ -60,7 +60,9 @@ def _dynamic_auto(value):
 
 def capture(model: torch.nn.Module, example_args=(), example_kwargs=None, dynamic_shapes=None):
     """``torch.export`` ``model`` (non-strict). Every tensor dimension is ``Dim.AUTO`` unless
-    ``dynamic_shapes`` says otherwise, so batch and sequence stay dynamic where the model allows."""
+    ``dynamic_shapes`` says otherwise, so batch and sequence stay dynamic where the model allows. A transformers
+    model's ``config.use_cache`` is off while it is captured (language models with a KV cache are exported as a
+    step program by :func:`qcompile.export`, see :mod:`qcompile.lm`)."""
     example_args = tuple(example_args) if isinstance(example_args, (list, tuple)) else (example_args,)
     example_kwargs = dict(example_kwargs or {})
     if dynamic_shapes is None:
@@ -69,8 +71,17 @@ def capture(model: torch.nn.Module, example_args=(), example_kwargs=None, dynami
                               **_dynamic_auto(example_kwargs)}  # fmt: skip
         else:
             dynamic_shapes = _dynamic_auto(example_args)
-    with torch.no_grad():
-        return torch.export.export(model, example_args, example_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    config = getattr(model, "config", None)
+    cached = bool(getattr(config, "use_cache", False))
+    if cached:
+        config.use_cache = False  # the plain forward's graph returns logits, not a KV-cache object it cannot hold
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, example_args, example_kwargs, dynamic_shapes=dynamic_shapes,
+                                       strict=False)  # fmt: skip
+    finally:
+        if cached:
+            config.use_cache = True
 
 
 def _arg_names(model, count):

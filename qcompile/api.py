@@ -32,7 +32,14 @@ def quantize(model: torch.nn.Module, recipe=None, calibration=None, *, progress_
 
 
 class QuantizedProgram(torch.nn.Module):
-    """A lowered graph module plus what it was built from: the plan and the capture inputs."""
+    """A lowered graph module plus what it was built from: the plan and the capture inputs.
+
+    A language-model program (``language_model`` set: a causal LM exported as a step over a KV cache, see
+    :mod:`qcompile.lm`) is called like the model, ``program(input_ids=..., attention_mask=...)`` → ``.logits``,
+    and has :meth:`generate`.
+    """
+
+    language_model = None  # qcompile.lm.LanguageModelInfo of a step program
 
     def __init__(self, module: torch.fx.GraphModule, plan: Plan, example_args=(), example_kwargs=None,
                  dynamic_shapes=None, timings: dict | None = None):  # fmt: skip
@@ -45,7 +52,27 @@ class QuantizedProgram(torch.nn.Module):
         self.timings = timings or {}
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        if self.language_model is None or "past_keys" in kwargs:
+            return self.module(*args, **kwargs)
+        from qcompile.lm import sequence_logits
+
+        ids = kwargs.pop("input_ids", args[0] if args else None)
+        mask = kwargs.pop("attention_mask", args[1] if len(args) > 1 else None)
+        kwargs.pop("use_cache", None)
+        if ids is None or kwargs:
+            raise TypeError(f"a language-model program takes input_ids and attention_mask; got "
+                            f"{sorted(kwargs) or 'no input_ids'}")  # fmt: skip
+        return sequence_logits(self.module, self.language_model, ids, mask)
+
+    def generate(self, input_ids, attention_mask=None, **options) -> torch.Tensor:
+        """Token ids ``[B, T + new]`` (see :func:`qcompile.lm.generate` for ``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``generator``)."""
+        if self.language_model is None:
+            raise TypeError("this program is no language-model step program: export a causal LM with "
+                            "qcompile.export to get one")  # fmt: skip
+        from qcompile.lm import generate
+
+        return generate(self.module, self.language_model, input_ids, attention_mask, **options)
 
 
 def compile(model: torch.nn.Module, example_args=(), recipe=None, *, example_kwargs=None, dynamic_shapes=None,

@@ -5,9 +5,11 @@
     qcompile verify smollm2.qpt
     qcompile generate smollm2.qpt --prompt "The king said" --max-new-tokens 20
     qcompile eval smollm2.qpt --text qcompile/data/macbeth.txt
+    qcompile report smollm2 --recipe int4-g128 -o smollm2-report     # .txt, .json and .png
 
-Exit codes: 0 ok, 1 verification or evaluation failed, 2 usage error (bad arguments, missing file, bad
-recipe), 3 the ``.qpt`` file is corrupt or unsafe. ``--json`` prints one JSON object for scripts.
+Exit codes: 0 ok, 1 verification failed or perplexity above ``--max-perplexity``, 2 any other error (bad
+arguments, missing file, bad recipe, a model or option the command cannot take: one line, no traceback;
+``QCOMPILE_DEBUG=1`` shows it), 3 the ``.qpt`` file is corrupt or unsafe. ``--json`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -127,9 +129,10 @@ def cmd_quantize(args) -> tuple[int, dict]:
     if getattr(args, "format", "qpt") == "gguf":
         return _quantize_gguf(args, recipe, model, tokenizer)
     inputs = _example_inputs(model, tokenizer, task)
+    calibration = _calibration(args, recipe, tokenizer)
     start = time.perf_counter()
     program = export(model, (), recipe, args.output, example_kwargs=inputs, progress_bar=not args.json,
-                     metadata={"source": args.model, "task": task})  # fmt: skip
+                     calibration=calibration, metadata={"source": args.model, "task": task})  # fmt: skip
     plan = program.plan
     result = {"output": args.output, "bytes": os.path.getsize(args.output),
               "seconds": round(time.perf_counter() - start, 2), "sites": len(plan), "quantized": len(plan.quantized()),
@@ -138,6 +141,34 @@ def cmd_quantize(args) -> tuple[int, dict]:
         print(plan.table())
         print(f"wrote {args.output} ({_mib(result['bytes'])}) in {result['seconds']} s")
     return OK, result
+
+
+def _calibration(args, recipe, tokenizer):
+    """Calibration batches for recipes whose algorithm needs them (GPTQ, AWQ, SmoothQuant): ``--calibration FILE``
+    (UTF-8 text, cut into 512-token samples), else the built-in text through the model's tokenizer."""
+    from qcompile.algorithms import get_algorithm
+
+    algorithms = {recipe.algorithm, *(rule.algorithm for rule in recipe.overrides if rule.algorithm)}
+    if not any(get_algorithm(a).needs_calibration for a in algorithms if a):
+        if getattr(args, "calibration", None):
+            raise UsageError(f"--calibration: the recipe's algorithms ({', '.join(sorted(algorithms))}) take no "
+                             "calibration data")  # fmt: skip
+        return None
+    if tokenizer is None:
+        raise UsageError(f"the {', '.join(sorted(algorithms))} algorithm needs calibration text and a tokenizer: "
+                         "pass a Hugging Face directory or a built-in model name, and --calibration FILE")  # fmt: skip
+    if not getattr(args, "calibration", None):
+        return tokenizer
+    if not os.path.isfile(args.calibration):
+        raise UsageError(f"--calibration: {args.calibration!r} is not a file")
+    import torch
+
+    ids = tokenizer(open(args.calibration, encoding="utf-8").read(), return_tensors="pt")["input_ids"][0]
+    samples = [ids[i : i + 512].unsqueeze(0) for i in range(0, ids.numel() - 511, 512)][:64]
+    if not samples:
+        raise UsageError(f"--calibration: {args.calibration!r} holds {ids.numel()} tokens, fewer than one "
+                         "512-token sample")  # fmt: skip
+    return [torch.as_tensor(s) for s in samples]
 
 
 def _quantize_gguf(args, recipe, model, tokenizer) -> tuple[int, dict]:
@@ -262,6 +293,8 @@ def cmd_generate(args) -> tuple[int, dict]:
     if tokenizer is None:
         raise UsageError("no tokenizer: pass --tokenizer DIR (a Hugging Face directory) or a built-in model name")
     ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    if getattr(program, "language_model", None) is not None:
+        return _generate_with_cache(args, program, tokenizer, ids)
     start = time.perf_counter()
     from tqdm.auto import tqdm
 
@@ -284,6 +317,66 @@ def cmd_generate(args) -> tuple[int, dict]:
     return OK, result
 
 
+def cmd_report(args) -> tuple[int, dict]:
+    """The per-layer report (:mod:`qcompile.layer_report`): a model and a recipe (kernel and output error per
+    layer), or a ``.qpt`` file (kernel per layer; the error needs the float model)."""
+    from qcompile.layer_report import layer_report, report_for_plan
+
+    if os.path.isfile(args.source) and args.source.endswith(".qpt"):
+        from qcompile.export import load
+
+        program = load(args.source)
+        weights = dict(program.module.named_buffers())
+        packed = {}
+        for entry, row in zip(program.plan.entries, program.manifest["plan"]):
+            if entry.scheme is not None:
+                packed[entry.site.name] = [weights[name] for name in row["tensors"].values()]
+        report = report_for_plan(program.plan, packed)
+    else:
+        from qcompile.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        model, tokenizer, task = _load_model(args.source)
+        inputs = _example_inputs(model, tokenizer, task)
+        report = layer_report(model, recipe, [inputs], calibration=_calibration(args, recipe, tokenizer))
+    written = {}
+    if args.output:
+        for suffix, text in ((".txt", report.table()), (".json", report.to_json())):
+            with open(args.output + suffix, "w", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+            written[suffix] = args.output + suffix
+        report.plot(args.output + ".png")
+        written[".png"] = args.output + ".png"
+    if not args.json:
+        print(report.table())
+        if written:
+            print("wrote " + ", ".join(written.values()))
+    return OK, {"rows": len(report.rows), "files": list(written.values())}
+
+
+def _generate_with_cache(args, program, tokenizer, ids) -> tuple[int, dict]:
+    """A language-model program: its KV-cache step, greedy or sampled."""
+    import torch
+
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    try:
+        start = time.perf_counter()
+        out = program.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               eos_token_id=tokenizer.eos_token_id, generator=generator)  # fmt: skip
+        seconds = time.perf_counter() - start
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    new = out.shape[1] - ids.shape[1]
+    text = tokenizer.decode(out[0], skip_special_tokens=True)
+    result = {"text": text, "new_tokens": new, "tokens_per_second": round(new / seconds, 2) if seconds else None}
+    if not args.json:
+        mode = "sampled" if args.do_sample else "greedy"
+        print(text)
+        print(f"[{new} tokens, {result['tokens_per_second']} tokens/s, {mode}, KV cache]", file=sys.stderr)
+    return OK, result
+
+
 def cmd_eval(args) -> tuple[int, dict]:
     from qcompile.evaluate import perplexity
     from qcompile.models import eval_text
@@ -299,7 +392,10 @@ def cmd_eval(args) -> tuple[int, dict]:
     start = time.perf_counter()
     value = perplexity(program, ids, seq_len=args.seq_len)
     result = {"perplexity": value, "tokens": int(ids.numel()), "seconds": round(time.perf_counter() - start, 2)}
-    failed = not math.isfinite(value) or (args.max_perplexity is not None and value > args.max_perplexity)
+    if args.max_perplexity is None:  # no threshold, no verdict: the number is the result
+        _say(args, result)
+        return OK, result
+    failed = not math.isfinite(value) or value > args.max_perplexity
     result["passed"] = not failed
     _say(args, result)
     return (FAILED if failed else OK), result
@@ -317,19 +413,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the .qpt (or .gguf) file to write")
     p.add_argument("--format", choices=("qpt", "gguf"), default="qpt",
                    help="qpt (default) or gguf: a llama.cpp file; the recipe then uses gguf schemes (q4_0 … q6_k)")
+    p.add_argument("--calibration", help="UTF-8 text for GPTQ / AWQ / SmoothQuant (default: the built-in text)")
+    p = sub.add_parser("report", help="per-layer report: kernel and output error per layer (table, JSON, PNG)")
+    p.add_argument("source", help=f"a .qpt file, a built-in name ({names}), a Hugging Face directory or a .gguf")
+    p.add_argument("--recipe", default="int4-g128", help="the recipe to report on (for a model source)")
+    p.add_argument("--calibration", help="UTF-8 text for GPTQ / AWQ / SmoothQuant (default: the built-in text)")
+    p.add_argument("-o", "--output", help="write OUTPUT.txt, OUTPUT.json and OUTPUT.png")
     p = sub.add_parser("inspect", help="per-layer table of a .qpt file")
     p.add_argument("file")
     p = sub.add_parser("verify", help="check every checksum and replay the stored example")
     p.add_argument("file")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tolerance", type=float, default=1e-2, help="max error relative to the output's max (1e-2)")
-    for name, helptext in (("generate", "greedy text generation"), ("eval", "perplexity on a text file")):
+    for name, helptext in (("generate", "text generation (greedy or sampled)"), ("eval", "perplexity on a text file")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("file")
         p.add_argument("--tokenizer", help="a Hugging Face directory or built-in name (default: the model's source)")
         if name == "generate":
             p.add_argument("--prompt", required=True)
             p.add_argument("--max-new-tokens", type=int, default=32)
+            p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+            p.add_argument("--temperature", type=float, default=1.0)
+            p.add_argument("--top-k", type=int)
+            p.add_argument("--top-p", type=float)
+            p.add_argument("--seed", type=int, help="seed of the sampling")
         else:
             p.add_argument("--text", help="a UTF-8 text file (default: the bundled Macbeth excerpt)")
             p.add_argument("--max-tokens", type=int, default=2048)
@@ -348,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"quantize": cmd_quantize, "inspect": cmd_inspect, "verify": cmd_verify, "generate": cmd_generate,
-            "eval": cmd_eval}  # fmt: skip
+            "eval": cmd_eval, "report": cmd_report}  # fmt: skip
 
 
 def _export_onnx(args) -> tuple[int, dict]:
@@ -373,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         code, result = USAGE, {"error": f"recipe: {error}"}
     except ArtifactError as error:
         code, result = CORRUPT, {"error": str(error)}
+    except KeyboardInterrupt:
+        code, result = USAGE, {"error": "interrupted"}
+    except Exception as error:  # noqa: BLE001 - one line, no traceback (QCOMPILE_DEBUG=1 shows it)
+        if os.environ.get("QCOMPILE_DEBUG"):
+            raise
+        code, result = USAGE, {"error": f"{type(error).__name__}: {error}"}
     if args.json:
         print(json.dumps({"command": args.command, "exit_code": code, **result}, default=str))
     elif "error" in result:

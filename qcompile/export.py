@@ -62,21 +62,53 @@ def _examples(program: QuantizedProgram) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _compile_language_model(model, example_args, recipe, example_kwargs, calibration, progress_bar, verbose):
+    """A causal LM as a step program over a KV cache (:mod:`qcompile.lm`): dynamic batch, tokens and past."""
+    from qcompile.lm import DecodeStep, info_for, step_dynamic_shapes, step_example
+
+    ids = (example_kwargs or {}).get("input_ids", example_args[0] if example_args else None)
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError("exporting a causal language model needs example input_ids (example_kwargs={'input_ids': "
+                         "ids})")  # fmt: skip
+    info = info_for(model)
+    program = compile(DecodeStep(model), (), recipe, example_kwargs=step_example(info, ids),
+                      dynamic_shapes=step_dynamic_shapes(info), calibration=calibration, progress_bar=progress_bar,
+                      verbose=verbose)  # fmt: skip
+    program.language_model = info
+    return program
+
+
 def export(model, example_args=(), recipe=None, path: str | os.PathLike | None = None, *, example_kwargs=None,
            dynamic_shapes=None, calibration=None, store_example: bool = True, metadata: dict | None = None,
-           progress_bar: bool = True, verbose: bool = False) -> QuantizedProgram:  # fmt: skip
+           progress_bar: bool = True, verbose: bool = False, language_model: bool | None = None
+           ) -> QuantizedProgram:  # fmt: skip
     """Compile ``model`` with :func:`qcompile.compile` (or take an already built :class:`QuantizedProgram`) and
     write it to ``path`` atomically. ``export(program, "model.qpt")`` is accepted too. Returns the program.
+
+    A causal language model (transformers ``…ForCausalLM``) is exported as a step over a KV cache
+    (:mod:`qcompile.lm`), with dynamic batch (up to 64), tokens and cache length (up to the model's context): the
+    loaded program takes ``input_ids`` and ``attention_mask`` and has ``generate``. ``language_model=False``
+    exports the plain forward instead (its ``dynamic_shapes`` then apply).
 
     ``store_example`` keeps the example inputs and the outputs they gave in the file (for ``qcompile verify``);
     ``metadata`` is free-form JSON kept in the manifest (the command line records the model source there).
     """
+    from qcompile.lm import is_causal_lm
+
     if isinstance(model, QuantizedProgram) and path is None and isinstance(example_args, (str, os.PathLike)):
         example_args, path = (), example_args
     if path is None:
         raise TypeError("qcompile.export needs a destination path, e.g. export(model, args, recipe, 'model.qpt')")
     if isinstance(model, QuantizedProgram):
         program = model
+    elif language_model is not False and is_causal_lm(model):
+        was_training = model.training
+        model.eval()
+        try:
+            program = _compile_language_model(model, tuple(example_args or ()), recipe, example_kwargs, calibration,
+                                              progress_bar, verbose)  # fmt: skip
+        finally:
+            model.train(was_training)
     else:
         program = compile(model, example_args, recipe, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                           calibration=calibration, progress_bar=progress_bar, verbose=verbose)  # fmt: skip
@@ -97,6 +129,7 @@ def export(model, example_args=(), recipe=None, path: str | os.PathLike | None =
         "inputs": inputs,
         "symbols": symbols,
         "kernels": kernels_to_json(program.plan),
+        "language_model": None if program.language_model is None else program.language_model.to_json(),
         "metadata": dict(metadata if metadata is not None else getattr(program, "manifest", {}).get("metadata", {})),
     }
     tensor_members = {"weights": weights}
@@ -105,6 +138,17 @@ def export(model, example_args=(), recipe=None, path: str | os.PathLike | None =
         tensor_members["examples"] = examples
     write_artifact(path, manifest, {"graph": graph_to_json(gm)}, tensor_members)
     return program
+
+
+def _language_model(data):
+    if data is None:
+        return None
+    from qcompile.lm import LanguageModelInfo
+
+    try:
+        return LanguageModelInfo.from_json(data)
+    except ValueError as error:
+        raise ArtifactError(str(error)) from None
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, verify: bool = True) -> QuantizedProgram:
@@ -128,6 +172,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, verify:
         gm = graph_from_json(artifact.json_members["graph"], weights, device_map)
         check_graph_sites(gm, plan, manifest["plan"])
         adopt_kernels_json(manifest.get("kernels"))
+        language_model = _language_model(manifest.get("language_model"))
     except ArtifactError as error:
         raise ArtifactError(f"{where}: {error}") from None
     except RecursionError:
@@ -141,6 +186,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, verify:
 
     gm.register_forward_pre_hook(check_inputs, with_kwargs=True)
     program = QuantizedProgram(gm, plan)
+    program.language_model = language_model
     program.input_spec = (inputs, symbols)
     program.manifest = manifest
     program.examples = artifact.tensors.get("examples", {})

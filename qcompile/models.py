@@ -66,8 +66,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     model.tie_weights()
     model = model.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(converted)
-    model.eval()
-    model.config.use_cache = False
+    model.eval()  # its KV cache stays on: generate() uses it (capture turns it off while exporting)
     return model, tokenizer
 
 

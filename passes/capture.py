@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
+import warnings
 
 import torch
 import torch.fx as fx
@@ -65,7 +66,8 @@ def capture(model: torch.nn.Module, example_args=(), example_kwargs=None, dynami
     step program by :func:`qcompile.export`, see :mod:`qcompile.lm`)."""
     example_args = tuple(example_args) if isinstance(example_args, (list, tuple)) else (example_args,)
     example_kwargs = dict(example_kwargs or {})
-    if dynamic_shapes is None:
+    automatic = dynamic_shapes is None
+    if automatic:
         if example_kwargs:
             dynamic_shapes = {**_dynamic_auto(dict(zip(_arg_names(model, len(example_args)), example_args))),
                               **_dynamic_auto(example_kwargs)}  # fmt: skip
@@ -77,11 +79,28 @@ def capture(model: torch.nn.Module, example_args=(), example_kwargs=None, dynami
         config.use_cache = False  # the plain forward's graph returns logits, not a KV-cache object it cannot hold
     try:
         with torch.no_grad():
-            return torch.export.export(model, example_args, example_kwargs, dynamic_shapes=dynamic_shapes,
-                                       strict=False)  # fmt: skip
+            exported = torch.export.export(model, example_args, example_kwargs, dynamic_shapes=dynamic_shapes,
+                                           strict=False)  # fmt: skip
     finally:
         if cached:
             config.use_cache = True
+    if automatic:
+        _say_fixed_sizes(example_args, example_kwargs)
+    return exported
+
+
+def _say_fixed_sizes(example_args, example_kwargs) -> None:
+    """Warn, naming the input, when a dimension left to ``Dim.AUTO`` came out fixed because the example had size 1
+    there (torch.export specializes 0 and 1): the program then refuses any other size."""
+    fixed = []
+    named = {f"argument {i}": value for i, value in enumerate(example_args)}
+    for name, value in {**named, **example_kwargs}.items():
+        if isinstance(value, torch.Tensor):
+            fixed += [f"{name}[{axis}]" for axis, size in enumerate(value.shape) if size == 1]
+    if fixed:
+        warnings.warn(f"qcompile: {', '.join(fixed)} had size 1 in the example, so the program is fixed at 1 there "
+                      "(torch.export specializes sizes 0 and 1); give an example with 2 or more to keep it dynamic",
+                      stacklevel=4)  # fmt: skip
 
 
 def _arg_names(model, count):

@@ -50,3 +50,10 @@ def test_every_python_package_is_listed():
             found.add(".".join((package, *relative)))
     assert found >= {"qcompile", "qcompile.runtime"}, found
     assert not found - listed, f"packages a regular install would leave out: {sorted(found - listed)}"
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by their base name (no packages under tests/): two files of one name collide."""
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) > 10
+    assert not sorted({n for n in names if names.count(n) > 1})

@@ -125,6 +125,8 @@ def cmd_quantize(args) -> tuple[int, dict]:
     from qcompile.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if getattr(args, "format", "qpt") in STREAMED_FORMATS:
+        return _quantize_streaming(args)
     model, tokenizer, task = _load_model(args.model)
     if getattr(args, "format", "qpt") == "gguf":
         return _quantize_gguf(args, recipe, model, tokenizer)
@@ -140,6 +142,31 @@ def cmd_quantize(args) -> tuple[int, dict]:
     if not args.json:
         print(plan.table())
         print(f"wrote {args.output} ({_mib(result['bytes'])}) in {result['seconds']} s")
+    return OK, result
+
+
+STREAMED_FORMATS = ("hf", "compressed-tensors")
+
+
+def _quantize_streaming(args) -> tuple[int, dict]:
+    """``--format hf|compressed-tensors``: stream a local float checkpoint (``qcompile.hf.streaming``)."""
+    from qcompile.hf.streaming import quantize_checkpoint
+
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UsageError(f"--format {args.format} reads a Hugging Face checkpoint directory (with config.json); "
+                         f"{args.model!r} is not one")  # fmt: skip
+    if getattr(args, "calibration", None):
+        raise UsageError(f"--calibration is not taken with --format {args.format} yet: the streamed GPTQ / AWQ "
+                         "calibrate on the checkpoint's own tokenizer and the built-in text")  # fmt: skip
+    report = quantize_checkpoint(args.model, args.output, args.recipe, format=args.format,
+                                 max_shard_bytes=args.max_shard_mib << 20, progress=not args.json)  # fmt: skip
+    plan = report.plan
+    result = {"output": args.output, "format": args.format, "bytes": report.bytes_written, "files": len(report.files),
+              "seconds": round(report.seconds, 2), "sites": len(plan), "quantized": len(plan.quantized()),
+              "peak_rss": report.peak_rss, "dropped": report.dropped}  # fmt: skip
+    if not args.json:
+        print(plan.table())
+        print(report.summary())
     return OK, result
 
 
@@ -410,9 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(BUILTIN_MODELS)
     p.add_argument("model", help=f"a built-in name ({names}), a Hugging Face directory or a .gguf file")
     p.add_argument("--recipe", default="int4-g128", help="a recipe file (YAML/JSON) or a scheme name (int4-g128)")
-    p.add_argument("-o", "--output", required=True, help="the .qpt (or .gguf) file to write")
-    p.add_argument("--format", choices=("qpt", "gguf"), default="qpt",
-                   help="qpt (default) or gguf: a llama.cpp file; the recipe then uses gguf schemes (q4_0 … q6_k)")
+    p.add_argument("-o", "--output", required=True,
+                   help="the .qpt (or .gguf) file to write; a directory for --format hf / compressed-tensors")
+    p.add_argument("--format", choices=("qpt", "gguf", *STREAMED_FORMATS), default="qpt",
+                   help="qpt (default); gguf: a llama.cpp file (gguf schemes, q4_0 … q6_k); hf / compressed-tensors: "
+                        "a Hugging Face checkpoint directory, streamed from a local float checkpoint one tensor (or "
+                        "decoder block) at a time")
+    p.add_argument("--max-shard-mib", type=int, default=5120,
+                   help="hf / compressed-tensors: most MiB of tensors per output shard")
     p.add_argument("--calibration", help="UTF-8 text for GPTQ / AWQ / SmoothQuant (default: the built-in text)")
     p = sub.add_parser("report", help="per-layer report: kernel and output error per layer (table, JSON, PNG)")
     p.add_argument("source", help=f"a .qpt file, a built-in name ({names}), a Hugging Face directory or a .gguf")

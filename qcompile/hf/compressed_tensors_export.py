@@ -89,10 +89,6 @@ class _Site:
 def _integer(name: str, module: QuantizedLinear, weights_scheme: IntWeightOnly, activations: dict | None) -> _Site:
     bits, n, k = weights_scheme.bits, module.out_features, module.in_features
     group = weights_scheme.group_size
-    if bits not in EXPORT_BITS:
-        raise _Refused(f"{bits}-bit integers: compressed-tensors 0.17 (read by vLLM) and 0.20 pack them differently")
-    if group is not None and k % group:
-        raise _Refused(f"K={k} is not a multiple of the group size {group} (compressed-tensors needs whole groups)")
     q = weights_scheme.unpack(dict_packed(module), k)
     u = q.codes.to(torch.int64)[:, :k] + (128 if bits == 8 else 0)
     scales = q.scales.to(torch.float32)
@@ -146,10 +142,6 @@ def _nvfp4_divisor(scales: torch.Tensor, multiplier: torch.Tensor) -> tuple[torc
 
 def _fp4(name: str, module: QuantizedLinear, scheme) -> _Site:
     n, k = module.out_features, module.in_features
-    if scheme.rotation or scheme.activations:
-        raise _Refused("Hadamard rotations and FP4 activation quantization have no compressed-tensors form here")
-    if k % scheme.group_size:
-        raise _Refused(f"K={k} is not a multiple of {scheme.group_size}")
     packed = dict_packed(module)
     tensors = {"weight_packed": packed["qweight"].contiguous(), "weight_scale": packed["scales"].contiguous()}
     status, max_error = "exact", 0.0
@@ -177,8 +169,6 @@ def _fp8(name: str, module: QuantizedLinear, scheme) -> _Site:
     packed = dict_packed(module)
     tensors = {"weight": packed["qweight"].contiguous(), "weight_scale": packed["scales"].to(torch.float32)}
     if scheme.family == "fp8-block":
-        if scheme.ue8m0:
-            raise _Refused("ue8m0 rounds activation scales to powers of two, which compressed-tensors cannot say")
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "block",
                    "block_structure": [128, 128], "dynamic": False}  # fmt: skip
         return _Site(ExportRecord(name, module.scheme, "float-quantized", "exact"), weights, FP8_GROUP, tensors)
@@ -197,21 +187,47 @@ def dict_packed(module: QuantizedLinear) -> PackedWeight:
     return PackedWeight(dict(zip(module.tensor_names, module.packed())))
 
 
+def refusal(scheme, in_features: int, permuted: bool = False) -> str | None:
+    """Why a layer of ``scheme`` (a :class:`~qcompile.schemes.Scheme`) with ``in_features`` input columns has no
+    compressed-tensors form (``permuted``: it holds an input permutation), or ``None`` when it has one."""
+    if permuted:
+        return "an input permutation (desc_act) has no compressed-tensors 0.20 form"
+    family, k = scheme.family, in_features
+    if family in ("int-weight-only", "w8a8-int8"):
+        weights = scheme if family == "int-weight-only" else scheme.weights
+        bits, group = weights.bits, weights.group_size
+        if bits not in EXPORT_BITS:
+            return f"{bits}-bit integers: compressed-tensors 0.17 (read by vLLM) and 0.20 pack them differently"
+        if group is not None and k % group:
+            return f"K={k} is not a multiple of the group size {group} (compressed-tensors needs whole groups)"
+        return None
+    if family == "fp8-block" and scheme.ue8m0:
+        return "ue8m0 rounds activation scales to powers of two, which compressed-tensors cannot say"
+    if family in ("fp8", "fp8-block"):
+        return None
+    if family in ("nvfp4", "mxfp4"):
+        if scheme.rotation or scheme.activations:
+            return "Hadamard rotations and FP4 activation quantization have no compressed-tensors form here"
+        if k % scheme.group_size:
+            return f"K={k} is not a multiple of {scheme.group_size}"
+        return None
+    return (f"family {family} has no compressed-tensors form (exported: int2/4/8 weight-only, w8a8, fp8, "
+            "fp8-w8a8, fp8-block, nvfp4, mxfp4)")  # fmt: skip
+
+
 def export_site(name: str, module: QuantizedLinear) -> _Site:
     """The compressed-tensors form of one qcompile layer; raises ``_Refused`` with the reason when there is none."""
-    if getattr(module, "input_permutation", None) is not None:
-        raise _Refused("an input permutation (desc_act) has no compressed-tensors 0.20 form")
     scheme = parse_scheme(module.scheme)
+    reason = refusal(scheme, module.in_features, getattr(module, "input_permutation", None) is not None)
+    if reason is not None:
+        raise _Refused(reason)
     if scheme.family == "int-weight-only":
         return _integer(name, module, scheme, None)
     if scheme.family == "w8a8-int8":
         return _integer(name, module, scheme.weights, INT8_TOKEN)
     if scheme.family in ("fp8", "fp8-block"):
         return _fp8(name, module, scheme)
-    if scheme.family in ("nvfp4", "mxfp4"):
-        return _fp4(name, module, scheme)
-    raise _Refused(f"family {scheme.family} has no compressed-tensors form (exported: int2/4/8 weight-only, w8a8, "
-                   f"fp8, fp8-w8a8, fp8-block, nvfp4, mxfp4)")  # fmt: skip
+    return _fp4(name, module, scheme)
 
 
 # -- the model ------------------------------------------------------------------------------------------------------
@@ -245,6 +261,14 @@ def quantization_config(sites: list[_Site], ignore: list[str]) -> dict:
     except ImportError:
         pass
     return config
+
+
+def write_config(out_dir, config: dict, sites: list[_Site], ignore: list[str]) -> None:
+    """``out_dir/config.json``: the model's transformers ``config`` (a dict) with the ``quantization_config`` of
+    ``sites`` (only their records, weights and activations are read) and the float linear layers ``ignore``."""
+    config = {**config, "quantization_config": quantization_config(sites, ignore)}
+    text = json.dumps(config, indent=2, sort_keys=True, default=str)
+    (pathlib.Path(out_dir) / "config.json").write_text(text + "\n")
 
 
 def table(records: list[ExportRecord]) -> str:
@@ -290,9 +314,7 @@ def save(model: torch.nn.Module, out_dir, tokenizer=None, *, verbose: bool = Tru
         state.update({f"{site.record.site}.{k}": v.contiguous() for k, v in site.tensors.items()})
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    config["quantization_config"] = quantization_config(sites, ignore)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    write_config(out, model.config.to_dict() if hasattr(model, "config") else {}, sites, ignore)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(out))
     if tokenizer is not None:

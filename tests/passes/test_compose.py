@@ -58,11 +58,11 @@ def test_export_and_load_of_an_eagerly_quantized_model(quantized, tmp_path):
         float_path = tmp_path / "float.qpt"
         qcompile.export(tiny_llama(), (), {"default": None}, float_path, example_kwargs={"input_ids": _ids()},
                         progress_bar=False)  # fmt: skip
-    loaded = qcompile.load(path)
+    loaded = qcompile.load(path)  # a causal LM: the KV-cache step program (same layers, another attention route)
     saved = loaded.plan.bytes_before - loaded.plan.bytes_after
     # a float copy of the quantized weights would make it as large as the float file (graph and alignment differ)
     assert path.stat().st_size <= float_path.stat().st_size - saved / 2
-    torch.testing.assert_close(_logits(loaded(input_ids=_ids())), expected, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(loaded(input_ids=_ids())), expected, rtol=1e-5, atol=1e-6)
     assert sum(e.prequantized for e in loaded.plan) == 14
 
 

@@ -44,10 +44,12 @@ LLAMA_RECIPE = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """``(in-memory program, path)`` of the tiny Llama exported with every scheme, example input (2, 8)."""
+    """``(in-memory program, path)`` of the tiny Llama exported with every scheme, example input (2, 8), as its
+    plain forward graph (``tests/test_lm_artifact.py`` covers the KV-cache step program)."""
     path = tmp_path_factory.mktemp("qpt") / "llama.qpt"
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
-    program = export(tiny_llama(seed=0), (), LLAMA_RECIPE, path, example_kwargs={"input_ids": ids}, progress_bar=False)
+    program = export(tiny_llama(seed=0), (), LLAMA_RECIPE, path, example_kwargs={"input_ids": ids}, progress_bar=False,
+                     language_model=False)  # fmt: skip
     return program, path
 
 

@@ -72,7 +72,7 @@ class LayerReport:
             raise RuntimeError("the report's plot needs matplotlib: pip install matplotlib") from None
         names = [r.site for r in self.rows]
         positions = range(len(names))
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8.0, 0.22 * len(names)), 7), sharex=True)
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(min(24.0, max(8.0, 0.22 * len(names))), 7), sharex=True)
         top.bar(positions, [r.bits_per_weight for r in self.rows], color="#4477aa")
         top.set_ylabel("bits per weight")
         top.set_title(f"qcompile per-layer report ({self.device})")
@@ -80,7 +80,8 @@ class LayerReport:
         bottom.bar(positions, errors, color="#cc6677")
         bottom.set_yscale("log")
         bottom.set_ylabel("relative output error")
-        bottom.set_xticks(list(positions), names, rotation=90, fontsize=6)
+        step = max(1, -(-len(names) // 80))  # at most about 80 labels; every layer keeps its bar
+        bottom.set_xticks(list(positions)[::step], names[::step], rotation=90, fontsize=6)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

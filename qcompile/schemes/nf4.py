@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import ClassVar
 
 import torch
 
@@ -27,16 +28,17 @@ NF4_LEVELS = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
-_NAME = re.compile(r"^nf4-g(?P<group>\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
-class NF4(Scheme):
-    """4-bit NormalFloat weights with a float absmax per group."""
+class LevelTable(Scheme):
+    """4-bit codes indexing a fixed table of 16 levels, scaled by a float32 absmax per group along K. Subclasses name
+    the table (:attr:`levels`), the name prefix and the family (NF4 here, bitsandbytes' FP4 in ``bnb_fp4.py``)."""
 
     group_size: int = 64
     version: int = 1
-    family = "nf4"
+    levels: ClassVar[tuple[float, ...]] = ()
+    prefix: ClassVar[str] = ""
 
     def __post_init__(self):
         if self.group_size < 8 or self.group_size % 8:
@@ -44,11 +46,11 @@ class NF4(Scheme):
 
     @property
     def name(self):
-        return f"nf4-g{self.group_size}"
+        return f"{self.prefix}-g{self.group_size}"
 
     @classmethod
     def from_name(cls, name):
-        m = _NAME.match(name)
+        m = re.match(rf"^{re.escape(cls.prefix)}-g(?P<group>\d+)$", name)
         return cls(group_size=int(m["group"])) if m else None
 
     def padded_in_features(self, in_features):
@@ -63,21 +65,23 @@ class NF4(Scheme):
                            "level indices, element 2j in the low nibble, 2j+1 in the high one"),
                 TensorSpec("scales", (out_features, kp // self.group_size), torch.float32, "absmax per group"))
 
+    def _levels(self, device) -> torch.Tensor:
+        return torch.tensor(self.levels, dtype=torch.float32, device=device)
+
     def quantize(self, weight):
+        """Nearest level of ``w / absmax`` (a tie goes to the lower code)."""
         n, k = weight.shape
         kp = self.padded_in_features(k)
         groups = pad_columns(weight.to(torch.float32), kp).reshape(n, kp // self.group_size, self.group_size)
         scales = groups.abs().amax(-1)
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         normalized = groups / scales.unsqueeze(-1)
-        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=weight.device)
-        codes = (normalized.unsqueeze(-1) - levels).abs().argmin(-1).to(torch.uint8)
+        codes = (normalized.unsqueeze(-1) - self._levels(weight.device)).abs().argmin(-1).to(torch.uint8)
         return QuantizedWeight(codes.reshape(n, kp), scales, None, k)
 
     def dequantize(self, q):
         n, kp = q.codes.shape
-        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=q.codes.device)
-        values = levels[q.codes.long()].reshape(n, -1, self.group_size) * q.scales.unsqueeze(-1)
+        values = self._levels(q.codes.device)[q.codes.long()].reshape(n, -1, self.group_size) * q.scales.unsqueeze(-1)
         return values.reshape(n, kp)[:, : q.in_features]
 
     def pack(self, q):
@@ -87,6 +91,15 @@ class NF4(Scheme):
     def unpack(self, packed: PackedWeight, in_features):
         codes = unpack_codes(packed["qweight"], 4, self.padded_in_features(in_features))
         return QuantizedWeight(codes, packed["scales"], None, in_features)
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4(LevelTable):
+    """4-bit NormalFloat weights with a float absmax per group."""
+
+    levels: ClassVar[tuple[float, ...]] = NF4_LEVELS
+    prefix: ClassVar[str] = "nf4"
+    family = "nf4"
 
 
 register_family(Family("nf4", NF4, examples=("nf4-g64",), algorithms=("awq", "smoothquant"),

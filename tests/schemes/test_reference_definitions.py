@@ -163,7 +163,7 @@ def _swapped_nibbles(unpack):
 BUGS = {
     "int4 nibbles swapped": ("int4-g32", integer, "unpack_codes", lambda old: _swapped_nibbles(old)),
     "fp4 nibbles swapped": ("nvfp4-had", fp4, "unpack_codes", lambda old: _swapped_nibbles(old)),
-    "nf4 level mistyped": ("nf4-g64", nf4, "NF4_LEVELS", lambda old: (*old[:12], 0.5627, *old[13:])),
+    "nf4 level mistyped": ("nf4-g64", nf4.NF4, "levels", lambda old: (*old[:12], 0.5627, *old[13:])),
     "fp8-w8a8 activations on e4m3fnuz's 240": ("fp8-w8a8", fp8_module, "E4M3_MAX", lambda old: 240.0),
     "mxfp4 E8M0 bias 128": ("mxfp4-w4a4", mxfp4, "E8M0_BIAS", lambda old: 128),
 }

@@ -159,9 +159,9 @@ def collect_statistics(model, plan, calibration, progress_bar: bool = True) -> d
     return stats
 
 
-def _collect(model, plan, calibration, progress_bar):
-    entries = {e.site.name: e for e in plan.to_quantize()}
-    calibrating = [n for n, e in entries.items() if get_algorithm(e.algorithm).needs_calibration]
+def batches_and_statistics(model, plan, entries: dict, calibrating: list[str], calibration) -> tuple[list, dict]:
+    """The calibration batches (the plan's ``samples`` / ``seq_len`` options) and an empty statistics record for each
+    calibrating site (a Hessian for GPTQ, input rows for AWQ)."""
     options = _options(plan)
     batches = calibration_batches(model, calibration, int(options.get("samples", DEFAULT_SAMPLES)),
                                   int(options.get("seq_len", DEFAULT_SEQ_LEN)))  # fmt: skip
@@ -171,6 +171,13 @@ def _collect(model, plan, calibration, progress_bar):
                           max_samples=int(dict(entries[n].options).get("max_samples", 512)))
         for n in calibrating
     }  # fmt: skip
+    return batches, stats
+
+
+def _collect(model, plan, calibration, progress_bar):
+    entries = {e.site.name: e for e in plan.to_quantize()}
+    calibrating = [n for n, e in entries.items() if get_algorithm(e.algorithm).needs_calibration]
+    batches, stats = batches_and_statistics(model, plan, entries, calibrating, calibration)
     modules = dict(model.named_modules())
     was_training, use_cache = model.training, getattr(getattr(model, "config", None), "use_cache", None)
     model.eval()

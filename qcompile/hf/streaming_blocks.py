@@ -30,10 +30,9 @@ import torch
 
 from qcompile.algorithms import get_algorithm
 from qcompile.algorithms.calibrate import (
-    _block_inputs, _find_blocks, _hooks, _options, _quantize_in_place, _rescale_and_recollect, _run_block,
+    _block_inputs, _find_blocks, _hooks, _quantize_in_place, _rescale_and_recollect, _run_block,
+    batches_and_statistics,
 )  # fmt: skip
-from qcompile.algorithms.calibration_data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_batches
-from qcompile.algorithms.stats import SiteStatistics
 from qcompile.hf.memory import trim_heap
 from qcompile.hf.streaming_source import SourceCheckpoint, tied_keys
 from qcompile.plan import Plan
@@ -132,15 +131,7 @@ def stream_blocks(model, source: SourceCheckpoint, plan: Plan, calibration, keys
                          "the whole float model's activations, which streaming does not hold. Quantize them with "
                          "rtn or hqq (a recipe override), or load the model and call qcompile.quantize")  # fmt: skip
     last = max(i for i in range(len(blocks)) if any(n.startswith(f"{path}.{i}.") for n in calibrating))
-    options = _options(plan)
-    batches = calibration_batches(model, calibration, int(options.get("samples", DEFAULT_SAMPLES)),
-                                  int(options.get("seq_len", DEFAULT_SEQ_LEN)))  # fmt: skip
-    stats = {
-        n: SiteStatistics(n, entries[n].site.in_features, want_hessian=entries[n].algorithm == "gptq",
-                          want_inputs=entries[n].algorithm == "awq",
-                          max_samples=int(dict(entries[n].options).get("max_samples", 512)))
-        for n in calibrating
-    }  # fmt: skip
+    batches, stats = batches_and_statistics(model, plan, entries, calibrating, calibration)
     modules = dict(model.named_modules())
     use_cache = getattr(model.config, "use_cache", None)
     if use_cache is not None:

@@ -30,8 +30,8 @@ def quantized():
 
 
 def _buffers(module):
-    return {name: tensor for name, tensor in module.named_buffers() if name.rsplit(".", 1)[-1] in ("qweight", "scales",
-                                                                                                  "zeros")}  # fmt: skip
+    packed = ("qweight", "scales", "zeros")
+    return {name: tensor for name, tensor in module.named_buffers() if name.rsplit(".", 1)[-1] in packed}
 
 
 def test_compile_takes_the_quantized_layers_as_they_are(quantized):

@@ -71,3 +71,19 @@ def assert_sizes(report, program, slack=0.10):
                 numel *= d
             assert numel not in weight_numels - kept_numels, f"float initializer {tensor.name} looks like a weight"
     return packed, float_remainder
+
+
+class Stack(torch.nn.Module):
+    """``layers`` (``name, in, out, scheme``) as linears one after another, each followed by a bounded activation:
+    one site per scheme in one small model."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.names = [name for name, *_ in layers]
+        for name, k, n, _ in layers:
+            setattr(self, name, torch.nn.Linear(k, n))
+
+    def forward(self, x):
+        for name in self.names:
+            x = torch.tanh(getattr(self, name)(x)) * 2
+        return x

@@ -11,7 +11,7 @@ import qcompile
 import qcompile.onnx
 from qcompile.models import load_minilm, tiny_llama
 
-from conftest import assert_parity, assert_sizes, op_counts
+from conftest import Stack, assert_parity, assert_sizes, op_counts
 
 # (name, in, out, scheme): K not a multiple of the group in several layers, so the padding is exercised
 LAYERS = [
@@ -19,18 +19,6 @@ LAYERS = [
     ("l4", 64, 64, "int2-g32"), ("l5", 64, 48, "w8a8"), ("l6", 48, 56, "fp8"), ("l7", 56, 40, "nf4-g32"),
     ("l8", 40, 24, "int8-g16"), ("l9", 24, 16, "nf4-g16"),
 ]  # fmt: skip
-
-
-class Stack(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        for name, k, n, _ in LAYERS:
-            setattr(self, name, torch.nn.Linear(k, n))
-
-    def forward(self, x):
-        for name, *_ in LAYERS:
-            x = torch.tanh(getattr(self, name)(x)) * 2
-        return x
 
 
 class Logits(torch.nn.Module):
@@ -46,7 +34,7 @@ class Logits(torch.nn.Module):
 def stack_program():
     torch.manual_seed(0)
     recipe = {"default": None, "overrides": [{"targets": [name], "scheme": scheme} for name, _, _, scheme in LAYERS]}
-    return qcompile.compile(Stack().eval(), (torch.randn(2, 5, 64),), recipe, progress_bar=False)
+    return qcompile.compile(Stack(LAYERS).eval(), (torch.randn(2, 5, 64),), recipe, progress_bar=False)
 
 
 @pytest.mark.parametrize("int4_format", ["matmulnbits", "qdq"])
@@ -124,7 +112,7 @@ def test_float_model_and_recipe(tmp_path):
 def test_eagerly_quantized_model(tmp_path):
     """A model qcompile.quantize quantized exports with its layers as they are (no recipe needed); a recipe then
     applies to the float layers only."""
-    model = Stack().eval()
+    model = Stack(LAYERS).eval()
     qcompile.quantize(model, {"default": None, "overrides": [{"targets": ["l1", "l2"], "scheme": "int4-g32"}]},
                       progress_bar=False)  # fmt: skip
     x = torch.randn(2, 64)

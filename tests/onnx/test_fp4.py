@@ -13,7 +13,7 @@ from qcompile.onnx.base import ExportOptions, OnnxExportError
 from qcompile.onnx.families import lower_site
 from qcompile.schemes import parse_scheme
 
-from conftest import assert_parity, op_counts
+from conftest import Stack, assert_parity, op_counts
 
 WEIGHT_ONLY = ["mxfp4", "mxfp4-had", "mxfp4-had128", "nvfp4", "nvfp4-had", "nvfp4-had64"]
 
@@ -48,22 +48,10 @@ LAYERS = [("l0", 70, 48, "mxfp4"), ("l1", 48, 40, "mxfp4-had64"), ("l2", 40, 56,
           ("l3", 56, 24, "nvfp4-had")]  # fmt: skip
 
 
-class Stack(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        for name, k, n, _ in LAYERS:
-            setattr(self, name, torch.nn.Linear(k, n))
-
-    def forward(self, x):
-        for name, *_ in LAYERS:
-            x = torch.tanh(getattr(self, name)(x)) * 2
-        return x
-
-
 def test_exported_model_matches_the_reference_in_onnxruntime(tmp_path):
     torch.manual_seed(0)
     recipe = {"default": None, "overrides": [{"targets": [name], "scheme": scheme} for name, _, _, scheme in LAYERS]}
-    program = qcompile.compile(Stack().eval(), (torch.randn(2, 5, 70),), recipe, progress_bar=False)
+    program = qcompile.compile(Stack(LAYERS).eval(), (torch.randn(2, 5, 70),), recipe, progress_bar=False)
     path = tmp_path / "fp4.onnx"
     report = qcompile.onnx.export(program, path=path)
     onnx.checker.check_model(str(path))

@@ -13,7 +13,7 @@ from qcompile.onnx.base import ExportOptions
 from qcompile.onnx.families import lower_site
 from qcompile.schemes import parse_scheme
 
-from conftest import assert_parity, assert_sizes, onnxruntime_outputs, op_counts
+from conftest import Stack, assert_parity, assert_sizes, onnxruntime_outputs, op_counts
 
 
 @pytest.mark.parametrize("name", ["fp8-block", "fp8-block-ue8m0"])
@@ -41,21 +41,9 @@ def test_onnx_layout_matches_reference(name, n, k):
 LAYERS = [("a", 200, 130, "fp8-block"), ("b", 130, 256, "fp8-block-ue8m0"), ("c", 256, 70, "fp8-block")]
 
 
-class Stack(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        for name, k, n, _ in LAYERS:
-            setattr(self, name, torch.nn.Linear(k, n))
-
-    def forward(self, x):
-        for name, *_ in LAYERS:
-            x = torch.tanh(getattr(self, name)(x)) * 2
-        return x
-
-
 def test_onnxruntime_runs_the_export_like_qcompile(tmp_path):
     torch.manual_seed(0)
-    model = Stack().eval()
+    model = Stack(LAYERS).eval()
     recipe = {"default": None, "overrides": [{"targets": [name], "scheme": scheme} for name, _, _, scheme in LAYERS]}
     program = qcompile.compile(model, (torch.randn(2, 5, 200),), recipe, progress_bar=False)
     path = tmp_path / "fp8_block.onnx"

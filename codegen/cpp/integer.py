@@ -2,8 +2,8 @@
 (``w4a8-int``). Kernels in ``kernels/weight_only.h``, ``kernels/w8a8.h``, ``kernels/w4a8.h``.
 
 Each row is a ``supports`` predicate (``None`` when the kernel serves the call, else the reason) and a ``bind``
-that returns a launcher for one call signature (and hands the C++ op its plan). Weight-only calls of many tokens
-dequantize the weight in slices and use torch's float GEMM.
+that returns a launcher for one call signature (and hands the C++ op its plan). Calls of many tokens (from
+:func:`gemm_path.min_tokens` on) dequantize the weight in slices and use torch's GEMM in the activation's dtype.
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ from __future__ import annotations
 import torch
 
 from qcompile.codegen import cpp
-from qcompile.codegen.cpp import launch
+from qcompile.codegen.cpp import gemm_path, launch
 from qcompile.runtime.dispatch import KernelEntry
+from qcompile.schemes.w8a8 import int8_matmul_exact, quantize_per_token_int8
 
-#: from this many tokens on, weight-only calls dequantize the weight in slices and use torch's float GEMM.
-#: Measured on a 2-core AVX2 machine, the direct kernel (4 tokens per unpacked block) was faster up to M=128.
-GEMM_MIN_TOKENS = 256
-#: bytes of float32 weight dequantized per slice in the GEMM path (fits in L2/L3 next to the activations)
+#: bytes of dequantized weight per slice in the GEMM path (fits in L2 next to the activations)
 GEMM_SLICE_BYTES = 2 << 20
 
 
@@ -44,30 +42,74 @@ def weight_only_bind(scheme, x, packed, bias, n):
     def gemm(x, packed, bias):
         return dequantize_gemm(scheme, x, packed, bias, n)
 
-    return launch.bind_kernel(scheme, "linear_wo", x, packed, bias, n, ints, floats, GEMM_MIN_TOKENS - 1, gemm)
+    return launch.bind_kernel(scheme, "linear_wo", x, packed, bias, n, ints, floats,
+                              gemm_path.min_tokens("weight-only", x.dtype) - 1, gemm)
 
 
 def dequantize_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
-    """Many tokens: dequantize slices of N rows once (float32, C++) and multiply with torch's GEMM."""
+    """Many tokens: slices of N rows dequantized (C++) into the activation's dtype, float32 or bfloat16 (the
+    reference's ``.to(x.dtype)``), each multiplied with torch's GEMM in that dtype."""
     k = x.shape[-1]
-    x32 = x.reshape(-1, k).to(torch.float32)
+    xw = x.reshape(-1, k).contiguous()
     packed = [t.contiguous() for t in packed]
-    rows = max(1, min(n, GEMM_SLICE_BYTES // (4 * k)))
+    rows = max(1, min(n, GEMM_SLICE_BYTES // (xw.element_size() * k)))
     ints, floats = _weight_only_params(scheme, k)
-    return launch.sliced_gemm(scheme, x, x32, packed, bias, n, "dequant_wo", ints, floats, (3, 4), rows)
+    return launch.sliced_gemm(scheme, x, xw, packed, bias, n, "dequant_wo", ints, floats, (3, 4), rows)
 
 
 # -- W8A8 and W4A8 -----------------------------------------------------------------------------------------
 def w8a8_bind(scheme, x, packed, bias, n):
-    """W8A8: per-token dynamic int8 activations × int8 weights, exact int32 sums (see ``w8a8.h``)."""
-    return launch.bind_kernel(scheme, "linear_w8a8", x, packed, bias, n)
+    """W8A8: per-token dynamic int8 activations × int8 weights, exact int32 sums (see ``w8a8.h``); many tokens go
+    to torch's int8 GEMM (:func:`int8_gemm`), which gives the same int32 sums."""
+
+    def gemm(x, packed, bias):
+        return int8_gemm(x, packed, bias, n)
+
+    limit = gemm_path.min_tokens("w8a8", x.dtype) - 1
+    return launch.bind_kernel(scheme, "linear_w8a8", x, packed, bias, n, max_tokens=limit, slow=gemm)
+
+
+def int8_gemm(x, packed, bias, n: int) -> torch.Tensor:
+    """Many tokens of W8A8: activations quantized per token as the kernel does, ``torch._int_mm`` (oneDNN:
+    AMX-INT8 or VNNI) for the exact int32 sums, then the kernel's epilogue in the same order."""
+    k = x.shape[-1]
+    qweight, scales = packed[0], packed[1]
+    x_q, x_scale = quantize_per_token_int8(x.reshape(-1, k))
+    y = int8_matmul_exact(x_q, qweight) * x_scale * scales.reshape(1, -1)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def w4a8_bind(scheme, x, packed, bias, n):
-    """W4A8: per-token dynamic int8 activations × int4 group-wise weights, exact int32 sums (see ``w4a8.h``)."""
+    """W4A8: per-token dynamic int8 activations × int4 group-wise weights, exact int32 sums (see ``w4a8.h``); many
+    tokens go to :func:`w4a8_gemm`."""
     k = x.shape[-1]
     ints = (scheme.padded_in_features(k), scheme.group_size_for(k))
-    return launch.bind_kernel(scheme, "linear_w4a8", x, packed, bias, n, ints, (8.0,))
+
+    def gemm(x, packed, bias):
+        return w4a8_gemm(scheme, x, packed, bias, n)
+
+    limit = gemm_path.min_tokens("w4a8", x.dtype) - 1
+    return launch.bind_kernel(scheme, "linear_w4a8", x, packed, bias, n, ints, (8.0,), limit, gemm)
+
+
+def w4a8_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
+    """Many tokens of W4A8: the activations quantized per token (the kernel's codes and scales), the weight
+    dequantized in slices to ``(u - zero) * scale`` in the activation's dtype, torch's GEMM, times the token
+    scales. The group scales sit inside the weight, so an integer GEMM cannot take them: this path's sums are
+    float (bfloat16 weights for bfloat16 activations: each weight rounded once; the codes are exact)."""
+    k = x.shape[-1]
+    x_q, x_scale = quantize_per_token_int8(x.reshape(-1, k))
+    xw = x_q.to(x.dtype if x.dtype == torch.bfloat16 else torch.float32)
+    packed = [t.contiguous() for t in packed]
+    rows = max(1, min(n, GEMM_SLICE_BYTES // (xw.element_size() * k)))
+    ints, floats = _weight_only_params(scheme.weights, k)
+    y = launch.sliced_gemm(scheme, xw, xw, packed, None, n, "dequant_wo", ints, floats, (3, 4), rows)
+    y = y.to(torch.float32) * x_scale
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def _only_bits(bits: int):

@@ -57,9 +57,14 @@ def template(kernel: str, k: int, n: int, n_tensors: int, ints=(), floats=(), bf
     return call
 
 
-def bind_kernel(scheme, kernel: str, x, packed, bias, n: int, ints=(), floats=(), max_tokens: int = 0, slow=None):
+def bind_kernel(scheme, kernel: str, x, packed, bias, n: int, ints=(), floats=(), max_tokens: int | None = None,
+                slow=None):
     """``launch(x, packed, bias) -> y`` running C++ kernel ``kernel`` for this call signature (see module
-    docstring); ``slow(x, packed, bias)`` serves calls of more than ``max_tokens`` tokens (0: no limit)."""
+    docstring); ``slow(x, packed, bias)`` serves calls of more than ``max_tokens`` tokens (``None``: no limit;
+    0: every call goes to ``slow``)."""
+    if max_tokens == 0 and slow is not None:
+        return slow
+    max_tokens = max_tokens or 0
     op.remember(scheme, x, packed, bias, n, kernel, ints, floats, max_tokens)
     k, dtype = x.shape[-1], x.dtype
     base = template(kernel, k, n, len(packed), ints, floats, dtype == torch.bfloat16)
@@ -90,26 +95,30 @@ def bind_kernel(scheme, kernel: str, x, packed, bias, n: int, ints=(), floats=()
     return launch
 
 
-def sliced_gemm(scheme, x, x32, packed, bias, n: int, kernel: str, ints=(), floats=(), slots=(0, 1),
+def sliced_gemm(scheme, x, xw, packed, bias, n: int, kernel: str, ints=(), floats=(), slots=(0, 1),
                 rows: int = 1) -> torch.Tensor:  # fmt: skip
-    """Many tokens: ``x32 [M, Kw]`` (float32, the activation as the weight rows line up with it) times the float32
-    weight rows ``kernel`` dequantizes, ``rows`` at a time (it writes rows ``ints[slots[0]]`` to ``ints[slots[1]]``),
-    with torch's GEMM; plus ``bias``, returned in ``x.dtype`` and ``x``'s leading shape. ``packed`` is contiguous."""
-    k, m, kw = x.shape[-1], x32.shape[0], x32.shape[1]
-    y_t = torch.empty((n, m), dtype=torch.float32)  # y transposed: every slice of rows is contiguous
-    weight = torch.empty((rows, kw), dtype=torch.float32)
-    call = template(kernel, k, n, len(packed), ints, floats)
+    """Many tokens: ``xw [M, Kw]`` (the activation as the weight rows line up with it, float32 or bfloat16) times
+    the weight rows ``kernel`` dequantizes into ``xw``'s dtype, ``rows`` at a time (it writes rows ``ints[slots[0]]``
+    to ``ints[slots[1]]``; bfloat16 when its ``y_bf16`` is set), with torch's GEMM in that dtype (oneDNN: AMX or
+    AVX512-BF16 for bfloat16 where the CPU has them); the bias joins inside the GEMM (one rounding, as
+    ``F.linear``). Returned in ``x.dtype`` and ``x``'s leading shape. ``packed`` is contiguous."""
+    k, m, kw = x.shape[-1], xw.shape[0], xw.shape[1]
+    dtype = xw.dtype
+    y_t = torch.empty((n, m), dtype=dtype)  # y transposed: every slice of rows is contiguous
+    weight = torch.empty((rows, kw), dtype=dtype)
+    call = template(kernel, k, n, len(packed), ints, floats, dtype == torch.bfloat16)
     for i, tensor in enumerate(packed):
         call.tensors[i] = tensor.data_ptr()
     call.y, call.threads = weight.data_ptr(), torch.get_num_threads()
     dequantize = library.kernel(kernel)
+    bias = None if bias is None else bias.to(dtype)
     first, end = slots
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         call.ints[first], call.ints[end] = n0, n1
         check(dequantize(call), f"{scheme.name} dequantize", m, k, n)
-        torch.mm(weight[: n1 - n0], x32.t(), out=y_t[n0:n1])
-    y = y_t.t()
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        if bias is None:
+            torch.mm(weight[: n1 - n0], xw.t(), out=y_t[n0:n1])
+        else:
+            torch.addmm(bias[n0:n1, None].expand(n1 - n0, m), weight[: n1 - n0], xw.t(), out=y_t[n0:n1])
+    return y_t.t().to(x.dtype).contiguous().reshape(*x.shape[:-1], n)

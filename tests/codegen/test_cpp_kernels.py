@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from qcompile.codegen import cpp
-from qcompile.codegen.cpp import build, integer, library
+from qcompile.codegen.cpp import build, gemm_path, integer, library
 from qcompile.runtime import dispatch, ops
 from qcompile.schemes import parse_scheme
 
@@ -83,6 +83,7 @@ def _assert_matches_reference(y, x, packed, bias, name):
 @pytest.mark.parametrize("name", [*WEIGHT_ONLY, "w8a8", *W4A8])
 def test_kernel_matches_reference(name, dtype, isa, monkeypatch):
     monkeypatch.setenv(library.ISA_ENV, isa)
+    monkeypatch.setenv(gemm_path.ENV, "100000")  # the direct kernels at every token count
     run = _run(name)
     for i, (m, k, n) in enumerate(SHAPES):
         scheme, packed = _packed(name, n, k, seed=i)
@@ -95,7 +96,7 @@ def test_kernel_matches_reference(name, dtype, isa, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["int8-asym", "int4-g24", "int4-g128-sym", "int4"])
 def test_dequantize_gemm_path_matches_reference(name, dtype, monkeypatch):
-    monkeypatch.setattr(integer, "GEMM_MIN_TOKENS", 4)
+    monkeypatch.setenv(gemm_path.ENV, "4")
     monkeypatch.setattr(integer, "GEMM_SLICE_BYTES", 4 * 100 * 7)  # several slices, the last one short
     scheme, packed = _packed(name, 45, 100, seed=11)
     x, bias = _inputs(6, 100, 45, dtype, seed=11)

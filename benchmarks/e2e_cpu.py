@@ -1,100 +1,114 @@
-"""SmolLM2-135M on CPU: model bytes, perplexity, decode tokens/s and compile time per scheme.
+"""SmolLM2-135M on CPU, end to end: prefill and decode speed of float bf16 / fp32 against qcompile schemes.
 
-    python benchmarks/e2e_cpu.py [--schemes int8,int4-g128,...] [--tokens 1024] [--new-tokens 32] [--inductor]
+    python benchmarks/e2e_cpu.py [--schemes int8,int4-g128,w4a8-g128] [--prefill 512] [--new-tokens 32]
+                                 [--batches 1,8] [--dtypes bfloat16,float32] [--inductor]
 
-Rows: float eager, float ``torch.compile`` (inductor, with ``--inductor``), and qcompile per scheme.
-Perplexity runs the ``qcompile.compile`` program (torch.export path) on held-out text. Decode speed (KV cache,
-greedy, batch 1) is taken twice per scheme: on the eagerly quantized model (``qcompile.quantize``: the
-transformers code runs op by op in Python), and with ``--inductor`` through
-``torch.compile(forward, backend="qcompile", options={"inductor": True})``, where inductor fuses everything
-between the quantized matmuls (a few minutes of compilation per row on a small CPU). Kernels are whatever the
-dispatch table serves on this machine (C++ where a kernel exists, the reference path elsewhere — said once).
-``+head:int8`` also quantizes the tied ``lm_head`` (its float copy stays for the embedding lookup).
+Per activation dtype (``bfloat16``: the fast float baseline where the CPU has AMX or AVX512-BF16; ``float32``):
+the float model, then each scheme through ``torch.compile(model, backend="qcompile", options={"recipe": scheme})``
+(``dynamic=True``: one compilation across sequence lengths; ``--inductor`` also fuses the rest of the graph with
+inductor, minutes per row). Columns:
+
+- prefill tokens/s: one forward of ``--prefill`` tokens (batch 1, no cache), the median of 3 after a warm-up;
+- decode tokens/s at each batch of ``--batches``: greedy ``generate`` with the KV cache, ``--new-tokens`` tokens per
+  sequence (the end-of-sequence token off), tokens of all sequences per second;
+- ratios against the float model of the same dtype, and quantized bfloat16 prefill against float bfloat16.
+
+The machine's ISA, thread count and the GEMM crossovers in use are printed first.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
+import warnings
 
 import torch
 
-import qcompile
-from qcompile.evaluate import decode_tokens_per_second, model_bytes, perplexity
+import qcompile  # noqa: F401
+from qcompile.codegen.cpp import gemm_path, library
 from qcompile.models import eval_text, load_smollm2
-from qcompile.report import format_table, human_bytes
+from qcompile.report import format_table
 
-SCHEMES = ("int8", "int4-g128", "int4-g32", "w8a8", "w4a8-g128", "fp8", "int4-g128+head:int8", "w4a8-g128+head:int8")
-
-
-def recipe_for(spec: str) -> dict:
-    """``int4-g128`` → that scheme everywhere (the tied lm_head stays float, as by default);
-    ``int4-g128+head:int8`` → also quantize lm_head (its float copy stays for the embedding lookup)."""
-    scheme, _, head = spec.partition("+head:")
-    recipe = {"default": scheme}
-    if head:
-        recipe["overrides"] = [{"targets": ["lm_head"], "scheme": head}]
-    return recipe
+SCHEMES = ("int8", "int4-g128", "w4a8-g128")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def compiled_decode(model, prompt, new_tokens: int, **compile_kwargs) -> tuple[float, float]:
-    """(tokens/s, seconds to first result) with ``model.forward`` compiled; one graph across cache lengths."""
-    torch._dynamo.reset()  # every row compiles afresh: forward's code object is shared by all the model copies
-    start = time.perf_counter()
-    model.forward = torch.compile(model.forward, dynamic=True, **compile_kwargs)
-    tps = decode_tokens_per_second(model, prompt, new_tokens)
-    return tps, time.perf_counter() - start
+def prefill_tps(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        model(ids, use_cache=False)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            model(ids, use_cache=False)
+            times.append(time.perf_counter() - start)
+    return ids.numel() / statistics.median(times)
+
+
+def decode_tps(model, prompt: torch.Tensor, batch: int, new_tokens: int) -> float:
+    ids = prompt.repeat(batch, 1)
+    kwargs = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def compiled(model, scheme: str | None, inductor: bool):
+    torch._dynamo.reset()  # every row compiles afresh: forward's code object is shared by the model copies
+    if scheme is None:
+        if inductor:
+            model.forward = torch.compile(model.forward, dynamic=True)
+        return model
+    options = {"recipe": scheme, "inductor": inductor}
+    model.forward = torch.compile(model.forward, dynamic=True, backend="qcompile", options=options)
+    return model
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schemes", default=",".join(SCHEMES))
-    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--inductor", action="store_true",
-                        help="also decode through torch.compile + inductor (minutes per row)")  # fmt: skip
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--inductor", action="store_true", help="inductor for the rest of the graph (minutes a row)")
     args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"# CPU: isa {library.active_isa()}, machine class {gemm_path.machine_class()}, "
+          f"AVX512-BF16 {library.cpu_supports('avx512bf16')}, {torch.get_num_threads()} threads; GEMM path from "
+          + ", ".join(f"{kind} {gemm_path.min_tokens(kind, torch.bfloat16)} (bf16) / "
+                      f"{gemm_path.min_tokens(kind, torch.float32)} (fp32) tokens" for kind in gemm_path.KINDS))
 
-    model, tokenizer = load_smollm2()
-    ids = tokenizer(eval_text(), return_tensors="pt").input_ids[0][: args.tokens]
+    base, tokenizer = load_smollm2()
+    ids = tokenizer(eval_text(), return_tensors="pt").input_ids[:, : args.prefill]
     prompt = tokenizer("The three witches met Macbeth on the heath and", return_tensors="pt").input_ids
-    example = {"input_ids": ids[:16].unsqueeze(0).repeat(2, 1)}
-
-    rows = []
-    float_tps = decode_tokens_per_second(model, prompt, args.new_tokens)
-    rows.append(["float32", human_bytes(model_bytes(model)), f"{perplexity(model, ids):.2f}", f"{float_tps:.1f}",
-                 "1.00x", "-", "-", "-"])  # fmt: skip
-    print(rows[-1], flush=True)
-    if args.inductor:
-        tps, seconds = compiled_decode(copy.deepcopy(model), prompt, args.new_tokens)
-        rows[-1][5:] = [f"{tps:.1f}", f"{tps / float_tps:.2f}x", f"{seconds:.0f} s"]
-        print(rows[-1], flush=True)
-    for scheme in args.schemes.split(","):
-        start = time.perf_counter()
-        program = qcompile.compile(model, (), recipe_for(scheme), example_kwargs=example, progress_bar=False)
-        compile_s = time.perf_counter() - start
-        ppl = perplexity(program, ids)
-        nbytes = model_bytes(program)
-        del program
-        eager = qcompile.quantize(copy.deepcopy(model), recipe_for(scheme), progress_bar=False)
-        tps = decode_tokens_per_second(eager, prompt, args.new_tokens)
-        del eager
-        row = [scheme, human_bytes(nbytes), f"{ppl:.2f}", f"{tps:.1f}", f"{tps / float_tps:.2f}x", "-", "-",
-               f"{compile_s:.1f} s"]  # fmt: skip
-        if args.inductor:
-            options = {"recipe": recipe_for(scheme), "inductor": True}
-            tps, seconds = compiled_decode(copy.deepcopy(model), prompt, args.new_tokens, backend="qcompile",
-                                           options=options)  # fmt: skip
-            row[5:] = [f"{tps:.1f}", f"{tps / float_tps:.2f}x", f"{compile_s:.1f} s / {seconds:.0f} s"]
-        rows.append(row)
-        print(rows[-1], flush=True)
+    rows, float_rates = [], {}
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        for scheme in [None, *args.schemes.split(",")]:
+            model = compiled(copy.deepcopy(base).to(dtype), scheme, args.inductor)
+            rates = [prefill_tps(model, ids)] + [decode_tps(model, prompt, b, args.new_tokens) for b in batches]
+            del model
+            if scheme is None:
+                float_rates[dtype_name] = rates
+            reference = float_rates[dtype_name]
+            row = [f"{scheme or 'float'} ({dtype_name})"]
+            for rate, ref in zip(rates, reference):
+                row.append(f"{rate:.0f} ({rate / ref:.2f}x)")
+            bf16 = float_rates.get("bfloat16")
+            row.append(f"{rates[0] / bf16[0]:.2f}x" if bf16 else "-")
+            rows.append(row)
+            print(row, flush=True)
     print()
-    print(f"SmolLM2-135M, {ids.numel()} held-out tokens, {torch.get_num_threads()} threads, "
-          f"decode of {args.new_tokens} tokens")  # fmt: skip
-    headers = ["model", "bytes", "perplexity", "eager tok/s", "vs float eager", "inductor tok/s", "vs float eager",
-               "compile (export / inductor)"]  # fmt: skip
-    print(format_table(headers, rows, "lrrrrrrr"))
+    print(f"SmolLM2-135M, prefill of {ids.shape[1]} tokens, decode of {args.new_tokens} tokens per sequence, "
+          f"{'inductor' if args.inductor else 'op by op'} around the quantized ops; (x): against float, same dtype")
+    headers = ["model", f"prefill {ids.shape[1]} tok/s", *(f"decode b{b} tok/s" for b in batches),
+               "prefill vs float bf16"]  # fmt: skip
+    print(format_table(headers, rows, "l" + "r" * (len(headers) - 1)))
     return 0
 
 

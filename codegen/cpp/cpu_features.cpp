@@ -38,6 +38,8 @@ extern "C" int qc_cpu_supports(const char* isa) {
     if (strcmp(isa, "avx512") == 0)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    if (strcmp(isa, "avx512bf16") == 0)  // a feature inside the avx512 variant (kernels with a target attribute)
+        return qc_cpu_supports("avx512") && __builtin_cpu_supports("avx512bf16");
     return 0;
 }
 

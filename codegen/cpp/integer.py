@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.codegen import cpp
-from qcompile.codegen.cpp import gemm_path, launch
+from qcompile.codegen.cpp import gemm_path, launch, library
 from qcompile.runtime.dispatch import KernelEntry
 from qcompile.schemes.w8a8 import int8_matmul_exact, quantize_per_token_int8
 
@@ -42,8 +42,18 @@ def weight_only_bind(scheme, x, packed, bias, n):
     def gemm(x, packed, bias):
         return dequantize_gemm(scheme, x, packed, bias, n)
 
-    return launch.bind_kernel(scheme, "linear_wo", x, packed, bias, n, ints, floats,
+    return launch.bind_kernel(scheme, weight_only_kernel(scheme, x), x, packed, bias, n, ints, floats,
                               gemm_path.min_tokens("weight-only", x.dtype) - 1, gemm)
+
+
+def weight_only_kernel(scheme, x) -> str:
+    """``linear_wo_bf16`` (bfloat16 dot products, vdpbf16ps) for int4 with bfloat16 activations and groups of a
+    multiple of 64 where the CPU has AVX512-BF16 and the avx512 variant runs; ``linear_wo`` otherwise."""
+    group = scheme.group_size_for(x.shape[-1])
+    if (scheme.bits == 4 and x.dtype == torch.bfloat16 and group % 64 == 0 and library.active_isa() == "avx512"
+            and library.cpu_supports("avx512bf16")):  # fmt: skip
+        return "linear_wo_bf16"
+    return "linear_wo"
 
 
 def dequantize_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:

@@ -226,3 +226,21 @@ def test_kernel_table_holds_every_kernel_for_every_isa():
         assert names.count(kernel) == len(library.ISAS), kernel
         assert library.has_kernel(kernel)
     assert not library.has_kernel("no_such_kernel")
+
+
+BF16DP = skip_reason() is None and library.cpu_supports("avx512bf16")
+
+
+@pytest.mark.skipif(not BF16DP, reason="this CPU has no AVX512-BF16: linear_wo_bf16 cannot run here")
+@pytest.mark.parametrize("name", ["int4", "int4-g64", "int4-g128-sym", "int4-g128"])
+def test_bf16_dot_product_kernel_matches_reference(name, monkeypatch):
+    """linear_wo_bf16 (vdpbf16ps) serves int4 with bfloat16 activations; ragged M, N and K (padding columns)."""
+    monkeypatch.setenv(gemm_path.ENV, "100000")
+    for i, (m, k, n) in enumerate([(1, 576, 37), (3, 1000, 64), (5, 128, 20), (6, 250, 33)]):
+        scheme, packed = _packed(name, n, k, seed=i)
+        x, bias = _inputs(m, k, n, torch.bfloat16, seed=i)
+        if scheme.group_size_for(k) % 64:
+            continue
+        assert integer.weight_only_kernel(scheme, x) == "linear_wo_bf16"
+        bias = bias if i % 2 == 0 else None
+        _assert_matches_reference(_run(name)(scheme, x, packed, bias), x, packed, bias, name)

@@ -15,8 +15,9 @@ from qcompile.codegen.cpp import gemm_path, launch, library
 from qcompile.runtime.dispatch import KernelEntry
 from qcompile.schemes.w8a8 import int8_matmul_exact, quantize_per_token_int8
 
-#: bytes of dequantized weight per slice in the GEMM path (fits in L2 next to the activations)
-GEMM_SLICE_BYTES = 2 << 20
+#: bytes of dequantized weight per slice in the GEMM path: few, large GEMMs (oneDNN packs its operands per call)
+#: whose slice stays in the last-level cache
+GEMM_SLICE_BYTES = 8 << 20
 
 
 def _zero_const(scheme) -> float:

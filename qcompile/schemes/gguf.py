@@ -182,6 +182,6 @@ register_family(Family(
     "gguf", GGUFScheme,
     examples=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "iq4_nl", "iq4_xs", "q6_k"),
     algorithms=("gptq", "awq"),
-    kernels=("qcompile.codegen.cpp.gguf",),
+    kernels=("qcompile.codegen.cpp.gguf", "qcompile.codegen.triton.gguf"),
     onnx=None,
 ))  # fmt: skip

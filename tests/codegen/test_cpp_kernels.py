@@ -244,3 +244,20 @@ def test_bf16_dot_product_kernel_matches_reference(name, monkeypatch):
         assert integer.weight_only_kernel(scheme, x) == "linear_wo_bf16"
         bias = bias if i % 2 == 0 else None
         _assert_matches_reference(_run(name)(scheme, x, packed, bias), x, packed, bias, name)
+
+
+@pytest.mark.skipif(not BF16DP, reason="this CPU has no AVX512-BF16: linear_wo_bf16 cannot run here")
+def test_bf16_dot_product_kernel_one_and_two_threads_agree_exactly(monkeypatch):
+    monkeypatch.setenv(gemm_path.ENV, "100000")
+    scheme, packed = _packed("int4-g64", 301, 384, seed=5)
+    x, bias = _inputs(5, 384, 301, torch.bfloat16, seed=5)
+    assert integer.weight_only_kernel(scheme, x) == "linear_wo_bf16"
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_run("int4-g64")(scheme, x, packed, bias))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*results)

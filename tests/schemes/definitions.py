@@ -21,12 +21,20 @@ E4M3 — "FP8 Formats for Deep Learning" (Micikevicius et al. 2022, arXiv:2209.0
 3 mantissa bits, subnormals ``m/8 * 2**-6``, ``S.1111.111`` NaN, no infinities, max 448; E8M0, E2M1 — OCP
 Microscaling Formats v1.0 (via ``fp4_definition.py``); NVFP4 — the ``qcompile.schemes.nvfp4`` docstring (NVIDIA's
 two-level scaling); fp8-block — DeepSeek-V3 / the ``qcompile.schemes.fp8_block`` docstring; GGUF blocks — decoded by
-the peer gguf-py (``gguf.quants.dequantize``, written from ggml's ``dequantize_row_*``).
+the peer gguf-py (``gguf.quants.dequantize``, written from ggml's ``dequantize_row_*``); bitsandbytes' flattened
+4-bit blocks and double quantization — QLoRA section 3 and bitsandbytes' ``Linear4bit`` state (``QuantState``), its
+8-bit dynamic code ``create_dynamic_map``; LLM.int8 — Dettmers et al. 2022 (arXiv:2208.07339) and bitsandbytes'
+``int8_vectorwise_quant`` / ``int8_mixed_scaled_mm``; HIGGS — Malinovskii et al. 2024 (arXiv:2411.17525) and the
+``qcompile.schemes.higgs`` docstring (layout, scale groups; the grids are data, ``qcompile/data/higgs_grids.json``);
+MXFP6 / MXFP8 — OCP Microscaling Formats v1.0 (element types E2M3, E3M2, E4M3, E5M2 decoded bit by bit below, E8M0
+block scales of 32) and compressed-tensors' ``pack_fp6_to_uint8`` (fp6 byte order).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Callable
 
 import numpy as np
@@ -65,7 +73,7 @@ def array(tensor: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.
     if tuple(tensor.shape) != shape or tensor.dtype != dtype:
         raise AssertionError(f"definitions: packed {name} is {tensor.dtype}{list(tensor.shape)}, the definition "
                              f"expects {dtype}{list(shape)}")  # fmt: skip
-    if dtype == torch.float8_e4m3fn:
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         return tensor.contiguous().view(torch.uint8).numpy().copy()
     return tensor.detach().numpy().copy()
 
@@ -340,6 +348,188 @@ def int_kp(bits: int, group: int | None, k: int) -> int:
     return ceil_to(k, group) if group else ceil_to(k, PACK_UNIT[bits])
 
 
+# -- bitsandbytes: 4-bit blocks over the flattened weight (bnb4), LLM.int8 (llm-int8) ---------------------------------
+def bnb_dynamic_map() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic code (``functional.create_dynamic_map(signed=True)``, from Dettmers 2016,
+    "8-Bit Approximations for Parallelism in Deep Learning"): 0, 1 and, for ``i = 0 .. 6``, ``±10**(i - 6) * m`` for
+    the ``2**i`` midpoints ``m`` of ``linspace(0.1, 1, 2**i + 1)``; ascending, float64 (bitsandbytes: float32)."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        bounds = np.linspace(0.1, 1.0, 2**i + 1)
+        means = (bounds[:-1] + bounds[1:]) / 2
+        values += [*(10.0 ** (i - 6) * means), *(-(10.0 ** (i - 6)) * means)]
+    return np.sort(np.array(values))
+
+
+def bnb4_weight(scheme, tensors, n: int, k: int) -> np.ndarray:
+    """bitsandbytes ``Linear4bit`` state: element ``f = n K + k`` of the flattened weight is the high nibble of byte
+    ``f // 2`` when ``f`` is even, the low one when odd; ``w = table[code] * absmax[f // B]``; with ``-dq`` the absmax
+    is ``float32(float32(map[absmax_code] * nested_absmax[b // 256]) + nested_offset)``."""
+    numel, block = n * k, scheme.blocksize
+    blocks = -(-numel // block)
+    expected = 4 if scheme.double_quant else 2
+    if len(tensors) != expected:
+        raise AssertionError(f"definitions: {scheme.name} has {expected} packed tensors, got {len(tensors)}")
+    packed = array(tensors[0], "qweight", ((numel + 1) // 2,), torch.uint8).astype(np.int64)
+    f = np.arange(numel)
+    codes = np.where(f % 2 == 0, packed[f // 2] >> 4, packed[f // 2] & 15)
+    levels = np.array(NF4_LEVELS) if scheme.quant_type == "nf4" else bnb_fp4_levels()
+    if scheme.double_quant:
+        coded = array(tensors[1], "absmax", (blocks,), torch.uint8)
+        nested = array(tensors[2], "nested_absmax", (-(-blocks // 256),), torch.float32).astype(np.float64)
+        offset = array(tensors[3], "nested_offset", (1,), torch.float32).astype(np.float64)[0]
+        absmax = f32(f32(bnb_dynamic_map()[coded] * nested[np.arange(blocks) // 256]) + offset)
+    else:
+        absmax = array(tensors[1], "absmax", (blocks,), torch.float32).astype(np.float64)
+    return (levels[codes] * absmax[f // block]).reshape(n, k)
+
+
+def llm_int8_weight(tensors, n: int, k: int) -> np.ndarray:
+    """``w = qweight * scales[n] / 127`` (LLM.int8, Dettmers et al. 2022, arXiv:2208.07339: row-wise absmax)."""
+    if len(tensors) != 2:
+        raise AssertionError(f"definitions: llm-int8 has 2 packed tensors, got {len(tensors)}")
+    codes = array(tensors[0], "qweight", (n, k), torch.int8).astype(np.float64)
+    return codes * array(tensors[1], "scales", (n,), torch.float32).astype(np.float64)[:, None] / 127
+
+
+def llm_int8_tokens(threshold: float, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """LLM.int8's mixed decomposition as bitsandbytes runs it: on ``xh = float16(x)``, outliers are ``|xh| >=
+    threshold``; their columns keep ``x``; elsewhere ``xh`` per token: ``s = max|xh|`` over the non-outliers ``/ 127``,
+    codes ``round_half_even(xh / s)``, values ``codes * s`` (0 in a row with no non-zero non-outlier)."""
+    xh = x.astype(np.float16).astype(np.float64)
+    outliers = np.abs(xh) >= threshold
+    columns = outliers.any(0)
+    kept = np.where(outliers, 0.0, xh)
+    scale = np.abs(kept).max(1, keepdims=True) / 127
+    scale = np.where(scale > 0, scale, 1.0)
+    codes, step = round_int(kept / scale, 127)
+    return np.where(columns, x, codes * scale), np.where(columns, 0.0, step * scale)
+
+
+# -- HIGGS -----------------------------------------------------------------------------------------------------------
+#: the stored grids, read as data: point ``i`` of ``grids["p<p>-b<b>"]["points"]`` is the value of code ``i``
+HIGGS_GRIDS = pathlib.Path(__file__).resolve().parents[2] / "qcompile" / "data" / "higgs_grids.json"
+
+
+def higgs_grid(p: int, b: int) -> np.ndarray:
+    """float64 ``[2**(p*b), p]``: the grid of ``p``-element vectors at ``b`` bits per weight."""
+    points = np.array(json.loads(HIGGS_GRIDS.read_text())["grids"][f"p{p}-b{b}"]["points"], dtype=np.float64)
+    if points.shape != (2 ** (p * b), p):
+        raise AssertionError(f"definitions: grid p{p}-b{b} is {points.shape}, expected {(2 ** (p * b), p)}")
+    return points
+
+
+def higgs_codes(packed: np.ndarray, code_bits: int, count: int) -> np.ndarray:
+    """uint8 ``[N, count * code_bits / 8]`` → int64 codes ``[N, count]`` (``qcompile.schemes.higgs`` docstring: 2, 3
+    and 4 bits as :func:`unpack_bits`; 6 bits: code ``4j+i`` in bits ``6i..6i+5`` of the little-endian 24-bit word of
+    bytes ``3j..3j+2``; 8 bits: code ``j`` is byte ``j``)."""
+    if code_bits == 8:
+        return packed.astype(np.int64)
+    if code_bits != 6:
+        return unpack_bits(packed, code_bits, count)
+    b = packed.astype(np.int64)
+    words = b[:, 0::3] | (b[:, 1::3] << 8) | (b[:, 2::3] << 16)
+    codes = np.zeros((b.shape[0], count), dtype=np.int64)
+    for i in range(4):
+        codes[:, i::4] = (words >> (6 * i)) & 63
+    return codes
+
+
+def higgs_kp(scheme, k: int) -> int:
+    """``K`` rounded up to whole Hadamard blocks."""
+    return ceil_to(k, scheme.hadamard)
+
+
+def higgs_weight(scheme, tensors, n: int, k: int) -> np.ndarray:
+    """The weight the rotated activation meets, ``[N, Kp]``: ``Wr[n, p*v + c] = grid[code[n, v], c] * scales[n, (p*v +
+    c) // g]`` with ``g = min(256, h)`` and float16 scales."""
+    p, b, kp = scheme.dim, scheme.bits, higgs_kp(scheme, k)
+    group = min(256, scheme.hadamard)
+    if len(tensors) != 2:
+        raise AssertionError(f"definitions: higgs has 2 packed tensors, got {len(tensors)}")
+    codes = higgs_codes(array(tensors[0], "qweight", (n, kp * b // 8), torch.uint8), p * b, kp // p)
+    scales = array(tensors[1], "scales", (n, kp // group), torch.float16).astype(np.float64)
+    return higgs_grid(p, b)[codes].reshape(n, kp) * np.repeat(scales, group, axis=1)
+
+
+def higgs_tokens(scheme, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x_p @ Hb`` (float64, the Sylvester Hadamard of block ``h`` built from bit parities: ``fp4.padded_rotated``);
+    no rounding."""
+    rotated = fp4.padded_rotated(x, higgs_kp(scheme, x.shape[1]), scheme.hadamard)
+    return rotated, np.zeros_like(rotated)
+
+
+# -- OCP MX 6- and 8-bit: E2M3 / E3M2 / E4M3 / E5M2 elements, E8M0 scales per 32 ------------------------------------
+#: element type -> (bits, exponent bits, mantissa bits, exponent bias): OCP MX v1.0 section 5.3, OCP 8-bit FP v1.0
+MX_ELEMENTS = {"e2m3": (6, 2, 3, 1), "e3m2": (6, 3, 2, 3), "e4m3": (8, 4, 3, 7), "e5m2": (8, 5, 2, 15)}
+
+
+def mx_element_decode(codes: np.ndarray, element: str) -> np.ndarray:
+    """float64 values of element codes: top bit the sign, then the exponent field ``E`` and the mantissa field ``m``;
+    ``2**(E - bias) * (1 + m / 2**M)``, subnormal ``2**(1 - bias) * m / 2**M`` for ``E = 0``. E4M3: ``S.1111.111`` is
+    NaN (no infinities); E5M2: ``E = 31`` is infinity (``m = 0``) or NaN; the 6-bit types have no special codes."""
+    bits, ebits, mbits, bias = MX_ELEMENTS[element]
+    c = np.asarray(codes).astype(np.int64)
+    e, m = (c >> mbits) & ((1 << ebits) - 1), c & ((1 << mbits) - 1)
+    magnitude = np.where(e == 0, m / 2.0**mbits * 2.0 ** (1 - bias), (1 + m / 2.0**mbits) * np.exp2(e - float(bias)))
+    if element == "e4m3":
+        magnitude = np.where((e == 15) & (m == 7), np.nan, magnitude)
+    if element == "e5m2":
+        magnitude = np.where(e == 31, np.where(m == 0, np.inf, np.nan), magnitude)
+    return np.where((c >> (bits - 1)) & 1, -magnitude, magnitude)
+
+
+def mx_element_table(element: str) -> np.ndarray:
+    """The finite non-negative values of an element type, ascending, indexed by their codes."""
+    values = mx_element_decode(np.arange(1 << (MX_ELEMENTS[element][0] - 1)), element)
+    return values[np.isfinite(values)]
+
+
+def mx_fp6_codes(packed: np.ndarray, kp: int) -> np.ndarray:
+    """uint8 ``[N, Kp * 3 / 4]`` → int64 codes ``[N, Kp]``: element ``4j+i`` in bits ``6i..6i+5`` of the little-endian
+    24-bit word of bytes ``3j..3j+2``."""
+    b = packed.astype(np.int64)
+    words = b[:, 0::3] | (b[:, 1::3] << 8) | (b[:, 2::3] << 16)
+    codes = np.zeros((b.shape[0], kp), dtype=np.int64)
+    for i in range(4):
+        codes[:, i::4] = (words >> (6 * i)) & 63
+    return codes
+
+
+def mx_weight(scheme, tensors, n: int, k: int) -> np.ndarray:
+    """``element(code) * 2**(s - 127)`` per group of 32 along K (``s = 255`` is NaN), ``K`` padded to 32; codes 4 in
+    3 bytes (mxfp6) or one a byte (mxfp8: the float8 tensor's bits)."""
+    kp, bits = ceil_to(k, 32), MX_ELEMENTS[scheme.element][0]
+    if len(tensors) != 2:
+        raise AssertionError(f"definitions: {scheme.family} has 2 packed tensors, got {len(tensors)}")
+    if bits == 6:
+        codes = mx_fp6_codes(array(tensors[0], "qweight", (n, kp * 3 // 4), torch.uint8), kp)
+    else:
+        dtype = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[scheme.element]
+        codes = array(tensors[0], "qweight", (n, kp), dtype)
+    s = array(tensors[1], "scales", (n, kp // 32), torch.uint8).astype(np.float64)
+    unit = np.where(s == 255, np.nan, np.exp2(s - 127))
+    return mx_element_decode(codes, scheme.element) * np.repeat(unit, 32, axis=1)
+
+
+def mx_tokens(scheme, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-padded to whole groups of 32; with activations quantized, per token and group, of its float32 values:
+    ``unit = 2**clamp(floor(log2(amax)) - emax, -127, 127)`` (``-127`` for ``amax = 0``; ``emax = floor(log2)`` of
+    the type's largest value) and the element nearest ``v / unit`` (ties to even, saturating)."""
+    kp = ceil_to(x.shape[1], 32)
+    if not scheme.activations:
+        return unquantized(x, kp)
+    table = mx_element_table(scheme.element)
+    emax = int(np.floor(np.log2(table[-1])))
+    m = x.shape[0]
+    blocks = f32(pad(x, kp)).reshape(m, kp // 32, 32)
+    amax = np.abs(blocks).max(-1)
+    exponent = np.frexp(amax)[1] - 1 - emax  # amax = mant * 2**e with mant in [0.5, 1): floor(log2(amax)) = e - 1
+    unit = np.exp2(np.where(amax > 0, np.clip(exponent, -127, 127), -127).astype(np.float64))
+    rounded, _, step = round_to_table(blocks / unit[..., None], table)
+    return (rounded * unit[..., None]).reshape(m, kp), (step * unit[..., None]).reshape(m, kp)
+
+
 # -- the families ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Definition:
@@ -390,6 +580,15 @@ DEFINITIONS: dict[str, Definition] = {
         lambda s, x: unquantized(x, gguf_kp(s.qtype, x.shape[1])),
     ),
     "nvfp4": Definition(("activations", "rotation"), fp4_weight, fp4_tokens),
+    "bnb4": Definition(
+        ("quant_type", "double_quant", "blocksize"), bnb4_weight, lambda s, x: unquantized(x, x.shape[1]),
+    ),
+    "llm-int8": Definition(
+        ("threshold",), lambda s, t, n, k: llm_int8_weight(t, n, k), lambda s, x: llm_int8_tokens(s.threshold, x),
+    ),
+    "higgs": Definition(("bits", "dim", "hadamard"), higgs_weight, higgs_tokens),
+    "mxfp6": Definition(("element", "activations"), mx_weight, mx_tokens),
+    "mxfp8": Definition(("element", "activations"), mx_weight, mx_tokens),
 }
 
 
@@ -408,11 +607,19 @@ def linear(scheme, x: torch.Tensor, tensors, bias: torch.Tensor | None, n: int) 
     return y, step @ np.abs(w).T
 
 
-def perturb(tensors: list[torch.Tensor], row: int = 1) -> list[torch.Tensor]:
+def perturb(tensors: list[torch.Tensor], row: int = 1, k: int | None = None) -> list[torch.Tensor]:
     """The tensor list with bit 0 of byte 0 of ``tensors[0]`` (the codes) in ``row`` flipped: the lowest bit of element
-    0's code for every layout (for an e4m3 code whose flip would give NaN, bit 1 instead)."""
+    0's code for every layout (for an e4m3 code whose flip would give NaN, bit 1 instead). Codes of the flattened
+    weight (a 1-D ``tensors[0]``, bnb4: element ``f`` in the high nibble of byte ``f // 2`` when ``f`` is even) need
+    ``k``: the lowest bit of element ``row * k``'s code is flipped."""
     codes = tensors[0].clone()
     raw = codes.view(torch.uint8)
+    if raw.dim() == 1:
+        if k is None:
+            raise AssertionError("definitions.perturb: codes of a flattened weight need k (the row length)")
+        first = row * k
+        raw[first // 2] ^= 0x10 if first % 2 == 0 else 0x01
+        return [codes, *tensors[1:]]
     flipped = int(raw[row, 0]) ^ 1
     if codes.dtype == torch.float8_e4m3fn and flipped & 0x7F == 0x7F:
         flipped ^= 3

@@ -142,15 +142,51 @@ def awq_layer(w: torch.Tensor, group: int = 64, bias: bool = False, seed: int = 
 
 
 # -- bitsandbytes (its own quantizer) ---------------------------------------------------------------------------------
-def bnb_layer(w: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64):
-    """bitsandbytes' ``quantize_4bit`` of ``w`` serialized as ``Linear4bit`` saves it; ``(tensors, its
-    dequantize_4bit)``."""
+def bnb_layer(w: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
+              storage: torch.dtype = torch.uint8):  # fmt: skip
+    """bitsandbytes' ``quantize_4bit`` of ``w`` serialized as ``Linear4bit`` saves it (``storage``:
+    ``bnb_4bit_quant_storage``); ``(tensors, its dequantize_4bit)``. The dequantization is bitsandbytes' default
+    backend's (blocks over the flattened weight, as its quantizer and CUDA kernels read them): its AVX-512 CPU kernel
+    indexes absmax per row where ``K`` is a multiple of 16 but not of the blocksize."""
     import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
-    packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type,
+                                    quant_storage=storage)  # fmt: skip
     tensors = {"weight": packed}
     tensors.update({f"weight.{key}": value for key, value in state.as_dict(packed=True).items()})
-    return tensors, F.dequantize_4bit(packed, state)
+    absmax = state.absmax
+    if state.nested:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    flat = _dequantize_4bit_compute(packed.reshape(-1).view(torch.uint8), absmax, state.code, blocksize,
+                                    tuple(w.shape), torch.float32)  # fmt: skip
+    return tensors, flat.to(w.dtype)
+
+
+def bnb_int8_layer(w: torch.Tensor, threshold: float = 6.0):
+    """bitsandbytes' ``Linear8bitLt`` (``has_fp16_weights=False``) holding ``w``, quantized on CPU and saved; ``(its
+    state dict: weight int8, SCB, weight_format, its int8_vectorwise_dequant(CB, SCB))``."""
+    import bitsandbytes.functional as F
+
+    module = bnb_int8_module(w, None, threshold)
+    tensors = {key: value for key, value in module.state_dict().items() if key != "bias"}
+    return tensors, F.int8_vectorwise_dequant(tensors["weight"], tensors["SCB"])
+
+
+def bnb_int8_module(w: torch.Tensor, bias: torch.Tensor | None, threshold: float):
+    """``bitsandbytes.nn.Linear8bitLt`` (``has_fp16_weights=False``, eval) with weight ``w`` and ``bias``, on CPU."""
+    import logging
+
+    import bitsandbytes as bnb
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    n, k = w.shape
+    module = bnb.nn.Linear8bitLt(k, n, bias=bias is not None, has_fp16_weights=False, threshold=threshold)
+    state = {"weight": w.detach().to(torch.float32)}
+    if bias is not None:
+        state["bias"] = bias.detach()
+    module.load_state_dict(state)
+    return module.to("cpu").eval()
 
 
 # -- compressed-tensors (its own qparams and compressors) -------------------------------------------------------------

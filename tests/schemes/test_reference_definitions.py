@@ -143,7 +143,7 @@ def test_planted_code_flip_is_detected(name):
     a reference that read it wrongly would fail exactly at that output column for every non-zero token."""
     scheme, packed = _packed(name)
     x, bias = _inputs(4)
-    perturbed = definitions.perturb(packed, row=1)
+    perturbed = definitions.perturb(packed, row=1, k=K)
     y = reference_linear(x, perturbed, bias, name, K, N)
     assert not _off(y, *definitions.linear(scheme, x, perturbed, bias, N))[0].any()
     off, line = _off(y, *definitions.linear(scheme, x, packed, bias, N))

@@ -33,6 +33,7 @@ _LAZY = {
     "awq": "qcompile.algorithms.awq",
     "hqq": "qcompile.algorithms.hqq",
     "smoothquant": "qcompile.algorithms.smoothquant",
+    "static-activations": "qcompile.algorithms.static_activations",
 }
 
 

@@ -28,6 +28,8 @@ the peer gguf-py (``gguf.quants.dequantize``, written from ggml's ``dequantize_r
 ``qcompile.schemes.higgs`` docstring (layout, scale groups; the grids are data, ``qcompile/data/higgs_grids.json``);
 MXFP6 / MXFP8 — OCP Microscaling Formats v1.0 (element types E2M3, E3M2, E4M3, E5M2 decoded bit by bit below, E8M0
 block scales of 32) and compressed-tensors' ``pack_fp6_to_uint8`` (fp6 byte order).
+Peer families — optimum-quanto 0.2.7 (``tensor/qbits.py``, ``qbytes.py``, ``library/quantize.py``), torchao 0.18
+(``quantization/quant_primitives.py``, ``quantize_/workflows``), EETQ (``cutlass_kernels/cutlass_preprocessors.cc``).
 """
 
 from __future__ import annotations
@@ -530,6 +532,76 @@ def mx_tokens(scheme, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (rounded * unit[..., None]).reshape(m, kp), (step * unit[..., None]).reshape(m, kp)
 
 
+# -- peer families (quanto, torchao, eetq): a peer's numbers in an int-weight-only or fp8 layout ---------------------
+def round_to_peer(values, dtype: str) -> np.ndarray:
+    """Round float64 ``values`` to the peer dtype (``bf16``: 8 significant bits; ``fp16``: IEEE half), half to even:
+    the peer's offsets (``shift``, ``zero_point``) are stored as float32 zeros and come back rounded to it."""
+    v = np.asarray(values, dtype=np.float64)
+    if dtype == "fp16":
+        return v.astype(np.float16).astype(np.float64)
+    if dtype == "bf16":
+        bits = v.astype(np.float32).view(np.uint32).astype(np.uint64)  # exact here: the input is a float32 product
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    return v
+
+
+def peer_weight(scheme, tensors, n: int, k: int) -> np.ndarray:
+    """quanto / torchao / eetq weights: 8 bits ``q * scale`` (int8 or e4m3 code); quanto 2/4 bits
+    ``scale * u - shift`` with ``shift = dtype(float32(zeros * scale))``; torchao int4 ``(u - 8) * scale + zero_point``
+    with ``zero_point = dtype(float32(float32(8 - zeros) * scale))``."""
+    weights = getattr(scheme, "weights", "int8")
+    expected = 3 if weights in ("int2", "int4") or (scheme.family == "quanto" and scheme.activations) else 2
+    if len(tensors) != expected:
+        raise AssertionError(f"definitions: {scheme.name} has {expected} packed tensors, got {len(tensors)}")
+    if weights == "fp8":
+        return fp8_weight(tensors[:2], n, k)
+    if weights == "int8":
+        return int_weight(8, None, True, tensors[:2], n, k)
+    bits, group = int(weights[3:]), scheme.group_size
+    kp = int_kp(bits, group, k)
+    u = unpack_bits(array(tensors[0], "qweight", (n, kp * bits // 8), torch.uint8), bits, kp)
+    groups = kp // (group or kp)
+    scale = array(tensors[1], "scales", (n, groups), torch.float32).astype(np.float64)
+    zeros = array(tensors[2], "zeros", (n, groups), torch.float32).astype(np.float64)
+    if scheme.family == "quanto":
+        offset = -round_to_peer(f32(zeros * scale), scheme.dtype)
+    else:
+        offset = round_to_peer(f32(f32(8.0 - zeros) * scale), scheme.dtype) - 8.0 * scale
+    per_element = np.repeat(np.arange(groups), kp // groups)
+    return u * scale[:, per_element] + offset[:, per_element]
+
+
+def quanto_static_tokens(input_scale: float, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quanto ``-a8``: ``x_q = clamp(round_half_even(x / s), -128, 127)`` with one float32 ``s``; values ``x_q * s``."""
+    v = x / input_scale
+    fraction = np.abs(v) - np.floor(np.abs(v))
+    near_tie = (np.abs(fraction - 0.5) <= TIE * np.abs(v)) & (v > -128) & (v < 127)
+    return np.clip(np.round(v), -128, 127) * input_scale, near_tie * input_scale
+
+
+def torchao_int8_tokens(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """torchao ``int8-a8`` per token: ``s = max(float32(absmax / 127.5), 2**-23)``, ``x_q = clamp(round_half_even(x *
+    float32(1 / s)), -128, 127)``; values ``x_q * s``."""
+    scale = np.maximum(f32(np.abs(x).max(1, keepdims=True) / 127.5), 2.0**-23)
+    v = x * f32(1.0 / scale)
+    fraction = np.abs(v) - np.floor(np.abs(v))
+    near_tie = (np.abs(fraction - 0.5) <= TIE * np.abs(v)) & (v > -128) & (v < 127)
+    return np.clip(np.round(v), -128, 127) * scale, near_tie * scale
+
+
+def peer_tokens(scheme, x: np.ndarray, tensors) -> tuple[np.ndarray, np.ndarray]:
+    """The activation each peer scheme's weight meets: as it is (weight-only), quanto's static int8, torchao's
+    per-token int8 or float8 (the ``fp8-w8a8`` rule: torchao's for float32 activations)."""
+    if not getattr(scheme, "activations", False):
+        weights = getattr(scheme, "weights", "int8")
+        bits = int(weights[3:]) if weights in ("int2", "int4") else 8
+        return unquantized(x, int_kp(bits, scheme.group_size, x.shape[1]) if bits < 8 else x.shape[1])
+    if scheme.family == "quanto":
+        return quanto_static_tokens(float(array(tensors[2], "input_scale", (1,), torch.float32)[0]), x)
+    return torchao_int8_tokens(x) if scheme.weights == "int8" else e4m3_tokens(x)
+
+
 # -- the families ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Definition:
@@ -539,6 +611,8 @@ class Definition:
     options: tuple[str, ...]
     weight: Callable[..., np.ndarray]
     activations: Callable[..., tuple[np.ndarray, np.ndarray]]
+    #: ``activations(scheme, x, tensors)``: the activation rule reads a packed tensor (a static input scale)
+    reads_tensors: bool = False
 
 
 DEFINITIONS: dict[str, Definition] = {
@@ -589,6 +663,9 @@ DEFINITIONS: dict[str, Definition] = {
     "higgs": Definition(("bits", "dim", "hadamard"), higgs_weight, higgs_tokens),
     "mxfp6": Definition(("element", "activations"), mx_weight, mx_tokens),
     "mxfp8": Definition(("element", "activations"), mx_weight, mx_tokens),
+    "quanto": Definition(("weights", "group_size", "activations", "dtype"), peer_weight, peer_tokens, True),
+    "torchao": Definition(("weights", "group_size", "activations", "dtype"), peer_weight, peer_tokens, True),
+    "eetq": Definition((), peer_weight, peer_tokens, True),
 }
 
 
@@ -598,7 +675,7 @@ def linear(scheme, x: torch.Tensor, tensors, bias: torch.Tensor | None, n: int) 
     definition = DEFINITIONS[scheme.family]
     x64 = x.detach().to(torch.float64).reshape(-1, x.shape[-1]).numpy()
     w = definition.weight(scheme, tensors, n, x64.shape[1])
-    a, step = definition.activations(scheme, x64)
+    a, step = definition.activations(scheme, *((x64, tensors) if definition.reads_tensors else (x64,)))
     if a.shape[1] != w.shape[1]:
         raise AssertionError(f"definitions: {scheme.name}: activation width {a.shape[1]} != weight width {w.shape[1]}")
     y = a @ w.T

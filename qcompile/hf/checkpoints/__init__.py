@@ -1,4 +1,4 @@
-"""Exact import of quantized checkpoints made by other tools: GPTQ, AWQ, compressed-tensors, bitsandbytes 4-bit.
+"""Exact import of quantized checkpoints made by other tools: GPTQ, AWQ, compressed-tensors, bitsandbytes 4-bit and 8-bit.
 
     from qcompile.hf.checkpoints import load
     model = load("path/to/checkpoint")          # a transformers model whose quantized layers are qcompile layers

@@ -79,7 +79,7 @@ def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> N
 
 def load(path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The transformers model of checkpoint directory ``path`` with every quantized linear layer a qcompile layer
-    holding the checkpoint's codes exactly (GPTQ, AWQ GEMM, compressed-tensors, bitsandbytes 4-bit; see each
+    holding the checkpoint's codes exactly (GPTQ, AWQ GEMM, compressed-tensors, bitsandbytes 4-bit and 8-bit; see each
     importer's module). ``dtype`` is the float dtype of the remaining tensors (default: the config's ``dtype``).
 
     ``model.qcompile_import`` lists ``(layer, scheme, notes)`` per imported layer."""

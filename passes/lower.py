@@ -1,5 +1,8 @@
 """Lowering: every planned matmul site becomes a ``torch.ops.qcompile.linear`` call.
 
+A site with an explicit input scale (``input_divisors``: AWQ / SmoothQuant's ``explicit_scales``) first divides
+its activation by the buffer ``<site>.input_divisor`` (``[K]``, in the activation's dtype).
+
 The packed tensors are registered as buffers next to where the float weight lived, under the names the scheme
 declares (``<site>.qweight``, ``<site>.scales``, … for the integer families); the float weight is deleted once
 nothing reads it any more, so a lowered module holds no float copy of a quantized weight (a tied embedding keeps
@@ -45,8 +48,20 @@ def _delete_attr(gm: fx.GraphModule, path: str) -> None:
         delattr(owner, attr)
 
 
-def lower(gm: fx.GraphModule, matches: list[SiteMatch], packed: dict[str, PackedWeight], schemes: dict[str, str]):
-    """Rewrite the sites named in ``packed`` (site name → packed tensors, ``schemes``: site → scheme name).
+def _divide(gm: fx.GraphModule, activation: fx.Node, path: str, divisor: torch.Tensor) -> fx.Node:
+    """``activation / divisor`` as a node before the current insertion point (the divisor a buffer at ``path``)."""
+    val = activation.meta.get("val")
+    set_buffer(gm, path, divisor.detach().to(val.dtype if val is not None else torch.float32).clone())
+    node = gm.graph.call_function(torch.ops.aten.div.Tensor, (activation, gm.graph.get_attr(path)))
+    if val is not None:
+        node.meta["val"] = val
+    return node
+
+
+def lower(gm: fx.GraphModule, matches: list[SiteMatch], packed: dict[str, PackedWeight], schemes: dict[str, str],
+          input_divisors: dict[str, torch.Tensor] | None = None):  # fmt: skip
+    """Rewrite the sites named in ``packed`` (site name → packed tensors, ``schemes``: site → scheme name;
+    ``input_divisors``: site → ``[K]`` its input is divided by first).
 
     Returns the number of matmul nodes rewritten.
     """
@@ -66,6 +81,8 @@ def lower(gm: fx.GraphModule, matches: list[SiteMatch], packed: dict[str, Packed
             with graph.inserting_before(use.node):
                 nodes = [graph.get_attr(path) for path in attrs.values()]
                 activation = replaced.get(use.activation, use.activation)
+                if site.name in (input_divisors or {}):
+                    activation = _divide(gm, activation, f"{prefix}.input_divisor", input_divisors[site.name])
                 bias = replaced.get(use.bias, use.bias)
                 args = (activation, nodes, bias, schemes[site.name], site.in_features, site.out_features)
                 new = graph.call_function(QUANTIZED_LINEAR, args)

@@ -13,7 +13,7 @@ from qcompile.passes.lower import lower
 from qcompile.plan import Plan, make_plan
 from qcompile.progress import progress
 from qcompile.quantizer import quantize_entry
-from qcompile.calibration import statistics_for
+from qcompile.calibration import annotated, statistics_for
 
 
 def quantize(model: torch.nn.Module, recipe=None, calibration=None, *, progress_bar: bool = True,
@@ -26,6 +26,7 @@ def quantize(model: torch.nn.Module, recipe=None, calibration=None, *, progress_
     if verbose:
         print(plan.table())
     stats = statistics_for(model, plan, calibration)
+    plan = annotated(plan, stats)
     eager.swap_modules(model, plan, dict(sites), stats, progress_bar=progress_bar)
     model.qcompile_plan = plan
     return model
@@ -109,6 +110,7 @@ def _compile(model, example_args, recipe, example_kwargs, dynamic_shapes, calibr
     if verbose:
         print(plan.table())
     stats = statistics_for(model, plan, calibration)
+    plan = annotated(plan, stats)
     start = time.perf_counter()
     packed, schemes = {}, {}
     by_name = {m.site.name: m for m in matches}
@@ -118,6 +120,7 @@ def _compile(model, example_args, recipe, example_kwargs, dynamic_shapes, calibr
         schemes[entry.site.name] = entry.scheme
     timings["quantize_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    lower(gm, matches, packed, schemes)
+    divisors = {n: s.input_divisor for n, s in (stats or {}).items() if s.input_divisor is not None}
+    lower(gm, matches, packed, schemes, divisors)
     timings["lower_s"] = time.perf_counter() - start
     return QuantizedProgram(gm, plan, example_args, example_kwargs, dynamic_shapes, timings)

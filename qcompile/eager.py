@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from qcompile.nn import QuantizedLinear
+from qcompile.nn import InputScaledLinear, QuantizedLinear
 from qcompile.plan import HEAD_NAMES, Plan, Site
 from qcompile.progress import progress
 from qcompile.quantizer import quantize_entry
@@ -124,8 +124,13 @@ def swap_modules(model, plan: Plan, modules: dict, stats=None, progress_bar=True
         if key not in packed_by_weight:
             site_stats = None if stats is None else stats.get(entry.site.name)
             packed_by_weight[key] = quantize_entry(entry, module.weight, site_stats)
-        new = QuantizedLinear(entry.site.in_features, entry.site.out_features, entry.scheme,
-                              packed_by_weight[key], module.bias)  # fmt: skip
+        divisor = getattr(None if stats is None else stats.get(entry.site.name), "input_divisor", None)
+        if divisor is None:
+            new = QuantizedLinear(entry.site.in_features, entry.site.out_features, entry.scheme,
+                                  packed_by_weight[key], module.bias)  # fmt: skip
+        else:  # an explicit input scale (AWQ / SmoothQuant with explicit_scales)
+            new = InputScaledLinear(entry.site.in_features, entry.site.out_features, entry.scheme,
+                                    packed_by_weight[key], module.bias, divisor)  # fmt: skip
         _set_module(model, entry.site.name, new)
         swapped += 1
     return swapped

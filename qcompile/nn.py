@@ -41,3 +41,29 @@ class QuantizedLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
                 f"bias={self.bias is not None}")  # fmt: skip
+
+
+class InputScaledLinear(QuantizedLinear):
+    """``y = (x / input_divisor) @ Wq.T + bias`` where the packed ``Wq`` quantizes the layer's weight times
+    ``input_divisor`` (an AWQ / SmoothQuant scale that no op before the layer could absorb: the option
+    ``explicit_scales``), so ``y ≈ x @ W.T + bias``.
+
+    Buffer ``input_divisor``: ``float32 [K]``, positive; the division runs in float32, the result in ``x``'s dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, packed: PackedWeight, bias=None,
+                 input_divisor: torch.Tensor | None = None):  # fmt: skip
+        super().__init__(in_features, out_features, scheme, packed, bias)
+        if input_divisor is None or tuple(input_divisor.shape) != (in_features,):
+            got = "none" if input_divisor is None else f"{list(input_divisor.shape)}"
+            raise ValueError(f"InputScaledLinear({self.scheme}): input_divisor is {got}, expected float32 "
+                             f"[{in_features}]")  # fmt: skip
+        self.register_buffer("input_divisor", input_divisor.detach().to(torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x.to(torch.float32) / self.input_divisor).to(x.dtype))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``float32 [N, K]`` in the input's own scale (``Wq / input_divisor``)."""
+        return super().dequantized_weight() / self.input_divisor.unsqueeze(0)
+

@@ -58,6 +58,8 @@ class PlanEntry:
     #: the model held this layer quantized already (a ``qcompile::linear`` call): its packed tensors are taken
     #: as they are, nothing is quantized again
     prequantized: bool = False
+    #: what the calibration pass did to the layer (AWQ / SmoothQuant: the scale folded, kept explicit, or why not)
+    calibration: str = ""
 
     @property
     def parsed(self) -> Scheme | None:
@@ -84,6 +86,8 @@ class PlanEntry:
                 notes.append(self.algorithm)
         if self.site.tied_to and scheme is not None:
             notes.append(f"float copy kept for {', '.join(self.site.tied_to)}")
+        if self.calibration:
+            notes.append(self.calibration)
         return "; ".join(notes)
 
 

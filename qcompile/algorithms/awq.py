@@ -10,7 +10,10 @@ round-to-nearest), so the search never does worse than RTN on the calibration ro
 pass then folds ``s`` into the float model; at quantize time an AWQ site is round-to-nearest on the
 already-scaled weight, in the scheme's canonical form.
 
-Options: ``grid`` (20), ``max_samples`` (input rows kept per site for the search, 512).
+Options: ``grid`` (20), ``max_samples`` (input rows kept per site for the search, 512), ``explicit_scales``
+(false: a site whose scale no op can absorb stays round to nearest; true: it is searched for that site alone and
+kept as an explicit input scale, ``stats.input_divisor``: ``W · s`` is quantized here, the layer divides its input
+by ``s`` at run time).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def search_scale(weights: list[torch.Tensor], schemes: list[Scheme], inputs: tor
 
 def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> QuantizedWeight:
     check_options("awq", options)
+    divisor = getattr(stats, "input_divisor", None)
+    if divisor is not None:  # an explicit input scale: the layer divides its input by s at run time
+        return scheme.quantize(weight * divisor.to(weight.dtype).unsqueeze(0))
     return scheme.quantize(weight)  # the calibration pass already folded the AWQ scale into ``weight``
 
 

@@ -8,7 +8,9 @@ Per input channel ``j`` of a group of linears sharing an input::
 (``max|W_:j|`` over all the group's weights; ``s`` clamped to ``[1e-5, 1e5]``). The calibration pass
 folds ``x / s`` into the producing op and ``W · s`` into the weights (see
 :mod:`qcompile.algorithms.scaling`); at quantize time a SmoothQuant site is round-to-nearest of the
-smoothed weight (for ``w8a8``: symmetric int8 per output channel).
+smoothed weight (for ``w8a8``: symmetric int8 per output channel). Option ``explicit_scales`` (false): a site whose
+scale no op can absorb keeps it as an explicit input scale (``stats.input_divisor``; ``W · s`` quantized here, the
+layer divides its input by ``s`` at run time) instead of staying unsmoothed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def smoothing_scale(weights: list[torch.Tensor], abs_max: torch.Tensor, alpha: f
 
 def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> QuantizedWeight:
     check_options("smoothquant", options)
+    divisor = getattr(stats, "input_divisor", None)
+    if divisor is not None:  # an explicit input scale: the layer divides its input by s at run time
+        return scheme.quantize(weight * divisor.to(weight.dtype).unsqueeze(0))
     return scheme.quantize(weight)  # the calibration pass already folded the smoothing scale into ``weight``
 
 

@@ -7,6 +7,11 @@
 | `abs_max`    | `[K]`       | max ``|x_j|`` per input channel                              | SmoothQuant       |
 | `inputs`     | `[S, K]`    | up to ``max_samples`` input rows, spread evenly over batches | AWQ's scale search |
 | `scale`      | `[K]`       | per-input-channel factor folded into the weight (AWQ, SmoothQuant) | report |
+| `input_divisor` | `[K]`  | explicit input scale: ``W · s`` quantized, ``x / s`` at run time | quantize stage |
+
+Padding: :meth:`SiteStatistics.add` takes the batch's ``attention_mask`` ``[B, S]`` and keeps only the rows of real
+tokens when the site's input is ``[B, S, K]`` (its rows map 1:1 to the tokens). Inputs of any other layout (rows
+not tokens: a pooled ``[B, K]``, tokens regrouped into ``[T, K]``) are taken whole; ``unmasked`` counts their rows.
 
 ``note`` says what the pre-pass did to the site (scaled, or why not). ``result`` holds a quantization
 already computed during block-by-block calibration, keyed by scheme, options and a digest of the
@@ -42,6 +47,8 @@ class SiteStatistics:
     abs_max: torch.Tensor | None = None
     inputs: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    input_divisor: torch.Tensor | None = None
+    unmasked: int = 0
     note: str = ""
     result: tuple[str, QuantizedWeight] | None = None
 
@@ -52,10 +59,20 @@ class SiteStatistics:
     def reset(self) -> None:
         """Forget the accumulated inputs (the weights before this site changed)."""
         self.tokens, self.hessian, self.abs_sum, self.abs_max, self.inputs = 0, None, None, None, None
+        self.unmasked = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate one batch of inputs ``x [..., K]``."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Accumulate one batch of inputs ``x [..., K]``; ``mask [B, S]`` (non-zero = real token) drops the padding
+        rows of an ``x [B, S, K]``."""
+        x = x.detach()
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"site {self.site}: input is {list(x.shape)}, expected [..., {self.in_features}]")
+        if mask is not None:
+            if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.to(device=x.device) != 0]
+            else:
+                self.unmasked += x.numel() // max(1, x.shape[-1])
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         rows = x.shape[0]
         if rows == 0:
             return

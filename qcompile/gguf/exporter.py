@@ -70,6 +70,9 @@ def _tensors(model, config, float_type):
 
     def linear(name, module, heads=None):
         if isinstance(module, QuantizedLinear):
+            if getattr(module, "input_divisor", None) is not None:
+                raise ValueError(f"{name}: an explicit input scale (AWQ / SmoothQuant explicit_scales) has no GGUF "
+                                 "form; quantize without that option")  # fmt: skip
             *entry, kind = _quantized_entry(name, module, heads)
             entries.append(tuple(entry))
             kinds.append((kind, module.in_features * module.out_features))

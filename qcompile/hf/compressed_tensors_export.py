@@ -219,6 +219,8 @@ def export_site(name: str, module: QuantizedLinear) -> _Site:
     """The compressed-tensors form of one qcompile layer; raises ``_Refused`` with the reason when there is none."""
     scheme = parse_scheme(module.scheme)
     reason = refusal(scheme, module.in_features, getattr(module, "input_permutation", None) is not None)
+    if getattr(module, "input_divisor", None) is not None:
+        reason = "an explicit input scale (AWQ / SmoothQuant explicit_scales) has no compressed-tensors form"
     if reason is not None:
         raise _Refused(reason)
     if scheme.family == "int-weight-only":

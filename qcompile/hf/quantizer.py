@@ -67,6 +67,11 @@ class QCompileHfQuantizer(HfQuantizer):
             raise ValueError(f"qcompile: the recipe uses {', '.join(calibrated)}, which needs calibration data: "
                              "QCompileConfig(recipe, calibration=...) (the model then loads in float and is "
                              "quantized after loading)")  # fmt: skip
+        recipe = config.get_recipe()
+        options = [dict(recipe.options), *(dict(rule.options) for rule in recipe.overrides)]
+        if any(o.get("explicit_scales") for o in options):
+            raise ValueError("qcompile: explicit_scales keeps input scales in qcompile's own modules, which the "
+                             "checkpoint has no place for; drop the option (or call qcompile.quantize)")  # fmt: skip
         if not calibrated and config.calibration is not None:
             raise ValueError(f"qcompile: calibration= is only read by gptq, awq and smoothquant; this recipe runs "
                              f"{', '.join(sorted(algorithms)) or 'no algorithm'}. Drop calibration= to quantize "

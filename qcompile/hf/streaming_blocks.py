@@ -29,10 +29,7 @@ import warnings
 import torch
 
 from qcompile.algorithms import get_algorithm
-from qcompile.algorithms.calibrate import (
-    _block_inputs, _find_blocks, _hooks, _quantize_in_place, _rescale_and_recollect, _run_block,
-    batches_and_statistics,
-)  # fmt: skip
+from qcompile.algorithms.calibrate import _block_inputs, _find_blocks, batches_and_statistics, calibrate_block
 from qcompile.hf.memory import trim_heap
 from qcompile.hf.streaming_source import SourceCheckpoint, tied_keys
 from qcompile.plan import Plan
@@ -120,6 +117,10 @@ def stream_blocks(model, source: SourceCheckpoint, plan: Plan, calibration, keys
     ``write_float(key, tensor)``. Returns ``(checkpoint keys written, sites left unscaled and why)``."""
     entries = {e.site.name: e for e in plan.to_quantize()}
     calibrating = [e.site.name for e in calibrated_entries(plan)]
+    explicit = [n for n in calibrating if dict(entries[n].options).get("explicit_scales")]
+    if explicit:
+        raise ValueError(f"{explicit[0]}: explicit_scales keeps input scales in qcompile's own modules; a streamed "
+                         "checkpoint has no place for them. Drop the option")  # fmt: skip
     path, blocks = _find_blocks(model, calibrating)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no list of decoder blocks holding "
@@ -145,7 +146,7 @@ def stream_blocks(model, source: SourceCheckpoint, plan: Plan, calibration, keys
                 block = blocks[i]
                 _materialize(model, block, prefix, source, copy=True)
                 planned = [n for n in entries if n.startswith(prefix)]
-                inputs, found = _calibrate_block(block, inputs, modules, entries, stats, planned)
+                inputs, found = calibrate_block(block, prefix[:-1], inputs, modules, entries, stats, planned)
                 problems += found
                 weights = set()
                 for name in planned:
@@ -166,23 +167,3 @@ def stream_blocks(model, source: SourceCheckpoint, plan: Plan, calibration, keys
         warnings.warn("calibration: these sites keep unscaled weights (plain round to nearest):\n  "
                       + "\n  ".join(problems), stacklevel=3)  # fmt: skip
     return written, problems
-
-
-def _calibrate_block(block, inputs, modules, entries, stats, planned) -> tuple[list, list[str]]:
-    """One block of :func:`qcompile.algorithms.calibrate.collect_statistics`' loop: ``(next block's inputs,
-    problems)``; the planned layers hold their float (scaled) weights afterwards."""
-    if not planned:
-        return _run_block(block, inputs), []
-    names = [n for n in planned if n in stats]
-    handles = _hooks(modules, stats, names)
-    try:
-        _run_block(block, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    problems = _rescale_and_recollect(modules, entries, stats, names, lambda: _run_block(block, inputs))
-    originals = _quantize_in_place(modules, entries, stats, planned)
-    outputs = _run_block(block, inputs)
-    for name, weight in originals.items():
-        modules[name].weight.data.copy_(weight)
-    return outputs, problems

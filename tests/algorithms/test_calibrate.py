@@ -110,7 +110,7 @@ def test_default_text_needs_a_tokenizer():
     with pytest.raises(ValueError, match="tokenizer"):
         calibration_batches(model, None)
     batches = calibration_batches(model, _ByteTokenizer(), samples=3, seq_len=100)
-    assert [tuple(b.shape) for b in batches] == [(1, 100)] * 3
+    assert [tuple(b.kwargs["input_ids"].shape) for b in batches] == [(1, 100)] * 3
     with pytest.raises(ValueError, match=r"calibration\[1\]"):
         calibration_batches(model, [torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8)])
 

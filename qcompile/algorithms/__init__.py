@@ -20,6 +20,9 @@ class Algorithm:
     name: str
     run: Callable[..., QuantizedWeight]
     needs_calibration: bool = False
+    #: ``(block, prefix, inputs, modules, entries, stats)``: optimises the algorithm's sites of one calibration block
+    #: jointly (before they are quantized) and keeps each result in its statistics (``stats[name].remember``)
+    block_pass: Callable[..., None] | None = None
 
 
 def _rtn(scheme: Scheme, weight, stats=None, options=None) -> QuantizedWeight:
@@ -32,6 +35,7 @@ _LAZY = {
     "gptq": "qcompile.algorithms.gptq",
     "awq": "qcompile.algorithms.awq",
     "hqq": "qcompile.algorithms.hqq",
+    "autoround": "qcompile.algorithms.autoround",
     "smoothquant": "qcompile.algorithms.smoothquant",
     "static-activations": "qcompile.algorithms.static_activations",
 }

@@ -8,7 +8,8 @@ Block by block, as GPTQ does, when the model has a list of blocks holding the pl
 2. for each block (:func:`calibrate_block`): run it with forward hooks on its planned sites (statistics); fold the
    AWQ / SmoothQuant scales of its sites into the float weights (:mod:`qcompile.algorithms.scaling`: producers
    found from the block's own forward, each fold checked to keep the block's function); recompute the Hessians
-   if a scale changed a GPTQ site's inputs; quantize every planned site of the block (GPTQ results are kept for
+   if a scale changed a GPTQ site's inputs; let algorithms with a ``block_pass`` optimise their sites of the block
+   jointly (AutoRound); quantize every planned site of the block (GPTQ and block-pass results are kept for
    the quantize stage) and run the block again with those weights to get the next block's inputs; put the float
    (scaled) weights back.
 
@@ -195,7 +196,7 @@ def batches_and_statistics(model, plan, entries: dict, calibrating: list[str], c
                                   int(options.get("seq_len", DEFAULT_SEQ_LEN)))  # fmt: skip
     stats = {
         n: SiteStatistics(n, entries[n].site.in_features, want_hessian=entries[n].algorithm == "gptq",
-                          want_inputs=entries[n].algorithm == "awq",
+                          want_inputs=entries[n].algorithm in ("awq", "autoround"),
                           max_samples=int(dict(entries[n].options).get("max_samples", 512)))
         for n in calibrating
     }  # fmt: skip
@@ -216,11 +217,25 @@ def calibrate_block(block, prefix: str, inputs, modules, entries, stats, planned
             h.remove()
     problems = _rescale_and_recollect(modules, entries, stats, names, lambda: _run_block(block, inputs), block,
                                       prefix, lambda: _call_block(block, 0, inputs[0]), journal)  # fmt: skip
+    _block_passes(block, prefix, inputs, modules, entries, stats, planned)
     originals = _quantize_in_place(modules, entries, stats, planned)
     try:
         return _run_block(block, inputs), problems
     finally:
         _put_back(modules, originals)
+
+
+def _block_passes(block, prefix, inputs, modules, entries, stats, planned) -> None:
+    """Algorithms with a ``block_pass`` (AutoRound) optimise their sites of the block jointly; results go to the
+    sites' statistics, read back when :func:`_quantize_in_place` runs the algorithm on each site."""
+    by_algorithm: dict[str, list[str]] = {}
+    for n in planned:
+        if n in stats:
+            by_algorithm.setdefault(entries[n].algorithm, []).append(n)
+    for algorithm, names in by_algorithm.items():
+        run = get_algorithm(algorithm).block_pass
+        if run is not None:
+            run(block, prefix, inputs, {n: modules[n] for n in names}, {n: entries[n] for n in names}, stats)
 
 
 def _unmasked_notes(stats) -> None:

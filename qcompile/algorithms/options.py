@@ -17,6 +17,7 @@ PER_ALGORITHM = {
     "awq": ("grid", "max_samples", "explicit_scales"),
     "smoothquant": ("alpha", "explicit_scales"),
     "hqq": ("iterations", "lp_norm", "beta", "kappa", "optimize_scale"),
+    "autoround": ("iters", "lr", "minmax_lr", "nsamples", "batch_size", "preset"),
     "rtn": (),
 }
 KNOWN = tuple(sorted({*CALIBRATION, *(name for names in PER_ALGORITHM.values() for name in names)}))

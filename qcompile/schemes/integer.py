@@ -205,7 +205,7 @@ class QuantizedActivations:
 register_family(Family(
     "int-weight-only", IntWeightOnly,
     examples=("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "int4-g128-sym", "int3-g128", "int2-g64"),
-    algorithms=("gptq", "awq", "hqq"),
+    algorithms=("gptq", "awq", "hqq", "autoround"),
     kernels=("qcompile.codegen.cpp.integer", "qcompile.codegen.triton.paths"),
     onnx="qcompile.onnx.families.integer:lower",
 ))  # fmt: skip

@@ -80,6 +80,6 @@ class W4A8Int(QuantizedActivations, Scheme):
 
 
 register_family(Family(
-    "w4a8-int", W4A8Int, examples=("w4a8-g128", "w4a8-g32"), algorithms=("gptq", "awq", "hqq", "smoothquant"),
+    "w4a8-int", W4A8Int, examples=("w4a8-g128", "w4a8-g32"), algorithms=("gptq", "awq", "hqq", "smoothquant", "autoround"),
     kernels=("qcompile.codegen.cpp.integer",),
 ))  # fmt: skip

@@ -72,6 +72,6 @@ class W8A8Int(QuantizedActivations, Scheme):
 
 
 register_family(Family(
-    "w8a8-int8", W8A8Int, examples=("w8a8",), algorithms=("gptq", "awq", "hqq", "smoothquant"),
+    "w8a8-int8", W8A8Int, examples=("w8a8",), algorithms=("gptq", "awq", "hqq", "smoothquant", "autoround"),
     kernels=("qcompile.codegen.cpp.integer", "qcompile.codegen.triton.paths"), onnx="qcompile.onnx.families.w8a8:lower",
 ))  # fmt: skip

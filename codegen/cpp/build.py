@@ -32,8 +32,8 @@ COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-std=c++17", "-ffp-contract=off", "
 UNIT_FLAGS = {
     "cpu_features.cpp": (),
     "isa_scalar.cpp": (),
-    "isa_avx2.cpp": ("-mavx2", "-mfma"),
-    "isa_avx512.cpp": ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+    "isa_avx2.cpp": ("-mavx2", "-mfma", "-mf16c"),
+    "isa_avx512.cpp": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
 }
 LINK_FLAGS = ("-shared", "-fopenmp")
 

@@ -34,9 +34,10 @@ extern "C" const char* qc_kernel_name(int i) { return i >= 0 && i < rows ? table
 extern "C" int qc_cpu_supports(const char* isa) {
     __builtin_cpu_init();
     if (strcmp(isa, "scalar") == 0) return 1;
-    if (strcmp(isa, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (strcmp(isa, "avx2") == 0)  // every AVX2 CPU has F16C; the variants convert halves with it
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     if (strcmp(isa, "avx512") == 0)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        return qc_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     if (strcmp(isa, "avx512bf16") == 0)  // a feature inside the avx512 variant (kernels with a target attribute)
         return qc_cpu_supports("avx512") && __builtin_cpu_supports("avx512bf16");

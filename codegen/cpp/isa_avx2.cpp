@@ -1,4 +1,4 @@
-// Kernels, AVX2 + FMA variant (compiled with -mavx2 -mfma).
+// Kernels, AVX2 + FMA + F16C variant (compiled with -mavx2 -mfma -mf16c).
 // Everything ISA-specific lives in namespace qc_avx2 so no symbol is shared with another variant.
 #include <immintrin.h>
 #include <math.h>

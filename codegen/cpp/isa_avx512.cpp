@@ -1,4 +1,4 @@
-// Kernels, AVX-512 F/BW/VL/VNNI variant (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni).
+// Kernels, AVX-512 F/BW/VL/VNNI variant (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni, and AVX2, FMA, F16C).
 // Everything ISA-specific lives in namespace qc_avx512 so no symbol is shared with another variant.
 #include <immintrin.h>
 #include <math.h>

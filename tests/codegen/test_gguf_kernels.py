@@ -105,8 +105,9 @@ def assert_close_to(y: torch.Tensor, ref: torch.Tensor, dtype, what: str) -> Non
 
 
 def cases(qtype: str):
-    """(M, K, seed) for every M in 1, 3, 17 and both K of :func:`ks`."""
-    return [(m, k, 10 * i + j) for i, m in enumerate((1, 3, 17)) for j, k in enumerate(ks(qtype))]
+    """(M, K, seed) for every M in 1, 3, 6 (the one-token form of the 32-element types: token groups of 4 and a rest),
+    17 (the row-scratch form) and both K of :func:`ks`."""
+    return [(m, k, 10 * i + j) for i, m in enumerate((1, 3, 6, 17)) for j, k in enumerate(ks(qtype))]
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -16,7 +16,8 @@
 // decodes weight rows into its scratch (K int8 + K/8 floats per row) and runs every token against them: one row at a
 // time for one token, GGUF_NR rows (4 with AVX-512, 2 otherwise) for more, tokens 4 at a time. Kernels:
 //   linear_gguf:    the exact float form: sum_e (ds * s[e]) * x[e] in float32 FMAs, minus sum_c dm[c] * (the sum of
-//                   x over the 16 elements c).
+//                   x over the 16 elements c). Up to 8 tokens of the 32-element types (Q4_0 .. Q8_0, IQ4_NL) take
+//                   the register form of kernels/gguf_gemv.h instead (AVX2, AVX-512).
 //   linear_gguf_q8: llama.cpp's form (ggml_vec_dot_<type>_q8_0 / _q8_K): per token and block of QA = QK activations
 //                   (32, or 256 as Q8_K), dx = amax / 127 (float32), xq = clamp(rint(x / dx), -127, 127) (round half
 //                   to even; 0 where amax is 0; dx NaN where the block holds a NaN or infinity); then y = sum over
@@ -701,6 +702,9 @@ static int gguf_rows(const qc_call* c, const gguf_type t, bool q8, int64_t Kq, c
     return failed;
 }
 
+// The one-token form of the 32-element block types (kernels/gguf_gemv.h); false where it does not take the call.
+static bool gguf_gemv(const qc_call* c, int type, const float* xf, const float* xs, int64_t Kq);
+
 static int gguf_linear(const qc_call* c, const gguf_type t, const bool q8) {
     const int64_t M = c->M, K = c->K;
     const int64_t nb = (K + t.qk - 1) / t.qk, Kq = (nb * t.qk + 63) / 64 * 64, C = Kq / 16;
@@ -716,7 +720,8 @@ static int gguf_linear(const qc_call* c, const gguf_type t, const bool q8) {
         else
             gguf_prepare_f(c->x, c->x_bf16, M, K, Kq, xf, xs, c->threads);
         const gguf_acts a{xf, dxl, xs, xq, x4, c->bias, c->y, c->y_bf16};
-        failed = M == 1 ? gguf_rows<1>(c, t, q8, Kq, a) : gguf_rows<GGUF_NR>(c, t, q8, Kq, a);
+        if (q8 || !gguf_gemv(c, (int)c->ints[0], xf, xs, Kq))
+            failed = M == 1 ? gguf_rows<1>(c, t, q8, Kq, a) : gguf_rows<GGUF_NR>(c, t, q8, Kq, a);
     }
     free(xf);
     free(xq);

@@ -1,7 +1,7 @@
 """llama.cpp against qcompile on the same GGUF file, the same machine, the same thread count.
 
     python benchmarks/gguf_race.py [--gguf FILE] [--threads 2] [--repeats 3] [--decode-tokens 128]
-                                   [--forms eager,eager-q8,compiled] [--llama-bin DIR] [--wait-quiet 1.5]
+                                   [--forms eager,eager-q8,compiled,decoder,decoder-q8] [--llama-bin DIR] [--wait-quiet 1.5]
                                    [--rounds 1]
 
 Default file: the bundled SmolLM2-135M-Instruct GGUF (Q4_1 linears, Q8_0 embedding, tied head). Rows:
@@ -13,7 +13,9 @@ Default file: the bundled SmolLM2-135M-Instruct GGUF (Q4_1 linears, Q8_0 embeddi
   ``qcompile.gguf.load`` (the file's blocks kept, float32 activations):
   ``eager`` (the C++ rows' exact float form), ``eager-q8`` (``QCOMPILE_GGUF_Q8=1``: llama.cpp's int8-activation form
   up to 16 tokens, so decode runs as llama.cpp's does), ``compiled`` (``torch.compile(model.forward, dynamic=True,
-  backend="qcompile")``; its row says why where it fails).
+  backend="qcompile")``; its row says why where it fails), ``decoder`` and ``decoder-q8``
+  (:class:`qcompile.decoder.Decoder` on the same model: the same weights and kernels, no transformers code per
+  token; exact and int8-activation forms).
 
 Measured as llama-bench measures: ``pp N`` is one forward of N tokens from an empty cache (logits of the last token
 only), ``tg N`` is N single-token steps through the KV cache from an empty one (greedy argmax between steps); the
@@ -41,7 +43,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FORMS = ("eager", "eager-q8", "compiled")
+FORMS = ("eager", "eager-q8", "compiled", "decoder", "decoder-q8")
 PROMPTS = (128, 512)
 
 
@@ -131,8 +133,17 @@ def linear_breakdown(model, repeats: int, q8: bool) -> dict:
     return out
 
 
+def decoder_steps(decoder, tokens: int, first: int = 1) -> None:
+    """``tokens`` single-token steps of a :class:`qcompile.decoder.Decoder` from an empty cache, greedy."""
+    import torch
+
+    token = torch.tensor([[first]])
+    for position in range(tokens):
+        token = decoder.step(token, position).argmax(-1, keepdim=True)
+
+
 def worker(form: str, path: str, threads: int, repeats: int, decode: int) -> dict:
-    if form == "eager-q8":
+    if form.endswith("-q8"):
         os.environ["QCOMPILE_GGUF_Q8"] = "1"
     import warnings
 
@@ -156,6 +167,14 @@ def worker(form: str, path: str, threads: int, repeats: int, decode: int) -> dic
             return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
         out["compile_s"] = time.perf_counter() - start
     ids = torch.randint(100, 40000, (1, max(PROMPTS)), generator=torch.Generator().manual_seed(0))
+    if form.startswith("decoder"):
+        from qcompile.decoder import Decoder
+
+        decoder = Decoder(model, max_length=max(max(PROMPTS), decode) + 1)
+        for n in PROMPTS:
+            out[f"pp{n}"] = n / median_s(lambda: decoder.step(ids[:, :n], 0), repeats)
+        out[f"tg{decode}"] = decode / median_s(lambda: decoder_steps(decoder, decode), repeats)
+        return out
     with torch.no_grad():
         for n in PROMPTS:
             step = lambda: model(input_ids=ids[:, :n], use_cache=False, logits_to_keep=1)  # noqa: E731

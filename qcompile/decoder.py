@@ -1,0 +1,203 @@
+"""A lean decode step for Llama-family causal LMs: the model's own weights (float or quantized), no transformers code
+per token.
+
+transformers' modules spend more time in Python than a small quantized model spends in its kernels: a SmolLM2-135M
+decode step issues about two thousand small ops (masks, cache bookkeeping, module calls). :class:`Decoder` runs the
+same arithmetic with about 25 ops a layer: RMSNorm by ``F.rms_norm``, the query/key/value projections fused into one
+linear and gate/up into another (when their packed tensors can be stacked by output rows), rotary embeddings from a
+table of ``cos``/``sin`` that the model's own rotary module computes once (so every rope scaling it knows applies), a
+static key/value cache written in place, and ``F.scaled_dot_product_attention`` over the filled part.
+
+Shapes: ``step(input_ids [B, T], start)`` writes positions ``start .. start+T-1`` of the cache and returns the logits
+of the last position ``[B, V]``; ``B`` up to ``max_batch``, ``start + T`` up to ``max_length``. Rows of a batch share
+positions (no padding masks: batches of equal-length prompts). :meth:`generate` is greedy.
+
+Supported: ``LlamaForCausalLM`` and the models built like it (``model_type`` in :data:`SUPPORTED`: Llama, SmolLM2,
+Mistral without a sliding window shorter than ``max_length``, Qwen2 with its projection biases); anything else is
+refused naming what does not fit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcompile.nn import QuantizedLinear
+from qcompile.schemes import PackedWeight
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class DecoderError(ValueError):
+    """The model is not one :class:`Decoder` can run; the message names the part that does not fit."""
+
+
+def _stacked(parts: list[nn.Module]) -> nn.Module | None:
+    """One linear computing ``parts`` side by side (outputs concatenated), or ``None`` when they cannot be stacked:
+    float linears of one dtype, or quantized ones of one scheme whose every packed tensor leads with the output rows
+    (checked: the stacked linear must give the parts' outputs on a probe input)."""
+    if all(type(p) is nn.Linear for p in parts):
+        if len({(p.in_features, p.weight.dtype, p.bias is None) for p in parts}) != 1:
+            return None
+        out = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
+        out = out.to(parts[0].weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(torch.cat([p.weight for p in parts]))
+            if out.bias is not None:
+                out.bias.copy_(torch.cat([p.bias for p in parts]))
+        return out.requires_grad_(False)
+    if not all(type(p) is QuantizedLinear for p in parts):
+        return None
+    if len({(p.scheme, p.in_features, p.tensor_names, p.bias is None) for p in parts}) != 1:
+        return None
+    tensors = {}
+    for name in parts[0].tensor_names:
+        pieces = [getattr(p, name) for p in parts]
+        if any(t.dim() == 0 or t.shape[0] != p.out_features for t, p in zip(pieces, parts)):
+            return None
+        if len({t.shape[1:] for t in pieces}) != 1 or len({t.dtype for t in pieces}) != 1:
+            return None
+        tensors[name] = torch.cat(pieces)
+    n = sum(p.out_features for p in parts)
+    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    try:
+        out = QuantizedLinear(parts[0].in_features, n, parts[0].scheme, PackedWeight(tensors), bias)
+    except (ValueError, TypeError):
+        return None
+    probe = torch.randn(2, out.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole, each = out(probe), torch.cat([p(probe) for p in parts], dim=-1)
+    return out if torch.allclose(whole, each, rtol=1e-4, atol=1e-5 * float(each.abs().max())) else None
+
+
+class _Split(nn.Module):
+    """``parts`` called one by one, outputs concatenated (where they cannot be stacked into one linear)."""
+
+    def __init__(self, parts):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x):
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def _joined(parts: list[nn.Module]) -> nn.Module:
+    return _stacked(parts) or _Split(parts)
+
+
+def _check(model) -> None:
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED:
+        raise DecoderError(f"Decoder: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    if getattr(config, "pretraining_tp", 1) != 1:
+        raise DecoderError(f"Decoder: pretraining_tp={config.pretraining_tp} (only 1)")
+    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
+        raise DecoderError(f"Decoder: {type(model).__name__} has no .model.layers")
+    for i, layer in enumerate(model.model.layers):
+        attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        for owner, names, where in ((attention, _ATTENTION, "self_attn"), (mlp, _MLP, "mlp")):
+            if owner is None:
+                raise DecoderError(f"Decoder: layer {i} has no {where}")
+            children = {name for name, _ in owner.named_children()}
+            extra = children - set(names) - {"act_fn", "rotary_emb"}
+            if extra or not set(names) <= children:
+                raise DecoderError(f"Decoder: layers.{i}.{where} has {sorted(children)}; expected {list(names)}")
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise DecoderError(f"Decoder: hidden_act {act!r} (only silu)")
+
+
+class Decoder:
+    """See the module docstring. ``model``: a transformers causal LM of a :data:`SUPPORTED` type, float or with
+    :class:`qcompile.nn.QuantizedLinear` layers (``qcompile.quantize``, ``qcompile.gguf.load``, checkpoints)."""
+
+    def __init__(self, model, max_length: int = 2048, max_batch: int = 1):
+        _check(model)
+        config = model.config
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and window < max_length:
+            raise DecoderError(f"Decoder: sliding_window {window} is shorter than max_length {max_length}")
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.hidden = config.hidden_size
+        self.eps = config.rms_norm_eps
+        self.max_length, self.max_batch = max_length, max_batch
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.dtype = self.embed.weight.dtype
+        self.norm = inner.norm.weight.detach()
+        self.head = model.lm_head
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append((layer.input_layernorm.weight.detach(), _joined([a.q_proj, a.k_proj, a.v_proj]), a.o_proj,
+                                layer.post_attention_layernorm.weight.detach(), _joined([m.gate_proj, m.up_proj]),
+                                m.down_proj))  # fmt: skip
+        positions = torch.arange(max_length)[None]
+        with torch.no_grad():
+            probe = torch.zeros(1, max_length, self.head_dim, dtype=self.dtype)
+            cos, sin = inner.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_length, D]
+        shape = (len(self.layers), max_batch, self.kv_heads, max_length, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=self.dtype)
+        self.values = torch.zeros(shape, dtype=self.dtype)
+        self.fused = sum(not isinstance(qkv, _Split) for _, qkv, _, _, _, _ in self.layers)
+
+    def _rope(self, x, cos, sin):
+        half = self.head_dim // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Positions ``start .. start+T-1`` of ``input_ids [B, T]`` through the model (the cache holds the earlier
+        ones); the logits of the last position, ``[B, V]``."""
+        batch, count = input_ids.shape
+        end = start + count
+        if batch > self.max_batch or end > self.max_length or start < 0:
+            raise ValueError(f"Decoder.step: batch {batch} (max {self.max_batch}), positions {start}..{end - 1} "
+                             f"(max_length {self.max_length})")  # fmt: skip
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        x = self.embed(input_ids)
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        mask = None
+        if count > 1:
+            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
+            y = qkv(F.rms_norm(x, (self.hidden,), norm1, self.eps))
+            q, k, v = y.split((h * d, kv * d, kv * d), dim=-1)
+            q = self._rope(q.view(batch, count, h, d).transpose(1, 2), cos, sin)
+            k = self._rope(k.view(batch, count, kv, d).transpose(1, 2), cos, sin)
+            keys, values = self.keys[i, :batch], self.values[i, :batch]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v.view(batch, count, kv, d).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                               enable_gqa=h != kv)  # fmt: skip
+            x = x + out(a.transpose(1, 2).reshape(batch, count, h * d))
+            g, u = gate_up(F.rms_norm(x, (self.hidden,), norm2, self.eps)).chunk(2, dim=-1)
+            x = x + down(F.silu(g) * u)
+        return self.head(F.rms_norm(x[:, -1], (self.hidden,), self.norm, self.eps))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy continuation of ``input_ids [B, T]``: ``[B, T + new]`` (stops early when every row has produced
+        ``eos_token_id``)."""
+        tokens = input_ids
+        logits = self.step(input_ids, 0)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for made in range(1, max_new_tokens + 1):
+            token = logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, token], dim=1)
+            if eos_token_id is not None:
+                done |= token[:, 0] == eos_token_id
+                if bool(done.all()):
+                    break
+            if made == max_new_tokens or tokens.shape[1] >= self.max_length:
+                break
+            logits = self.step(token, tokens.shape[1] - 1)
+        return tokens

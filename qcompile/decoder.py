@@ -135,9 +135,9 @@ class Decoder:
         self.layers = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
-            self.layers.append((layer.input_layernorm.weight.detach(), _joined([a.q_proj, a.k_proj, a.v_proj]), a.o_proj,
-                                layer.post_attention_layernorm.weight.detach(), _joined([m.gate_proj, m.up_proj]),
-                                m.down_proj))  # fmt: skip
+            qkv, gate_up = _joined([a.q_proj, a.k_proj, a.v_proj]), _joined([m.gate_proj, m.up_proj])
+            self.layers.append((layer.input_layernorm.weight.detach(), qkv, a.o_proj,
+                                layer.post_attention_layernorm.weight.detach(), gate_up, m.down_proj))
         positions = torch.arange(max_length)[None]
         with torch.no_grad():
             probe = torch.zeros(1, max_length, self.head_dim, dtype=self.dtype)

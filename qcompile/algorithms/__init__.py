@@ -20,6 +20,9 @@ class Algorithm:
     name: str
     run: Callable[..., QuantizedWeight]
     needs_calibration: bool = False
+    #: what the calibration pass collects for its sites: the inputs' Hessian ``XᵀX`` and/or samples of the inputs
+    wants_hessian: bool = False
+    wants_inputs: bool = False
     #: ``(block, prefix, inputs, modules, entries, stats)``: optimises the algorithm's sites of one calibration block
     #: jointly (before they are quantized) and keeps each result in its statistics (``stats[name].remember``)
     block_pass: Callable[..., None] | None = None
@@ -36,6 +39,8 @@ _LAZY = {
     "awq": "qcompile.algorithms.awq",
     "hqq": "qcompile.algorithms.hqq",
     "autoround": "qcompile.algorithms.autoround",
+    "aqlm": "qcompile.algorithms.aqlm",
+    "spqr": "qcompile.algorithms.spqr",
     "smoothquant": "qcompile.algorithms.smoothquant",
     "static-activations": "qcompile.algorithms.static_activations",
 }

@@ -277,4 +277,5 @@ def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> Quantize
     return q
 
 
-register_algorithm(Algorithm("autoround", _run, needs_calibration=True, block_pass=block_pass))
+register_algorithm(Algorithm("autoround", _run, needs_calibration=True, wants_inputs=True,
+                             block_pass=block_pass))

@@ -60,4 +60,4 @@ def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> Quantize
     return scheme.quantize(weight)  # the calibration pass already folded the AWQ scale into ``weight``
 
 
-register_algorithm(Algorithm("awq", _run, needs_calibration=True))
+register_algorithm(Algorithm("awq", _run, needs_calibration=True, wants_inputs=True))

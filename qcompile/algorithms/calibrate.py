@@ -194,9 +194,10 @@ def batches_and_statistics(model, plan, entries: dict, calibrating: list[str], c
     options = _options(plan)
     batches = calibration_batches(model, calibration, int(options.get("samples", DEFAULT_SAMPLES)),
                                   int(options.get("seq_len", DEFAULT_SEQ_LEN)))  # fmt: skip
+    algorithms = {n: get_algorithm(entries[n].algorithm) for n in calibrating}
     stats = {
-        n: SiteStatistics(n, entries[n].site.in_features, want_hessian=entries[n].algorithm == "gptq",
-                          want_inputs=entries[n].algorithm in ("awq", "autoround"),
+        n: SiteStatistics(n, entries[n].site.in_features, want_hessian=algorithms[n].wants_hessian,
+                          want_inputs=algorithms[n].wants_inputs,
                           max_samples=int(dict(entries[n].options).get("max_samples", 512)))
         for n in calibrating
     }  # fmt: skip

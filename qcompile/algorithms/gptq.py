@@ -168,4 +168,4 @@ def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> Quantize
     return gptq_quantize(scheme, weight, stats.hessian, options)
 
 
-register_algorithm(Algorithm("gptq", _run, needs_calibration=True))
+register_algorithm(Algorithm("gptq", _run, needs_calibration=True, wants_hessian=True))

@@ -18,6 +18,8 @@ PER_ALGORITHM = {
     "smoothquant": ("alpha", "explicit_scales"),
     "hqq": ("iterations", "lp_norm", "beta", "kappa", "optimize_scale"),
     "autoround": ("iters", "lr", "minmax_lr", "nsamples", "batch_size", "preset"),
+    "aqlm": ("iters", "beam", "tolerance", "cg_steps", "damp", "force"),
+    "spqr": ("damp", "percdamp", "block_size", "act_order", "outlier_threshold"),
     "rtn": (),
 }
 KNOWN = tuple(sorted({*CALIBRATION, *(name for names in PER_ALGORITHM.values() for name in names)}))

@@ -28,19 +28,34 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """One packed tensor of a scheme for a given ``[N, K]`` weight."""
+    """One packed tensor of a scheme for a given ``[N, K]`` weight.
+
+    ``dynamic``: data-dependent axes, ``((axis, symbol), ...)`` (e.g. the outlier count of a sparse part). ``shape``
+    holds their smallest size (what the tensor has when the data adds nothing, e.g. no outliers); a packed tensor may
+    have any size there, but every tensor of one weight that names the same symbol must have the same size
+    (:meth:`Scheme.check_packed`). ``nbytes`` counts the smallest size."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     doc: str = ""
+    dynamic: tuple[tuple[int, str], ...] = ()
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
     def describe(self) -> str:
-        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
+        symbols = dict(self.dynamic)
+        dims = [symbols.get(axis, size) for axis, size in enumerate(self.shape)]
+        return f"{str(self.dtype).removeprefix('torch.')}[{', '.join(map(str, dims))}]"
+
+    def fits(self, tensor: torch.Tensor) -> bool:
+        """Dtype, rank and every fixed axis as declared (the dynamic axes may have any size)."""
+        if tensor.dtype != self.dtype or tensor.dim() != len(self.shape):
+            return False
+        dynamic = {axis for axis, _ in self.dynamic}
+        return all(axis in dynamic or got == want for axis, (got, want) in enumerate(zip(tensor.shape, self.shape)))
 
 
 def describe(tensor: torch.Tensor) -> str:
@@ -177,17 +192,25 @@ class Scheme(abc.ABC):
         if len(tensors) != len(specs):
             raise ValueError(f"{at}{self.name} takes {len(specs)} packed tensors "
                              f"({', '.join(s.name for s in specs)}) for {shape}, got {len(tensors)}")  # fmt: skip
+        sizes: dict[str, tuple[int, str]] = {}  # dynamic symbol -> (size, the tensor that fixed it)
         for spec, tensor in zip(specs, tensors):
             if not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"{at}{self.name}: {spec.name} is {type(tensor).__name__}, expected a tensor")
-            if tuple(tensor.shape) != tuple(spec.shape) or tensor.dtype != spec.dtype:
+            if not spec.fits(tensor):
                 raise ValueError(f"{at}{self.name}: {spec.name} is {describe(tensor)}, expected {spec.describe()} "
                                  f"for {shape}")  # fmt: skip
+            for axis, symbol in spec.dynamic:
+                size, first = sizes.setdefault(symbol, (tensor.shape[axis], spec.name))
+                if tensor.shape[axis] != size:
+                    raise ValueError(f"{at}{self.name}: {spec.name} has {symbol}={tensor.shape[axis]} on axis {axis}, "
+                                     f"but {first} has {symbol}={size}")  # fmt: skip
 
     def checked_pack(self, packed: PackedWeight, out_features: int, in_features: int) -> PackedWeight:
-        """``packed`` after the size assertion every ``pack`` ends with."""
+        """``packed`` after the size assertion every ``pack`` ends with (dynamic axes counted at their packed size)."""
         self.check_packed(packed, out_features, in_features)
-        assert packed.nbytes == self.packed_nbytes(out_features, in_features)
+        specs = self.tensors(out_features, in_features)
+        extra = sum((packed[s.name].numel() - math.prod(s.shape)) * s.dtype.itemsize for s in specs if s.dynamic)
+        assert packed.nbytes == self.packed_nbytes(out_features, in_features) + extra
         return packed
 
     # -- reference quantization -------------------------------------------------------------------

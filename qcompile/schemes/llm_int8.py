@@ -155,5 +155,6 @@ class LLMInt8(Scheme):
 
 
 register_family(Family(
-    "llm-int8", LLMInt8, examples=("llm-int8", "llm-int8-t4.5"), kernels=("qcompile.codegen.cpp.llm_int8",),
+    "llm-int8", LLMInt8, examples=("llm-int8", "llm-int8-t4.5"),
+    kernels=("qcompile.codegen.cpp.llm_int8", "qcompile.codegen.triton.llm_int8"),
 ))  # fmt: skip

@@ -3,6 +3,15 @@
 * ``linear_peer_a8`` (C++, ``codegen/cpp/kernels/peer_a8.h``) and the Triton int8-activation kernels
   (``codegen/triton/peers.py``) follow the reference operation by operation: bit for bit, every ISA the CPU runs,
   float32 / bfloat16 (and float16 for Triton), with and without bias, tokens at the clamp and on rounding ties.
+* ``linear_peer_wo`` (C++, ``codegen/cpp/kernels/peer_wo.h``: quanto 2-bit grids, quanto / torchao weight-only
+  fp8) decodes each weight as the reference does for the activation dtype, so only the float32 sums run in another
+  order: float32 activations agree to 5e-5 of the reference's rms, bfloat16 ones to one bfloat16 step (2**-7
+  relative); every e4m3 byte decodes exactly (checked against float64), every ISA the CPU runs.
+* ``linear_peer_fp8a8`` (C++, same header: torchao ``fp8-a8``) quantizes activations as the reference (each code
+  checked against torch's float -> e4m3 cast, ties and carries included); exact e4m3 products, float32 sums in
+  another order: within one step of the activation dtype.
+* torchao ``fp8-a8`` with bfloat16 / float16 activations and quanto's 2-bit grids (Triton, ``codegen/triton/
+  peers.py``): the reference's rounding, float32 sums in another order: one step of the activation dtype.
 * Weight-only peer schemes run the layout family's kernels (``codegen/layout_rows.py``). Those keep float32
   weights; the reference rounds each weight to the activation dtype first (the peer's weight), so float32
   activations agree to float32 summation (5e-5 of the reference's rms, as ``tests/codegen/test_cpp_kernels.py``
@@ -101,6 +110,127 @@ def test_cpp_a8_threads_agree(name):
     assert torch.equal(one, two)
 
 
+PEER_WO = ["quanto-int2-g64", "quanto-int2-g128-fp16", "quanto-int2", "quanto-fp8", "quanto-fp8-fp32", "torchao-fp8",
+           "torchao-fp8-fp16"]  # fmt: skip
+ONE_STEP = {torch.float32: 5e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def _assert_within_one_step(y, expected, dtype, where):
+    """Every output within ``ONE_STEP[dtype]`` of the reference, relative (plus 1e-5 of its rms)."""
+    rms = expected.float().pow(2).mean().sqrt().item()
+    bound = ONE_STEP[dtype] * expected.float().abs() + 1e-5 * rms
+    assert y.dtype == expected.dtype and bool(((y.float() - expected.float()).abs() <= bound).all()), where
+
+
+@cpp_only
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", PEER_WO)
+def test_cpp_peer_wo_kernel_matches_reference(name, dtype, isa, monkeypatch):
+    from qcompile.codegen.cpp import library, peers
+
+    monkeypatch.setenv(library.ISA_ENV, isa)
+    for i, (m, k, n) in enumerate(SHAPES):
+        scheme, packed = _packed(name, n, k, seed=i)
+        x, bias = _inputs(m, k, n, dtype, seed=i)
+        bias = bias if i % 2 == 0 else None
+        assert peers.wo_supports(scheme, x, packed) is None
+        y = peers.wo_bind(scheme, x, packed, bias, n)(x, packed, bias)
+        expected = scheme.reference_linear(x, packed, bias, n)
+        _assert_within_one_step(y, expected, dtype, (name, m, k, n, isa))
+
+
+@cpp_only
+@pytest.mark.parametrize("isa", _isas())
+def test_cpp_peer_wo_decodes_every_e4m3_byte(isa, monkeypatch):
+    """Row ``n`` holds byte ``n`` (every one but the two NaNs) in each of its K = 5 columns; with x = 1 each output is
+    ``5 * e4m3(n) * scale``, exact in float32 (float64 expectation from the bits)."""
+    from qcompile.codegen.cpp import library, peers
+
+    monkeypatch.setenv(library.ISA_ENV, isa)
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    sign = torch.where(codes >= 128, -1.0, 1.0).double()
+    exponent, mantissa = ((codes >> 3) & 15).double(), (codes & 7).double()
+    value = torch.where(exponent == 0, mantissa * 2.0**-9, (8 + mantissa) * torch.exp2(exponent - 10)) * sign
+    scheme, n, k = parse_scheme("quanto-fp8-fp32"), codes.numel(), 5
+    qweight = codes.unsqueeze(1).expand(n, k).contiguous().view(torch.float8_e4m3fn)
+    scales = torch.full((n, 1), 0.375)
+    packed = [qweight, scales]
+    x = torch.ones(1, k)
+    y = peers.wo_bind(scheme, x, packed, None, n)(x, packed, None)
+    assert torch.equal(y[0].double(), value * 5 * 0.375)
+
+
+FP8_A8 = ["torchao-fp8-a8", "torchao-fp8-a8-fp16", "torchao-fp8-a8-fp32"]
+
+
+@cpp_only
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", FP8_A8)
+def test_cpp_fp8a8_kernel_matches_reference(name, dtype, isa, monkeypatch):
+    from qcompile.codegen.cpp import library, peers
+
+    monkeypatch.setenv(library.ISA_ENV, isa)
+    for i, (m, k, n) in enumerate(SHAPES):
+        scheme, packed = _packed(name, n, k, seed=i)
+        x, bias = _inputs(m, k, n, dtype, seed=i)
+        bias = bias if i % 2 == 0 else None
+        assert peers.fp8a8_supports(scheme, x, packed) is None
+        y = peers.fp8a8_bind(scheme, x, packed, bias, n)(x, packed, bias)
+        _assert_within_one_step(y, scheme.reference_linear(x, packed, bias, n), dtype, (name, m, k, n, isa))
+
+
+@cpp_only
+@pytest.mark.parametrize("isa", _isas())
+def test_cpp_fp8a8_codes_equal_torch_cast(isa, monkeypatch):
+    """One token whose absmax is 448 (scale 1) holding e4m3 ties, carries into the next binade and subnormals; the
+    weight is the identity (code 1.0, scale 1), so output n is the kernel's code of x[n]: torch's cast's value."""
+    from qcompile.codegen.cpp import library, peers
+
+    monkeypatch.setenv(library.ISA_ENV, isa)
+    values = [448.0, -1.0625, 1.1875, 15.75, -15.7, 0.0146484375, 2.0**-10, 3 * 2.0**-10, -2.0**-11 * 0.9, 240.5,
+              232.0, 0.0, -447.0, 1e-30, 0.3330078125, 104.0, 19.5, -6.25]  # fmt: skip
+    x = torch.tensor([values])
+    n = len(values)
+    packed = [torch.eye(n).to(torch.float8_e4m3fn), torch.ones(n, 1)]
+    scheme = parse_scheme("torchao-fp8-a8-fp32")
+    y = peers.fp8a8_bind(scheme, x, packed, None, n)(x, packed, None)
+    assert torch.equal(y[0], x[0].to(torch.float8_e4m3fn).to(torch.float32))
+
+
+@cpp_only
+def test_cpp_peer_wo_threads_agree_and_rows_are_chosen():
+    from qcompile.codegen.cpp import peers
+
+    scheme, packed = _packed("quanto-int2-g64", 301, 200, seed=5)
+    x, bias = _inputs(6, 200, 301, torch.float32, seed=5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = peers.wo_bind(scheme, x, packed, bias, 301)(x, packed, bias)
+        torch.set_num_threads(2)
+        two = peers.wo_bind(scheme, x, packed, bias, 301)(x, packed, bias)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    for name in PEER_WO:
+        scheme, packed = _packed(name, 20, 130, seed=1)
+        x, bias = _inputs(3, 130, 20, torch.bfloat16, seed=1)
+        row = dispatch.choose_kernel(name, x, packed, bias, 130, 20)
+        assert row is not None and row.name == f"cpp-{scheme.family}-wo", (name, row)
+        y = torch.ops.qcompile.linear(x, packed, bias, name, 130, 20)
+        _assert_within_one_step(y, scheme.reference_linear(x, packed, bias, 20), torch.bfloat16, name)
+        assert torch.equal(torch.ops.qcompile.linear(x, packed, bias, name, 130, 20), y)  # the C++ op's plan
+    for name, dtype in [("torchao-fp8-a8", torch.bfloat16), ("torchao-fp8-a8-fp32", torch.float32)]:
+        scheme, packed = _packed(name, 20, 130, seed=1)
+        x, bias = _inputs(3, 130, 20, dtype, seed=1)
+        assert dispatch.choose_kernel(name, x, packed, bias, 130, 20).name == "cpp-torchao-fp8-a8"
+        y = torch.ops.qcompile.linear(x, packed, bias, name, 130, 20)
+        _assert_within_one_step(y, scheme.reference_linear(x, packed, bias, 20), dtype, name)
+        assert torch.equal(torch.ops.qcompile.linear(x, packed, bias, name, 130, 20), y)
+
+
 EXPECTED_CPU_ROW = {"quanto-int4-g128": "quanto:cpp-w4a16", "quanto-int4-g64-fp16": "quanto:cpp-w4a16",
                     "quanto-int4": "quanto:cpp-w4a16", "quanto-int8": "quanto:cpp-w8a16",
                     "torchao-int4-g32": "torchao:cpp-w4a16", "torchao-int8": "torchao:cpp-w8a16",
@@ -124,9 +254,10 @@ def test_cpp_layout_rows_serve_weight_only_peers(name, dtype):
 
 @cpp_only
 @pytest.mark.parametrize("name, dtype, reasons", [
-    ("quanto-int2-g64", torch.float32, ["2-bit weights have no C++ kernel"]),
-    ("quanto-fp8", torch.float32, ["keeps the fp8 layout", "has none (weight-only)"]),
-    ("torchao-fp8-a8", torch.bfloat16, ["no kernel of another family", "has token-fp8"]),
+    ("quanto-int2-g64", torch.float16, ["2-bit weights have no C++ kernel", "take float32 or bfloat16"]),
+    ("quanto-fp8", torch.float16, ["keeps the fp8 layout", "take float32 or bfloat16"]),
+    ("torchao-fp8-a8", torch.float16, ["no kernel of another family", "has token-fp8",
+                                       "takes weight-only quanto int2 and fp8 weights", "take float32 or bfloat16"]),
 ])  # fmt: skip
 def test_cpu_calls_without_a_kernel_say_why(name, dtype, reasons):
     scheme, packed = _packed(name, 16, 64, seed=3)
@@ -157,6 +288,51 @@ def test_triton_a8_kernel_is_bit_exact(name, dtype):
         packed = [t.to(device) for t in packed]
         y = peers.a8_linear(scheme, x.to(device), packed, None if bias is None else bias.to(device), n)
         assert y.dtype == dtype and torch.equal(y.cpu(), expected), (name, m, k, n)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["quanto-int2-g64", "quanto-int2-g128-fp16", "quanto-int2"])
+def test_triton_int2_kernel_matches_reference(name, dtype):
+    pytest.importorskip("triton")
+    from qcompile.codegen.triton import peers
+
+    device = _triton_device()
+    for i, (m, k, n) in enumerate([(1, 100, 37), (5, 130, 20), (17, 64, 33)]):
+        scheme, packed = _packed(name, n, k, seed=i)
+        x, bias = _inputs(m, k, n, dtype, seed=i)
+        bias = bias if i % 2 == 0 else None
+        expected = scheme.reference_linear(x, packed, bias, n)
+        packed = [t.to(device) for t in packed]
+        y = peers.int2_linear(scheme, x.to(device), packed, None if bias is None else bias.to(device), n)
+        _assert_within_one_step(y.cpu(), expected, dtype, (name, m, k, n))
+    row = {e.name: e for e in peers.kernel_entries("quanto")}["triton-quanto-int2"]
+    assert row.device_type == "cuda" and "weight-only quanto int2" in row.supports(parse_scheme("quanto-int8"), x, [])
+    rows = packed[0].shape[1]
+    with pytest.raises(ValueError, match=rf"qweight must be uint8 \[33, {rows}\], got torch.uint8 \[33, 8\]"):
+        peers.int2_linear(scheme, x.to(device), [packed[0][:, :8], *packed[1:]], None, n)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("name", ["torchao-fp8-a8", "torchao-fp8-a8-fp16"])
+def test_triton_fp8_a8_kernel_matches_reference(name, dtype):
+    pytest.importorskip("triton")
+    from qcompile.codegen.triton import peers
+
+    device = _triton_device()
+    for i, (m, k, n) in enumerate([(1, 70, 45), (5, 130, 20), (17, 64, 33)]):
+        scheme, packed = _packed(name, n, k, seed=i)
+        x, bias = _inputs(m, k, n, dtype, seed=i)
+        bias = bias if i % 2 == 0 else None
+        expected = scheme.reference_linear(x, packed, bias, n)
+        packed = [t.to(device) for t in packed]
+        y = peers.fp8_a8_linear(scheme, x.to(device), packed, None if bias is None else bias.to(device), n)
+        _assert_within_one_step(y.cpu(), expected, dtype, (name, m, k, n))
+    entries = {e.name: e for e in peers.kernel_entries("torchao")}
+    cpu_x = torch.randn(2, 64).to(dtype)
+    reason = entries["triton-torchao-fp8-a8"].supports(scheme, cpu_x, packed)
+    assert reason is not None and "CUDA" in reason
 
 
 @pytest.mark.triton
@@ -230,8 +406,8 @@ def test_static_activations_algorithm_refuses_what_it_cannot_write():
 
 
 def test_fallback_notice_names_the_peer_scheme():
-    scheme, packed = _packed("quanto-int2-g64", 16, 64, seed=2)
-    x = torch.randn(2, 64)
+    scheme, packed = _packed("torchao-fp8-a8", 16, 64, seed=2)
+    x = torch.randn(2, 64).to(torch.float16)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         y = torch.ops.qcompile.linear(x, packed, None, scheme.name, 64, 16)

@@ -27,7 +27,8 @@ the peer gguf-py (``gguf.quants.dequantize``, written from ggml's ``dequantize_r
 ``int8_vectorwise_quant`` / ``int8_mixed_scaled_mm``; HIGGS — Malinovskii et al. 2024 (arXiv:2411.17525) and the
 ``qcompile.schemes.higgs`` docstring (layout, scale groups; the grids are data, ``qcompile/data/higgs_grids.json``);
 MXFP6 / MXFP8 — OCP Microscaling Formats v1.0 (element types E2M3, E3M2, E4M3, E5M2 decoded bit by bit below, E8M0
-block scales of 32) and compressed-tensors' ``pack_fp6_to_uint8`` (fp6 byte order).
+block scales of 32) and compressed-tensors' ``pack_fp6_to_uint8`` (fp6 byte order); SpQR — the peer ``spqr_quant``
+0.2.0's C++/CUDA sources (bit fields, second-order word, float16 arithmetic; see :func:`spqr_weight`).
 Peer families — optimum-quanto 0.2.7 (``tensor/qbits.py``, ``qbytes.py``, ``library/quantize.py``), torchao 0.18
 (``quantization/quant_primitives.py``, ``quantize_/workflows``), EETQ (``cutlass_kernels/cutlass_preprocessors.cc``).
 """
@@ -437,6 +438,61 @@ def higgs_codes(packed: np.ndarray, code_bits: int, count: int) -> np.ndarray:
     return codes
 
 
+def aqlm_weight(scheme, tensors, n: int, k: int) -> np.ndarray:
+    """AQLM (Egiazarian et al. 2024, arXiv:2401.06118; the aqlm package's ``utils._dequantize_weight`` and
+    ``unpack_int_data``), ``[N, Kp]`` with ``Kp`` = K rounded up to the input group ``ig``: ``W[n, g*ig + j] =
+    scales[n] * sum_m codebooks[m, codes[n, g, m] mod 2**B, 0, j]``; codes stored signed (int8 up to 8 bits, int16
+    above), float16 codebooks and scales."""
+    m, b, ig = scheme.num_codebooks, scheme.bits, scheme.group_size
+    kp, e = ceil_to(k, ig), 2**b
+    if len(tensors) != 3:
+        raise AssertionError(f"definitions: aqlm has 3 packed tensors, got {len(tensors)}")
+    codes = array(tensors[0], "codes", (n, kp // ig, m), torch.int8 if b <= 8 else torch.int16).astype(np.int64) % e
+    books = array(tensors[1], "codebooks", (m, e, 1, ig), torch.float16).astype(np.float64)
+    scales = array(tensors[2], "scales", (n, 1, 1, 1), torch.float16).astype(np.float64).reshape(n, 1)
+    w = sum(books[i, codes[:, :, i], 0, :] for i in range(m))
+    return w.reshape(n, kp) * scales
+
+
+def vptq_weight(scheme, tensors, n: int, k: int) -> np.ndarray:
+    """VPTQ (Liu et al. 2024, arXiv:2409.17066; the vptq package's ``ops/quant_gemm.py: dequant`` and
+    ``utils/pack.py: unpack_index_tensor``, one group): vector row ``i`` (outputs ``i*v .. i*v+v-1``) holds per main
+    column ``c`` a ``tb``-bit entry at bits ``c*tb ..`` of its little-endian uint32 bitstream, main index low (``bk``
+    bits), residual index high; ``Q[i*v+u, o+c] = C[idx, u] + Cr[ridx, u]``, ``Q[i*v+u, j] = Co[oidx[i, j], u]`` for
+    the ``o`` outlier columns; ``W[n, perm[j]] = Q[n, j] * scale[perm[j]] + bias[perm[j]]`` (float16 codebooks,
+    scale, bias; uint16 ``perm`` and outlier indices)."""
+    v, kc, kr, o = scheme.vector_len, scheme.centroids, scheme.res_centroids, scheme.outliers
+    bk, br = kc.bit_length() - 1, (kr.bit_length() - 1 if kr else 0)
+    tb, rows, gs = bk + br, -(-n // v), k - o
+    if len(tensors) != 5 + (1 if kr else 0) + (2 if o else 0):
+        raise AssertionError(f"definitions: {scheme.name}: {len(tensors)} packed tensors")
+    it = iter(tensors)
+    words = array(next(it), "indices", (rows, -(-gs * tb // 32)), torch.int32).astype(np.int64) & 0xFFFFFFFF
+    books = array(next(it), "centroids", (kc, v), torch.float16).astype(np.float64)
+    res = array(next(it), "res_centroids", (kr, v), torch.float16).astype(np.float64) if kr else None
+    if o:
+        oidx = array(next(it), "outlier_indices", (rows, o), torch.int16).astype(np.int64) & 0xFFFF
+        obooks = array(next(it), "outlier_centroids", (kc, v), torch.float16).astype(np.float64)
+    scale = array(next(it), "weight_scale", (k,), torch.float16).astype(np.float64)
+    bias = array(next(it), "weight_bias", (k,), torch.float16).astype(np.float64)
+    perm = array(next(it), "perm", (k,), torch.int16).astype(np.int64) & 0xFFFF
+    q = np.zeros((rows * v, k))
+    for c in range(gs):
+        entry = np.zeros(rows, dtype=np.int64)
+        for b in range(tb):
+            p = c * tb + b
+            entry |= ((words[:, p // 32] >> (p % 32)) & 1) << b
+        vec = books[entry & (kc - 1)]
+        if kr:
+            vec = vec + res[(entry >> bk) & (kr - 1)]
+        q[:, o + c] = vec.reshape(-1)
+    for j in range(o):
+        q[:, j] = obooks[oidx[:, j]].reshape(-1)
+    w = np.zeros((n, k))
+    w[:, perm] = q[:n]
+    return w * scale + bias
+
+
 def higgs_kp(scheme, k: int) -> int:
     """``K`` rounded up to whole Hadamard blocks."""
     return ceil_to(k, scheme.hadamard)
@@ -602,6 +658,56 @@ def peer_tokens(scheme, x: np.ndarray, tensors) -> tuple[np.ndarray, np.ndarray]
     return torchao_int8_tokens(x) if scheme.weights == "int8" else e4m3_tokens(x)
 
 
+# -- SpQR: spqr_quant 0.2.0 (inference.py, sparse_util.py, inference_kernels/spqr_cuda.cpp) ------------------------
+def spqr_weight(scheme, tensors, n: int, k: int) -> np.ndarray:
+    """``[N, Kp]`` (``Kp = ceil(K / 16) * 16``, input-feature order) as ``spqr_quant``'s ``dequantize_compressed`` and
+    ``spqr_quantized_matvec`` read the packed words: 16 int64 words per 16 x 16 tile (tiles row-major, words in row
+    order; its compressor writes 16 words also for a partial last tile row); the tile's second-order word is the OR of
+    ``((word_r >> 54) & 0xff) << (8 * (r // 2))`` over its rows, read as four float16 ``ss.x, ss.y, zz.x, zz.y`` =
+    scale-of-scale, scale-of-zero, zero-of-scale, zero-of-zero; ``s = ss.x * (ws - zz.x)``, ``z = ss.y * (wz - zz.y)``,
+    ``w = s * (q - z)``, each operation a float16 one; ``ws, wz, q`` = 3-bit fields 0, 1, 2 + c of the word. CSR
+    outliers (``merge_col_val``: float16 value in the high 16 bits, column in the low 16) are added in float; the
+    matvec gathers ``x[in_perm[j]]`` (``in_perm`` = pairs of uint16, low half first), so the stored column ``j`` is
+    input feature ``perm[j]``."""
+    kp = ceil_to(k, 16)
+    t, g = ceil_to(n, 16) // 16, kp // 16
+    words = array(tensors[0], "dense_weights", (t * g * 16,), torch.int64).view(np.uint64).reshape(t, g, 16)
+    offsets = array(tensors[1], "row_offsets", (n + 1,), torch.int32).astype(np.int64)
+    if tensors[2].dtype != torch.int32 or tensors[2].dim() != 1:
+        raise AssertionError(f"definitions: col_vals is {tensors[2].dtype}{list(tensors[2].shape)}, expected "
+                             f"int32[nnz]")  # fmt: skip
+    col_vals = tensors[2].numpy().view(np.uint32).astype(np.int64)
+    in_perm = array(tensors[3], "in_perm", (kp // 2,), torch.int32).view(np.uint32).astype(np.int64)
+
+    def f16(v):
+        return np.asarray(v, dtype=np.float64).astype(np.float16).astype(np.float64)
+
+    d = np.zeros((t * 16, kp))
+    fields = np.arange(16, dtype=np.uint64)
+    for ti in range(t):
+        for tj in range(g):
+            tile = words[ti, tj]
+            second = 0
+            for r in range(16):
+                second |= ((int(tile[r]) >> 54) & 0xFF) << (8 * (r // 2))
+            halves = np.array([(second >> (16 * i)) & 0xFFFF for i in range(4)], dtype=np.uint16).view(np.float16)
+            ssx, ssy, zzx, zzy = (float(v) for v in halves)
+            for r in range(16):
+                word = int(tile[r])
+                s = f16(ssx * f16((word & 7) - zzx))
+                z = f16(ssy * f16(((word >> 3) & 7) - zzy))
+                q = ((tile[r] >> (np.uint64(3) * (fields + np.uint64(2)))) & np.uint64(7)).astype(np.float64)
+                d[ti * 16 + r, tj * 16 : tj * 16 + 16] = f16(s * f16(q - z))
+    for r in range(n):
+        for e in range(offsets[r], offsets[r + 1]):
+            value = np.array([col_vals[e] >> 16], dtype=np.uint16).view(np.float16)[0]
+            d[r, col_vals[e] & 0xFFFF] += float(value)
+    perm = np.stack([in_perm & 0xFFFF, in_perm >> 16], axis=1).reshape(-1)
+    w = np.zeros_like(d)
+    w[:, perm] = d
+    return w[:n]
+
+
 # -- the families ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Definition:
@@ -666,6 +772,11 @@ DEFINITIONS: dict[str, Definition] = {
     "quanto": Definition(("weights", "group_size", "activations", "dtype"), peer_weight, peer_tokens, True),
     "torchao": Definition(("weights", "group_size", "activations", "dtype"), peer_weight, peer_tokens, True),
     "eetq": Definition((), peer_weight, peer_tokens, True),
+    "spqr": Definition((), spqr_weight, lambda s, x: unquantized(x, ceil_to(x.shape[1], 16))),
+    "aqlm": Definition(("num_codebooks", "bits", "group_size"), aqlm_weight,
+                       lambda s, x: unquantized(x, ceil_to(x.shape[1], s.group_size))),
+    "vptq": Definition(("vector_len", "centroids", "res_centroids", "outliers"), vptq_weight,
+                       lambda s, x: unquantized(x, x.shape[1])),
 }
 
 
@@ -688,8 +799,11 @@ def perturb(tensors: list[torch.Tensor], row: int = 1, k: int | None = None) -> 
     """The tensor list with bit 0 of byte 0 of ``tensors[0]`` (the codes) in ``row`` flipped: the lowest bit of element
     0's code for every layout (for an e4m3 code whose flip would give NaN, bit 1 instead). Codes of the flattened
     weight (a 1-D ``tensors[0]``, bnb4: element ``f`` in the high nibble of byte ``f // 2`` when ``f`` is even) need
-    ``k``: the lowest bit of element ``row * k``'s code is flipped."""
+    ``k``: the lowest bit of element ``row * k``'s code is flipped. SpQR's int64 words: code 0 of word ``row``."""
     codes = tensors[0].clone()
+    if codes.dtype == torch.int64 and codes.dim() == 1:  # SpQR words: word r of tile (0, 0) is row r, code 0 bits 6-8
+        codes[row] ^= 1 << 6
+        return [codes, *tensors[1:]]
     raw = codes.view(torch.uint8)
     if raw.dim() == 1:
         if k is None:

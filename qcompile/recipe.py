@@ -32,7 +32,7 @@ from typing import Any
 
 from qcompile.schemes import SchemeError, parse_scheme
 
-ALGORITHMS = ("rtn", "gptq", "awq", "hqq", "smoothquant", "static-activations", "autoround", "aqlm", "spqr")
+ALGORITHMS = ("rtn", "gptq", "awq", "hqq", "smoothquant", "static-activations", "autoround", "aqlm", "spqr", "vptq")
 KEEP = ("float", "none", "keep")
 _RECIPE_KEYS = ("version", "default", "algorithm", "ignore", "overrides", "options", "default_includes_head")
 _RULE_KEYS = ("targets", "scheme", "algorithm", "options")

@@ -41,6 +41,7 @@ _LAZY = {
     "autoround": "qcompile.algorithms.autoround",
     "aqlm": "qcompile.algorithms.aqlm",
     "spqr": "qcompile.algorithms.spqr",
+    "vptq": "qcompile.algorithms.vptq",
     "smoothquant": "qcompile.algorithms.smoothquant",
     "static-activations": "qcompile.algorithms.static_activations",
 }

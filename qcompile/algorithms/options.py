@@ -20,6 +20,7 @@ PER_ALGORITHM = {
     "autoround": ("iters", "lr", "minmax_lr", "nsamples", "batch_size", "preset"),
     "aqlm": ("iters", "beam", "tolerance", "cg_steps", "damp", "force"),
     "spqr": ("damp", "percdamp", "block_size", "act_order", "outlier_threshold"),
+    "vptq": ("damp", "block_size", "kmeans_iters", "refit_steps", "force"),
     "rtn": (),
 }
 KNOWN = tuple(sorted({*CALIBRATION, *(name for names in PER_ALGORITHM.values() for name in names)}))

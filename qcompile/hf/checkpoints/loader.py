@@ -14,11 +14,11 @@ import warnings
 
 import torch
 
-from qcompile.hf.checkpoints import aqlm, awq, bitsandbytes, compressed_tensors, gptq, spqr
+from qcompile.hf.checkpoints import aqlm, awq, bitsandbytes, compressed_tensors, gptq, spqr, vptq
 from qcompile.hf.checkpoints.common import CheckpointError
 
 READERS = {gptq.METHOD: gptq, awq.METHOD: awq, compressed_tensors.METHOD: compressed_tensors,
-           bitsandbytes.METHOD: bitsandbytes, aqlm.METHOD: aqlm, spqr.METHOD: spqr}  # fmt: skip
+           bitsandbytes.METHOD: bitsandbytes, aqlm.METHOD: aqlm, spqr.METHOD: spqr, vptq.METHOD: vptq}  # fmt: skip
 
 
 class Tensors:

@@ -1,7 +1,7 @@
 """llama.cpp against qcompile on the same GGUF file, the same machine, the same thread count.
 
     python benchmarks/gguf_race.py [--gguf FILE] [--threads 2] [--repeats 3] [--decode-tokens 128]
-                                   [--forms eager,eager-q8,compiled,decoder,decoder-q8] [--llama-bin DIR] [--wait-quiet 1.5]
+                                   [--forms eager,eager-q8,compiled,decoder,decoder-q8,decoder-compiled] [--llama-bin DIR] [--wait-quiet 1.5]
                                    [--rounds 1]
 
 Default file: the bundled SmolLM2-135M-Instruct GGUF (Q4_1 linears, Q8_0 embedding, tied head). Rows:
@@ -15,7 +15,8 @@ Default file: the bundled SmolLM2-135M-Instruct GGUF (Q4_1 linears, Q8_0 embeddi
   up to 16 tokens, so decode runs as llama.cpp's does), ``compiled`` (``torch.compile(model.forward, dynamic=True,
   backend="qcompile")``; its row says why where it fails), ``decoder`` and ``decoder-q8``
   (:class:`qcompile.decoder.Decoder` on the same model: the same weights and kernels, no transformers code per
-  token; exact and int8-activation forms).
+  token; exact and int8-activation forms), ``decoder-compiled`` (``torch.compile(decoder, dynamic=True)``: inductor
+  fuses the float ops between the quantized linears).
 
 Measured as llama-bench measures: ``pp N`` is one forward of N tokens from an empty cache (logits of the last token
 only), ``tg N`` is N single-token steps through the KV cache from an empty one (greedy argmax between steps); the
@@ -43,7 +44,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FORMS = ("eager", "eager-q8", "compiled", "decoder", "decoder-q8")
+FORMS = ("eager", "eager-q8", "compiled", "decoder", "decoder-q8", "decoder-compiled")
 PROMPTS = (128, 512)
 
 
@@ -171,6 +172,13 @@ def worker(form: str, path: str, threads: int, repeats: int, decode: int) -> dic
         from qcompile.decoder import Decoder
 
         decoder = Decoder(model, max_length=max(max(PROMPTS), decode) + 1)
+        if form == "decoder-compiled":
+            start = time.perf_counter()
+            decoder = torch.compile(decoder, dynamic=True)
+            for n in (*PROMPTS, 1):
+                decoder(ids[:, :n], 0)
+            decoder_steps(decoder, 3)
+            out["compile_s"] = time.perf_counter() - start
         for n in PROMPTS:
             out[f"pp{n}"] = n / median_s(lambda: decoder.step(ids[:, :n], 0), repeats)
         out[f"tg{decode}"] = decode / median_s(lambda: decoder_steps(decoder, decode), repeats)

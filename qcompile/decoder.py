@@ -111,11 +111,23 @@ def _check(model) -> None:
             raise DecoderError(f"Decoder: hidden_act {act!r} (only silu)")
 
 
-class Decoder:
+class _Layer(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        a, m = layer.self_attn, layer.mlp
+        self.norm1 = nn.Parameter(layer.input_layernorm.weight.detach(), requires_grad=False)
+        self.norm2 = nn.Parameter(layer.post_attention_layernorm.weight.detach(), requires_grad=False)
+        self.qkv, self.out = _joined([a.q_proj, a.k_proj, a.v_proj]), a.o_proj
+        self.gate_up, self.down = _joined([m.gate_proj, m.up_proj]), m.down_proj
+
+
+class Decoder(nn.Module):
     """See the module docstring. ``model``: a transformers causal LM of a :data:`SUPPORTED` type, float or with
-    :class:`qcompile.nn.QuantizedLinear` layers (``qcompile.quantize``, ``qcompile.gguf.load``, checkpoints)."""
+    :class:`qcompile.nn.QuantizedLinear` layers (``qcompile.quantize``, ``qcompile.gguf.load``, checkpoints).
+    The decoder shares the model's weights (stacked projections are new tensors)."""
 
     def __init__(self, model, max_length: int = 2048, max_batch: int = 1):
+        super().__init__()
         _check(model)
         config = model.config
         window = getattr(config, "sliding_window", None)
@@ -130,33 +142,33 @@ class Decoder:
         inner = model.model
         self.embed = inner.embed_tokens
         self.dtype = self.embed.weight.dtype
-        self.norm = inner.norm.weight.detach()
+        self.norm = nn.Parameter(inner.norm.weight.detach(), requires_grad=False)
         self.head = model.lm_head
-        self.layers = []
-        for layer in inner.layers:
-            a, m = layer.self_attn, layer.mlp
-            qkv, gate_up = _joined([a.q_proj, a.k_proj, a.v_proj]), _joined([m.gate_proj, m.up_proj])
-            self.layers.append((layer.input_layernorm.weight.detach(), qkv, a.o_proj,
-                                layer.post_attention_layernorm.weight.detach(), gate_up, m.down_proj))
+        self.layers = nn.ModuleList(_Layer(layer) for layer in inner.layers)
         positions = torch.arange(max_length)[None]
         with torch.no_grad():
             probe = torch.zeros(1, max_length, self.head_dim, dtype=self.dtype)
             cos, sin = inner.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_length, D]
+        self.register_buffer("cos", cos[0].to(self.dtype), persistent=False)  # [max_length, D]
+        self.register_buffer("sin", sin[0].to(self.dtype), persistent=False)
         shape = (len(self.layers), max_batch, self.kv_heads, max_length, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.dtype)
-        self.values = torch.zeros(shape, dtype=self.dtype)
-        self.fused = sum(not isinstance(qkv, _Split) for _, qkv, _, _, _, _ in self.layers)
+        self.register_buffer("keys", torch.zeros(shape, dtype=self.dtype), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=self.dtype), persistent=False)
+        self.fused = sum(not isinstance(layer.qkv, _Split) for layer in self.layers)
 
     def _rope(self, x, cos, sin):
         half = self.head_dim // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    @torch.no_grad()
     def step(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         """Positions ``start .. start+T-1`` of ``input_ids [B, T]`` through the model (the cache holds the earlier
-        ones); the logits of the last position, ``[B, V]``."""
+        ones); the logits of the last position, ``[B, V]``. (``decoder(input_ids, start)`` is the same call, and
+        ``torch.compile(decoder)`` compiles it.)"""
+        return self(input_ids, start)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         batch, count = input_ids.shape
         end = start + count
         if batch > self.max_batch or end > self.max_length or start < 0:
@@ -168,8 +180,8 @@ class Decoder:
         mask = None
         if count > 1:
             mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
-        for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
-            y = qkv(F.rms_norm(x, (self.hidden,), norm1, self.eps))
+        for i, layer in enumerate(self.layers):
+            y = layer.qkv(F.rms_norm(x, (self.hidden,), layer.norm1, self.eps))
             q, k, v = y.split((h * d, kv * d, kv * d), dim=-1)
             q = self._rope(q.view(batch, count, h, d).transpose(1, 2), cos, sin)
             k = self._rope(k.view(batch, count, kv, d).transpose(1, 2), cos, sin)
@@ -178,9 +190,9 @@ class Decoder:
             values[:, :, start:end] = v.view(batch, count, kv, d).transpose(1, 2)
             a = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
                                                enable_gqa=h != kv)  # fmt: skip
-            x = x + out(a.transpose(1, 2).reshape(batch, count, h * d))
-            g, u = gate_up(F.rms_norm(x, (self.hidden,), norm2, self.eps)).chunk(2, dim=-1)
-            x = x + down(F.silu(g) * u)
+            x = x + layer.out(a.transpose(1, 2).reshape(batch, count, h * d))
+            g, u = layer.gate_up(F.rms_norm(x, (self.hidden,), layer.norm2, self.eps)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(g) * u)
         return self.head(F.rms_norm(x[:, -1], (self.hidden,), self.norm, self.eps))
 
     @torch.no_grad()

@@ -64,7 +64,7 @@ def test_quantized_projections_are_stacked_and_match_the_quantized_model():
 def test_projections_of_different_schemes_run_side_by_side():
     model = _quantized({"default": "int4-g32", "overrides": [{"targets": ["*k_proj"], "scheme": "int8"}]})
     decoder = Decoder(model, max_length=32)
-    assert all(isinstance(qkv, _Split) for _, qkv, _, _, _, _ in decoder.layers)
+    assert all(isinstance(layer.qkv, _Split) for layer in decoder.layers)
     ids = _ids(1, 6, seed=6)
     with torch.no_grad():
         expected = model(input_ids=ids).logits[:, -1]

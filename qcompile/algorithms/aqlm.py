@@ -31,19 +31,33 @@ A layer with fewer weight groups (``N * Kp / ig``) than ``MIN_GROUPS_PER_ENTRY``
 (``2**B``) is refused, naming it and the numbers: its codebooks would memorise the layer (aqlm-1x16 on 576 x 576: 41472
 groups, 65536 entries); option ``force: true`` quantizes it anyway.
 
-Not implemented: the reference's block fine-tuning of codebooks and scales on the block's outputs and the end-to-end
-fine-tuning (PV-tuning); results are the layer-wise optimum above.
+**Block fine-tuning** (option ``finetune_steps`` > 0; default 0: off, results are the layer-wise optimum above),
+as the AQLM reference after each block: during block-by-block calibration (:func:`block_pass`) every AQLM site of
+the block gets its layer-wise result first; then, codes fixed, float32 copies of the codebooks ``C`` and scales
+``s`` of the tuned sites take ``finetune_steps`` Adam steps (``finetune_lr``, default 1e-4, the reference's; betas
+0.9, 0.999) on the block loss: the mean over calibration batches of the mean squared error between the block's output
+with every AQLM site at its decoded weight and the block's float output (padding tokens left out when the batch has
+an ``attention_mask``). Each step uses every batch. The iterate of lowest loss is kept, rounded to float16 (codebooks
+and scales), and replaces the layer-wise results unless its loss after rounding exceeds theirs. Sites of one block
+are tuned jointly under the options of the block's first site with ``finetune_steps`` > 0; AQLM sites of the block
+without it keep their layer-wise result (held fixed in the loss). Sites outside the blocks (an output head) and models
+without a block list keep the layer-wise result. Not implemented: tuning the block's other parameters (norms) and the
+end-to-end fine-tuning (PV-tuning).
 
-Options: ``iters``, ``beam``, ``tolerance``, ``cg_steps``, ``damp``, ``force``, and the calibration ``seed``.
+Options: ``iters``, ``beam``, ``tolerance``, ``cg_steps``, ``damp``, ``force``, ``finetune_steps``, ``finetune_lr``,
+and the calibration ``seed``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 
 import torch
 
 from qcompile.algorithms import Algorithm, register_algorithm
+from qcompile.algorithms.autoround import _float_weight, _hidden, _masked
 from qcompile.algorithms.gptq import _one_thread
 from qcompile.algorithms.options import check_options
 from qcompile.schemes import Scheme
@@ -64,6 +78,8 @@ class Settings:
     damp: float = 0.01
     force: bool = False
     seed: int = 0
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-4
 
 
 def settings(options: dict | None) -> Settings:
@@ -71,14 +87,17 @@ def settings(options: dict | None) -> Settings:
     options = check_options("aqlm", options)
     out = Settings(int(options.get("iters", 10)), int(options.get("beam", 1)), float(options.get("tolerance", 0.01)),
                    int(options.get("cg_steps", 20)), float(options.get("damp", 0.01)),
-                   bool(options.get("force", False)), int(options.get("seed", 0)))  # fmt: skip
-    for name in ("iters", "cg_steps"):
+                   bool(options.get("force", False)), int(options.get("seed", 0)),
+                   int(options.get("finetune_steps", 0)), float(options.get("finetune_lr", 1e-4)))  # fmt: skip
+    for name in ("iters", "cg_steps", "finetune_steps"):
         if getattr(out, name) < 0:
             raise ValueError(f"aqlm: option {name} must be >= 0, got {getattr(out, name)}")
     if out.beam < 1:
         raise ValueError(f"aqlm: option beam must be >= 1, got {out.beam}")
     if out.tolerance < 0 or out.damp < 0:
         raise ValueError(f"aqlm: options tolerance and damp must be >= 0, got {out.tolerance}, {out.damp}")
+    if not out.finetune_lr > 0:
+        raise ValueError(f"aqlm: option finetune_lr must be > 0, got {out.finetune_lr}")
     return out
 
 
@@ -259,11 +278,130 @@ def _aqlm(scheme, weight, hessian, options, site, history) -> AqlmWeight:
                       scales, k)  # fmt: skip
 
 
-def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> AqlmWeight:
+class TunedSite:
+    """Learnable float32 copies of one site's codebooks ``books [M, E, ig]`` and scales ``scales [N]`` around its
+    fixed codes ``int64 [N, G, M]`` (from the layer-wise result ``start``)."""
+
+    def __init__(self, scheme: Aqlm, start: AqlmWeight):
+        self.scheme, self.start = scheme, start
+        m, e, ig = scheme.num_codebooks, scheme.entries, scheme.group_size
+        self.books = start.codebooks.to(torch.float32).reshape(m, e, ig).clone().requires_grad_(True)
+        self.scales = start.scales.to(torch.float32).reshape(-1).clone().requires_grad_(True)
+        self.codes = start.codes.reshape(-1, m)
+
+    def weight(self) -> torch.Tensor:
+        """``[N, K]`` float32, differentiable in the codebooks and scales: ``s_n · sum_m C[m, code]`` (the operations
+        of :meth:`Aqlm.dequantize`)."""
+        n = self.start.codes.shape[0]
+        w = cb.decode(self.books, self.codes).reshape(n, -1)
+        return (w * self.scales.reshape(n, 1))[:, : self.start.in_features]
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.books.detach().clone(), self.scales.detach().clone()
+
+    def result(self, state) -> AqlmWeight:
+        """``state`` (codebooks, scales) rounded to float16, with the fixed codes."""
+        books, scales = state
+        m, e, ig = books.shape
+        return AqlmWeight(self.start.codes, books.clamp(-65504.0, 65504.0).to(torch.float16).reshape(m, e, 1, ig),
+                          scales.clamp(-65504.0, 65504.0).to(torch.float16).reshape(-1, 1, 1, 1),
+                          self.start.in_features)  # fmt: skip
+
+
+def _block_loss(block, inputs, targets, replaced: dict) -> float:
+    """Mean over batches of the block output's MSE against ``targets`` with ``replaced`` weights (``{parameter
+    path in block: tensor}``); accumulates the gradients of the tensors that require them."""
+    total = 0.0
+    for (args, kwargs, mask), target in zip(inputs, targets):
+        out = _masked(_hidden(torch.func.functional_call(block, replaced, args, kwargs, strict=False)), mask)
+        loss = (out.to(torch.float32) - target.to(torch.float32)).pow(2).mean() / len(inputs)
+        if loss.requires_grad:
+            loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def finetune_block(block, prefix: str, inputs, modules: dict, entries: dict, results: dict[str, AqlmWeight],
+                   tuned: list[str], config: Settings) -> tuple[dict[str, AqlmWeight], float, float]:  # fmt: skip
+    """Adam on the codebooks and scales of the sites ``tuned`` of ``block`` (module path ``prefix``; ``modules``,
+    ``entries``: every AQLM site of the block, ``results`` their layer-wise weights) against the block's float output
+    on ``inputs`` (``(args, kwargs, mask)`` per batch), module docstring. Returns ``(results with the tuned sites
+    replaced, block loss of the layer-wise results, block loss of the returned results)``."""
+    with torch.no_grad():
+        targets = [_masked(_hidden(block(*a, **kw)), m).detach() for a, kw, m in inputs]
+    sites = {n: TunedSite(entries[n].parsed, results[n]) for n in tuned}
+    fixed = {n: entries[n].parsed.dequantize(results[n]) for n in modules if n not in sites}
+
+    def replaced(weights):
+        out = {}
+        for n, w in weights.items():
+            w = w.t() if entries[n].site.transposed else w
+            out[n[len(prefix) + 1 :] + ".weight"] = w.to(modules[n].weight.dtype)
+        return out
+
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            params = [p for s in sites.values() for p in (s.books, s.scales)]
+            adam = torch.optim.Adam(params, lr=config.finetune_lr)
+            best, best_state, before = float("inf"), None, None
+            for step in range(config.finetune_steps + 1):  # the last pass only measures the last update
+                leaves = {n: s.weight().detach().requires_grad_(True) for n, s in sites.items()}
+                value = _block_loss(block, inputs, targets, replaced({**fixed, **leaves}))
+                before = value if before is None else before
+                if value < best:
+                    best, best_state = value, {n: s.state() for n, s in sites.items()}
+                if step == config.finetune_steps:
+                    break
+                adam.zero_grad()
+                grads = {n: leaf.grad for n, leaf in leaves.items() if leaf.grad is not None}
+                if grads:
+                    torch.autograd.backward([sites[n].weight() for n in grads], list(grads.values()))
+                adam.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    final = {**results, **{n: s.result(best_state[n]) for n, s in sites.items()}}
+    with torch.no_grad():
+        after = _block_loss(block, inputs, targets, replaced({n: entries[n].parsed.dequantize(final[n])
+                                                             for n in modules}))  # fmt: skip
+    if not after <= before:  # float16 rounding undid the gain: keep the layer-wise results
+        return results, before, before
+    return final, before, after
+
+
+def _layerwise(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> AqlmWeight:
     if stats is None or stats.hessian is None:
         site = getattr(stats, "site", "?")
         raise ValueError(f"site {site}: AQLM needs the input Hessian; the calibration statistics have none")
     return aqlm_quantize(scheme, weight, stats.hessian, options, site=stats.site)
 
 
-register_algorithm(Algorithm("aqlm", _run, needs_calibration=True, wants_hessian=True))
+def block_pass(block, prefix: str, inputs, modules: dict, entries: dict, stats: dict) -> None:
+    """When some AQLM site of ``block`` has ``finetune_steps`` > 0: the layer-wise result of every AQLM site of the
+    block (``modules``: ``{name: linear}``), then :func:`finetune_block`; each final result is kept in
+    ``stats[name]`` for the quantize stage. Prints one line: the block loss before and after. Otherwise nothing."""
+    tuned = [n for n in modules if settings(dict(entries[n].options)).finetune_steps > 0]
+    if not tuned:
+        return
+    config = settings(dict(entries[tuned[0]].options))
+    started = time.perf_counter()
+    weights = {n: _float_weight(modules[n], entries[n].site.transposed) for n in modules}
+    results = {n: _layerwise(entries[n].parsed, weights[n], stats.get(n), dict(entries[n].options)) for n in modules}
+    final, before, after = finetune_block(block, prefix, inputs, modules, entries, results, tuned, config)
+    for n in modules:
+        stats[n].remember(entries[n].parsed, weights[n], dict(entries[n].options), final[n])
+    print(f"aqlm: {prefix}: {len(tuned)} sites fine-tuned, block loss {before:.4g} (layer-wise) -> {after:.4g}, "
+          f"{config.finetune_steps} steps, {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+
+
+def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> AqlmWeight:
+    cached = None if stats is None else stats.cached_result(scheme, weight, options)
+    if cached is not None:  # fine-tuned with its block during calibration, on this very weight
+        return cached
+    return _layerwise(scheme, weight, stats, options)
+
+
+register_algorithm(Algorithm("aqlm", _run, needs_calibration=True, wants_hessian=True, block_pass=block_pass))

@@ -18,7 +18,7 @@ PER_ALGORITHM = {
     "smoothquant": ("alpha", "explicit_scales"),
     "hqq": ("iterations", "lp_norm", "beta", "kappa", "optimize_scale"),
     "autoround": ("iters", "lr", "minmax_lr", "nsamples", "batch_size", "preset"),
-    "aqlm": ("iters", "beam", "tolerance", "cg_steps", "damp", "force"),
+    "aqlm": ("iters", "beam", "tolerance", "cg_steps", "damp", "force", "finetune_steps", "finetune_lr"),
     "spqr": ("damp", "percdamp", "block_size", "act_order", "outlier_threshold"),
     "vptq": ("damp", "block_size", "kmeans_iters", "refit_steps", "force"),
     "rtn": (),

@@ -6,7 +6,10 @@ decode step issues about two thousand small ops (masks, cache bookkeeping, modul
 same arithmetic with about 25 ops a layer: RMSNorm by ``F.rms_norm``, the query/key/value projections fused into one
 linear and gate/up into another (when their packed tensors can be stacked by output rows), rotary embeddings from a
 table of ``cos``/``sin`` that the model's own rotary module computes once (so every rope scaling it knows applies), a
-static key/value cache written in place, and ``F.scaled_dot_product_attention`` over the filled part.
+static key/value cache written in place, and ``F.scaled_dot_product_attention`` over the filled part. On CPU,
+RMSNorm and the rotary embedding are one C++ call each (``qcompile_cpu::rms_norm``, ``qcompile_cpu::rope_`` of
+``codegen/cpp/op/decoder_ops.cpp``; torch's own ``F.rms_norm`` runs about twenty ops on CPU) where the op library
+loads and the model is float32 or bfloat16; elsewhere, and under ``torch.compile``, the same math in torch ops.
 
 Shapes: ``step(input_ids [B, T], start)`` writes positions ``start .. start+T-1`` of the cache and returns the logits
 of the last position ``[B, V]``; ``B`` up to ``max_batch``, ``start + T`` up to ``max_length``. Rows of a batch share
@@ -155,6 +158,19 @@ class Decoder(nn.Module):
         self.register_buffer("keys", torch.zeros(shape, dtype=self.dtype), persistent=False)
         self.register_buffer("values", torch.zeros(shape, dtype=self.dtype), persistent=False)
         self.fused = sum(not isinstance(layer.qkv, _Split) for layer in self.layers)
+        self.cpu_ops = self.embed.weight.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+        if self.cpu_ops:
+            from qcompile.codegen.cpp import op
+
+            self.cpu_ops = op.load()
+
+    def _fast(self) -> bool:
+        return self.cpu_ops and not torch.compiler.is_compiling()
+
+    def _norm(self, x, weight):
+        if self._fast():
+            return torch.ops.qcompile_cpu.rms_norm(x.contiguous(), weight, self.eps)
+        return F.rms_norm(x, (self.hidden,), weight, self.eps)
 
     def _rope(self, x, cos, sin):
         half = self.head_dim // 2
@@ -180,20 +196,24 @@ class Decoder(nn.Module):
         mask = None
         if count > 1:
             mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        fast = self._fast()
         for i, layer in enumerate(self.layers):
-            y = layer.qkv(F.rms_norm(x, (self.hidden,), layer.norm1, self.eps))
+            y = layer.qkv(self._norm(x, layer.norm1))
+            if fast:
+                torch.ops.qcompile_cpu.rope_(y, cos, sin, h + kv)  # the query and key heads, in place
             q, k, v = y.split((h * d, kv * d, kv * d), dim=-1)
-            q = self._rope(q.view(batch, count, h, d).transpose(1, 2), cos, sin)
-            k = self._rope(k.view(batch, count, kv, d).transpose(1, 2), cos, sin)
+            q, k = q.view(batch, count, h, d).transpose(1, 2), k.view(batch, count, kv, d).transpose(1, 2)
+            if not fast:
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             keys, values = self.keys[i, :batch], self.values[i, :batch]
             keys[:, :, start:end] = k
             values[:, :, start:end] = v.view(batch, count, kv, d).transpose(1, 2)
             a = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
                                                enable_gqa=h != kv)  # fmt: skip
             x = x + layer.out(a.transpose(1, 2).reshape(batch, count, h * d))
-            g, u = layer.gate_up(F.rms_norm(x, (self.hidden,), layer.norm2, self.eps)).chunk(2, dim=-1)
+            g, u = layer.gate_up(self._norm(x, layer.norm2)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(g) * u)
-        return self.head(F.rms_norm(x[:, -1], (self.hidden,), self.norm, self.eps))
+        return self.head(self._norm(x[:, -1], self.norm))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:

@@ -79,3 +79,46 @@ def test_models_it_cannot_run_are_refused_by_name():
         decoder.step(_ids(1, 9), 0)
     with pytest.raises(ValueError, match=r"batch 2 \(max 1\)"):
         decoder.step(_ids(2, 3), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_rms_norm_and_rope_ops_match_transformers(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from qcompile.codegen.cpp import op
+
+    assert op.load()
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 5, 48, generator=generator).to(dtype)
+    norm = LlamaRMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=generator))
+        expected = norm(x)
+    got = torch.ops.qcompile_cpu.rms_norm(x, norm.weight.detach(), 1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+    heads, d = 3, 16  # two query heads and one key head rotated, the value head left alone
+    qkv = torch.randn(2, 5, (heads + 1) * d, generator=generator).to(dtype)
+    cos, sin = torch.randn(5, d, generator=generator).to(dtype), torch.randn(5, d, generator=generator).to(dtype)
+    q = qkv[..., : 2 * d].reshape(2, 5, 2, d).transpose(1, 2)
+    k = qkv[..., 2 * d : 3 * d].reshape(2, 5, 1, d).transpose(1, 2)
+    q_ref, k_ref = apply_rotary_pos_emb(q.float(), k.float(), cos.float()[None], sin.float()[None])
+    rotated = qkv.clone()
+    torch.ops.qcompile_cpu.rope_(rotated, cos, sin, heads)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(rotated[..., : 2 * d].reshape(2, 5, 2, d).transpose(1, 2).float(), q_ref, **tol)
+    torch.testing.assert_close(rotated[..., 2 * d : 3 * d].reshape(2, 5, 1, d).transpose(1, 2).float(), k_ref, **tol)
+    assert torch.equal(rotated[..., 3 * d :], qkv[..., 3 * d :])
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.qcompile_cpu.rms_norm(x.double(), norm.weight.double(), 1e-6)
+    with pytest.raises(RuntimeError, match="5 heads of 16 channels"):
+        torch.ops.qcompile_cpu.rope_(qkv, cos, sin, 5)  # 5 heads of 16 channels do not fit in 64
+
+
+def test_the_torch_path_gives_the_same_logits_as_the_cpu_ops():
+    model = _quantized("int4-g32")
+    ids = _ids(1, 7, seed=8)
+    fast = Decoder(model, max_length=32)
+    plain = Decoder(model, max_length=32)
+    plain.cpu_ops = False
+    assert fast.cpu_ops
+    torch.testing.assert_close(fast.step(ids, 0), plain.step(ids, 0), rtol=1e-5, atol=1e-5)

@@ -23,6 +23,8 @@ import torch
 from qcompile.codegen.cpp import build
 
 SOURCE = build.SOURCE_DIR / "op" / "qcompile_op.cpp"
+#: every source of the op library: the linear op and the decoder's small fused ops (``op/decoder_ops.cpp``)
+SOURCES = tuple(sorted((build.SOURCE_DIR / "op").glob("*.cpp")))
 LIBRARY_NAME = "libqcompile_op.so"
 ENV = "QCOMPILE_CPU_OP"
 FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared", "-w")
@@ -40,7 +42,8 @@ def _torch_flags() -> list[str]:
 def library_path(cpu_library: pathlib.Path) -> pathlib.Path:
     cxx = build.compiler()
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), (build.SOURCE_DIR / "qc_abi.h").read_bytes(), str(cpu_library).encode(),
+    sources = b"\0".join(s.read_bytes() for s in SOURCES)
+    for part in (sources, (build.SOURCE_DIR / "qc_abi.h").read_bytes(), str(cpu_library).encode(),
                  torch.__version__.encode(), repr(FLAGS).encode(), build._compiler_version(cxx).encode()):  # fmt: skip
         digest.update(part + b"\0")
     return build.cache_root() / "op" / digest.hexdigest()[:24] / LIBRARY_NAME
@@ -55,7 +58,7 @@ def compile_library(cpu_library: pathlib.Path) -> pathlib.Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as work:
         temporary = os.path.join(work, LIBRARY_NAME)
         link = [f"-L{cpu_library.parent}", f"-l:{cpu_library.name}", f"-Wl,-rpath,{cpu_library.parent}"]
-        command = [build.compiler(), *FLAGS, str(SOURCE), "-o", temporary, *_torch_flags(), *link]
+        command = [build.compiler(), *FLAGS, *map(str, SOURCES), "-o", temporary, *_torch_flags(), *link]
         build._run(command, SOURCE.name)
         os.replace(temporary, target)
     return target

@@ -248,7 +248,14 @@ TRACE_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def traced_graphs(tmp_path_factory):
-    env = dict(os.environ, QCOMPILE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), TRITON_INTERPRET="0")
+    from qcompile.codegen.cpp import build, library
+
+    cache = tmp_path_factory.mktemp("cache")  # a fresh tuning store; the C++ libraries built already are shared
+    library.library_file()
+    for part in ("cpp", "op"):
+        if (build.cache_root() / part).is_dir():
+            (cache / part).symlink_to(build.cache_root() / part, target_is_directory=True)
+    env = dict(os.environ, QCOMPILE_CACHE_DIR=str(cache), TRITON_INTERPRET="0")
     result = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], capture_output=True, text=True, env=env,
                             timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]

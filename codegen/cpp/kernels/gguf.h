@@ -24,7 +24,8 @@
 //                   groups of 4 elements of (ds * dx) * (sum s * xq), minus sum_c dm[c] * dx * (sum of xq over c):
 //                   the integer sums are exact (AVX-512 VNNI vpdpbusd on
 //                   s + 128 with -128 * sum(xq) as the start value; AVX2 vpmaddubsw on |s| and sign(xq, s), pairs at
-//                   most 2 * 128 * 127; scalar int32), the scales are applied in float32.
+//                   most 2 * 128 * 127; scalar int32), the scales are applied in float32. Up to 4 tokens of Q4_0,
+//                   Q4_1 and Q8_0 take kernels/gguf_gemv.h's register form on AVX-512 (the same integer sums).
 //   dequant_gguf:   rows n0..n1 of w [n1 - n0, K]: float32 bit for bit gguf_blocks.dequantize, or bfloat16 (y_bf16)
 //                   rounded to nearest even as torch's .to(torch.bfloat16) (reads no x).
 // Threads take chunks of 8 output rows (dynamic); each output is computed by one thread, so results do not depend
@@ -704,6 +705,8 @@ static int gguf_rows(const qc_call* c, const gguf_type t, bool q8, int64_t Kq, c
 
 // The one-token form of the 32-element block types (kernels/gguf_gemv.h); false where it does not take the call.
 static bool gguf_gemv(const qc_call* c, int type, const float* xf, const float* xs, int64_t Kq);
+static bool gguf_gemv_q8(const qc_call* c, int type, const int8_t* xq, const float* dxl, const int32_t* x4,
+                         int64_t Kq);
 
 static int gguf_linear(const qc_call* c, const gguf_type t, const bool q8) {
     const int64_t M = c->M, K = c->K;
@@ -720,7 +723,9 @@ static int gguf_linear(const qc_call* c, const gguf_type t, const bool q8) {
         else
             gguf_prepare_f(c->x, c->x_bf16, M, K, Kq, xf, xs, c->threads);
         const gguf_acts a{xf, dxl, xs, xq, x4, c->bias, c->y, c->y_bf16};
-        if (q8 || !gguf_gemv(c, (int)c->ints[0], xf, xs, Kq))
+        const bool served = q8 ? gguf_gemv_q8(c, (int)c->ints[0], xq, dxl, x4, Kq)
+                               : gguf_gemv(c, (int)c->ints[0], xf, xs, Kq);
+        if (!served)
             failed = M == 1 ? gguf_rows<1>(c, t, q8, Kq, a) : gguf_rows<GGUF_NR>(c, t, q8, Kq, a);
     }
     free(xf);

@@ -214,8 +214,153 @@ static bool gguf_gemv(const qc_call* c, int type, const float* xf, const float* 
     return false;
 }
 
+#if defined(__AVX512F__)
+// -- the int8-activation form (linear_gguf_q8) of Q4_0, Q4_1 and Q8_0, up to GGUF_GEMV_Q8_TOKENS tokens ------------
+// The activations as gguf_prepare_q8 makes them (xq int8 per block of 32 with dx = amax / 127, x4 = -128 * sums of
+// 4); per block dx_b and dx_b * (sum of its xq) are gathered once per call. Q4 types take 4 blocks a step: their 4 x 16
+// code bytes in one register, low nibbles (elements 0..15 of each block) and high nibbles (16..31) against the
+// activations reordered the same way once per call; vpdpbusd gives exact int32 sums, which are scaled by d_b * dx_b
+// in float32 (Q4_0's -8 and Q4_1's min enter as d_b * -8, m_b times dx_b * sum xq). Q8_0 takes 2 blocks a step
+// (codes + 128 against xq, started at x4). Same integer sums as gguf.h's q8 tiles; float32 summation order differs.
+constexpr int64_t GGUF_GEMV_Q8_TOKENS = 4;
+
+static inline __m128 gguf_q8_halves4(const uint8_t* p, int64_t stride) {
+    uint16_t h[4];
+    for (int j = 0; j < 4; j++) memcpy(h + j, p + j * stride, 2);
+    return _mm_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3], 0, 0, 0, 0));
+}
+
+static inline __m512 gguf_q8_lanes4(__m128 v) {  // lanes 4j..4j+3 = v[j]
+    return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                 _mm512_castps128_ps512(v));
+}
+
+// One token, one Q4 row: sum_b d_b dx_b (q . xq) + (Q4_1) m_b dx_b sum xq, (Q4_0) - 8 d_b dx_b sum xq.
+template <int QS, int BYTES, bool MIN>
+static inline float gguf_q8_row_q4(const uint8_t* row, int64_t nb, const int8_t* xr, const int8_t* xq,
+                                   const float* dxb, const float* xsb) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 acc = _mm512_setzero_ps();
+    __m128 side = _mm_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        const uint8_t* p = row + b * BYTES;
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(p + QS)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p + BYTES + QS)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p + 2 * BYTES + QS)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p + 3 * BYTES + QS)), 3);
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        const int8_t* x = xr + b * 32;
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void*)x));
+        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void*)(x + 64)));
+        const __m128 d = gguf_q8_halves4(p, BYTES);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), gguf_q8_lanes4(_mm_mul_ps(d, _mm_loadu_ps(dxb + b))), acc);
+        const __m128 sums = _mm_loadu_ps(xsb + b);
+        side = MIN ? _mm_fmadd_ps(gguf_q8_halves4(p + 2, BYTES), sums, side)
+                   : _mm_fmadd_ps(_mm_mul_ps(d, _mm_set1_ps(-8.0f)), sums, side);
+    }
+    float total = _mm512_reduce_add_ps(acc);
+    __m128 t = _mm_add_ps(side, _mm_movehl_ps(side, side));
+    total += _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+    for (; b < nb; b++) {  // the last blocks one at a time, activations in element order
+        const uint8_t* p = row + b * BYTES;
+        const __m128i v = _mm_loadu_si128((const __m128i*)(p + QS));
+        const __m256i codes = _mm256_setr_m128i(_mm_and_si128(v, _mm_set1_epi8(0x0f)),
+                                                _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0f)));
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes,
+                                                _mm256_loadu_si256((const __m256i*)(xq + b * 32)));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(dot), _mm256_extracti128_si256(dot, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        const float d = gguf_gemv_half(p);
+        total += d * dxb[b] * (float)_mm_cvtsi128_si32(s4) + (MIN ? gguf_gemv_half(p + 2) : -8.0f * d) * xsb[b];
+    }
+    return total;
+}
+
+// One token, one Q8_0 row: sum_b d_b dx_b (q . xq), two blocks a step.
+static inline float gguf_q8_row_q8_0(const uint8_t* row, int64_t nb, const int8_t* xq, const int32_t* x4,
+                                     const float* dxb) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t* p = row + b * 34;
+        __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(p + 2)));
+        v = _mm512_xor_si512(_mm512_inserti64x4(v, _mm256_loadu_si256((const __m256i*)(p + 36)), 1), flip);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void*)(x4 + b * 8)), v,
+                                                _mm512_loadu_si512((const void*)(xq + b * 32)));
+        const __m512 scale = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castps_pd(_mm512_set1_ps(gguf_gemv_half(p) * dxb[b])),
+            _mm256_castps_pd(_mm256_set1_ps(gguf_gemv_half(p + 34) * dxb[b + 1])), 1));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+    }
+    float total = _mm512_reduce_add_ps(acc);
+    for (; b < nb; b++) {
+        const uint8_t* p = row + b * 34;
+        const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + 2)), _mm256_set1_epi8((char)0x80));
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_loadu_si256((const __m256i*)(x4 + b * 8)), v,
+                                                _mm256_loadu_si256((const __m256i*)(xq + b * 32)));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(dot), _mm256_extracti128_si256(dot, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        total += gguf_gemv_half(p) * dxb[b] * (float)_mm_cvtsi128_si32(s4);
+    }
+    return total;
+}
+
+// xq [M, Kq], dxl and x4 [M, Kq / 4] from gguf_prepare_q8 (blocks of 32); returns false for calls it does not take.
+static bool gguf_gemv_q8(const qc_call* c, int type, const int8_t* xq, const float* dxl, const int32_t* x4,
+                         int64_t Kq) {
+    if (c->M > GGUF_GEMV_Q8_TOKENS || (type != 2 && type != 3 && type != 8)) return false;
+    const int64_t M = c->M, N = c->N, nb = (c->K + 31) / 32;
+    const int64_t bytes = type == 2 ? 18 : type == 3 ? 20 : 34, row_bytes = nb * bytes;
+    float* dxb = (float*)scratch_alloc((size_t)(M * nb) * sizeof(float));
+    float* xsb = (float*)scratch_alloc((size_t)(M * nb) * sizeof(float));
+    int8_t* xr = (int8_t*)scratch_alloc((size_t)(M * nb * 32));
+    if (!dxb || !xsb || !xr) {
+        free(dxb), free(xsb), free(xr);
+        return false;  // the row-scratch path reports the allocation failure
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            const int8_t* x = xq + m * Kq + b * 32;
+            int32_t sum = 0;
+            for (int e = 0; e < 32; e++) sum += x[e];
+            dxb[m * nb + b] = dxl[m * (Kq / 4) + b * 8];
+            xsb[m * nb + b] = dxb[m * nb + b] * (float)sum;
+            if (b >= nb / 4 * 4) continue;  // only full groups of 4 blocks are reordered
+            int8_t* r = xr + m * nb * 32 + (b / 4) * 128 + (b % 4) * 16;
+            memcpy(r, x, 16);
+            memcpy(r + 64, x + 16, 16);
+        }
+    const uint8_t* blocks = (const uint8_t*)c->tensors[0];
+#pragma omp parallel for schedule(static, 16) num_threads(c->threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t* row = blocks + n * row_bytes;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t* x = xq + m * Kq;
+            const float *d = dxb + m * nb, *s = xsb + m * nb;
+            float y;
+            if (type == 2)
+                y = gguf_q8_row_q4<2, 18, false>(row, nb, xr + m * nb * 32, x, d, s);
+            else if (type == 3)
+                y = gguf_q8_row_q4<4, 20, true>(row, nb, xr + m * nb * 32, x, d, s);
+            else
+                y = gguf_q8_row_q8_0(row, nb, x, x4 + m * (Kq / 4), d);
+            store_output(c->y, c->y_bf16, m * N + n, y + (c->bias ? c->bias[n] : 0.0f));
+        }
+    }
+    free(dxb), free(xsb), free(xr);
+    return true;
+}
+#else
+static bool gguf_gemv_q8(const qc_call*, int, const int8_t*, const float*, const int32_t*, int64_t) { return false; }
+#endif
+
 #else  // scalar variant: the row-scratch path of gguf.h serves every call
 
 static bool gguf_gemv(const qc_call*, int, const float*, const float*, int64_t) { return false; }
+static bool gguf_gemv_q8(const qc_call*, int, const int8_t*, const float*, const int32_t*, int64_t) { return false; }
 
 #endif

@@ -13,6 +13,7 @@
 | `tiles`     | ``@triton.jit`` helpers shared by the kernels                                 |
 | `traceable` | the rows' launches as a graph tracer records them, for inductor to compile    |
 | `common`    | interpreter detection, M buckets, dtypes                                      |
+| `rows`      | what the families' CUDA rows share: the call checks, the one-row list         |
 | `asm`       | compiles the real launches for a GPU target on any host and reads the code    |
 
 A family with kernels of its own adds its module here and names it in its registry entry (``Family.kernels``),

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.triton import autotune, common
+from qcompile.codegen.triton.rows import cuda_call_reason, cuda_rows
 from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices
 from qcompile.runtime.dispatch import KernelEntry
 from qcompile.schemes import as_scheme
@@ -169,25 +170,9 @@ def bnb4_linear(x: torch.Tensor, packed, bias: torch.Tensor | None, scheme, out_
 # -- dispatch rows ------------------------------------------------------------------------------------------------
 def supports(scheme, x, packed) -> str | None:
     """``None`` when the Triton bnb4 kernel serves the call, else why not."""
-    missing = common.triton_missing()
-    if missing is not None:
-        return missing
-    if x.device.type != "cuda":
-        return f"needs a CUDA tensor, got {x.device.type}"
-    if x.dtype not in common.ACTIVATION_DTYPES:
-        return f"activations must be float16, bfloat16 or float32, got {x.dtype}"
-    capability = common.device_capability(x.device)
-    if capability < (8, 0):
-        return f"needs compute capability 8.0+, the device has {capability[0]}.{capability[1]}"
-    for index, tensor in enumerate(packed):
-        if tensor.device != x.device:
-            return f"packed tensor {index} is on {tensor.device}, the activation on {x.device}"
-    return None
+    return cuda_call_reason(x, packed)
 
 
 def kernel_entries(family: str) -> list[KernelEntry]:
     """The Triton bnb4 row (CUDA only; none when triton cannot be imported)."""
-    if family != FAMILY or common.triton_missing() is not None:
-        return []
-    return [KernelEntry(name="triton-bnb4", device_type="cuda", families=(FAMILY,), supports=supports, bind=bind,
-                        priority=PRIORITY)]  # fmt: skip
+    return cuda_rows(family, FAMILY, "triton-bnb4", supports, bind, PRIORITY)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.triton import autotune, common, traceable
+from qcompile.codegen.triton.rows import cuda_call_reason, cuda_rows
 from qcompile.codegen.triton.tiles import load_bias, split_k_range, store_tile, tile_indices, tile_start
 from qcompile.codegen.triton.w8a8 import round_half_even, round_to_e4m3_grid
 from qcompile.runtime.dispatch import KernelEntry
@@ -415,22 +416,9 @@ def supports(scheme, x, packed) -> str | None:
         return missing
     if scheme.family not in FAMILIES:
         return f"{scheme.name} is not an FP4 scheme"
-    if x.device.type != "cuda":
-        return f"needs a CUDA tensor, got {x.device.type}"
-    if x.dtype not in common.ACTIVATION_DTYPES:
-        return f"activations must be float16, bfloat16 or float32, got {x.dtype}"
-    capability = common.device_capability(x.device)
-    if capability < (8, 0):
-        return f"needs compute capability 8.0+, the device has {capability[0]}.{capability[1]}"
-    for index, tensor in enumerate(packed):
-        if tensor.device != x.device:
-            return f"packed tensor {index} is on {tensor.device}, the activation on {x.device}"
-    return None
+    return cuda_call_reason(x, packed)
 
 
 def kernel_entries(family: str) -> list[KernelEntry]:
     """The Triton FP4 row for ``family`` (CUDA only; none when triton cannot be imported)."""
-    if family not in FAMILIES or common.triton_missing() is not None:
-        return []
-    return [KernelEntry(name="triton-fp4", device_type="cuda", families=FAMILIES, supports=supports, bind=bind,
-                        priority=PRIORITY, inline=traceable.inline)]  # fmt: skip
+    return cuda_rows(family, FAMILIES, "triton-fp4", supports, bind, PRIORITY, inline=traceable.inline)

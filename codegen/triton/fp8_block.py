@@ -19,6 +19,7 @@ import functools
 import torch
 
 from qcompile.codegen.triton import common
+from qcompile.codegen.triton.rows import cuda_call_reason, cuda_rows
 from qcompile.runtime.dispatch import KernelEntry
 from qcompile.schemes.fp8_block import BLOCK, FP8Block, cdiv
 
@@ -109,21 +110,7 @@ def fp8_block_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 
 def supports(scheme, x, packed) -> str | None:
-    missing = common.triton_missing()
-    if missing is not None:
-        return missing
-    if x.device.type != "cuda":
-        return f"needs a CUDA tensor, got {x.device.type}"
-    if x.dtype not in common.ACTIVATION_DTYPES:
-        return f"activations must be float16, bfloat16 or float32, got {x.dtype}"
-    capability = common.device_capability(x.device)
-    if capability < MIN_CAPABILITY:
-        return (f"e4m3 dots need compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+, the device has "
-                f"{capability[0]}.{capability[1]}")  # fmt: skip
-    for index, tensor in enumerate(packed):
-        if tensor.device != x.device:
-            return f"packed tensor {index} is on {tensor.device}, the activation on {x.device}"
-    return None
+    return cuda_call_reason(x, packed, MIN_CAPABILITY, needs="e4m3 dots need compute capability {}+")
 
 
 def bind(scheme, x, packed, bias, out_features):
@@ -138,6 +125,4 @@ def bind(scheme, x, packed, bias, out_features):
 
 def kernel_entries(family: str) -> list[KernelEntry]:
     """The family's CUDA row (none when triton cannot be imported)."""
-    if family != "fp8-block" or common.triton_missing() is not None:
-        return []
-    return [KernelEntry("triton-fp8-block", "cuda", (family,), supports, bind, PRIORITY)]
+    return cuda_rows(family, "fp8-block", "triton-fp8-block", supports, bind, PRIORITY)

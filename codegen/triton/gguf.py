@@ -22,6 +22,7 @@ import functools
 import torch
 
 from qcompile.codegen.triton import autotune, common
+from qcompile.codegen.triton.rows import cuda_call_reason, cuda_rows
 from qcompile.runtime.dispatch import KernelEntry
 from qcompile.schemes import as_scheme
 from qcompile.schemes.gguf_blocks import BLOCK_TYPES
@@ -195,25 +196,11 @@ def supports(scheme, x, packed) -> str | None:
         return f"{scheme.name} is not a {FAMILY} scheme"
     if scheme.name not in TYPES:
         return f"no Triton kernel for ggml type {scheme.name}"
-    if x.device.type != "cuda":
-        return f"needs a CUDA tensor, got {x.device.type}"
-    if x.dtype not in common.ACTIVATION_DTYPES:
-        return f"activations must be float16, bfloat16 or float32, got {x.dtype}"
-    capability = common.device_capability(x.device)
-    if capability < MIN_CAPABILITY:
-        return (f"needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+, the device has "
-                f"{capability[0]}.{capability[1]}")  # fmt: skip
-    for index, tensor in enumerate(packed):
-        if tensor.device != x.device:
-            return f"packed tensor {index} is on {tensor.device}, the activation on {x.device}"
-    return None
+    return cuda_call_reason(x, packed, MIN_CAPABILITY)
 
 
 def kernel_entries(family: str) -> list[KernelEntry]:
     """The family's CUDA row (none when triton cannot be imported)."""
-    if family != FAMILY or common.triton_missing() is not None:
-        return []
     from qcompile.codegen.triton import traceable
 
-    return [KernelEntry(name="triton-gguf", device_type="cuda", families=(FAMILY,), supports=supports, bind=bind,
-                        priority=PRIORITY, inline=traceable.inline)]  # fmt: skip
+    return cuda_rows(family, FAMILY, "triton-gguf", supports, bind, PRIORITY, inline=traceable.inline)

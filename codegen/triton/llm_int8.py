@@ -28,6 +28,7 @@ import triton.language as tl
 from qcompile.codegen.triton import common
 from qcompile.codegen.triton.peers import DTYPE_CODES, round_to
 from qcompile.codegen.triton.w8a8 import round_half_even
+from qcompile.codegen.triton.rows import cuda_call_reason, cuda_rows
 from qcompile.runtime.dispatch import KernelEntry
 from qcompile.schemes.llm_int8 import INV_127
 
@@ -148,14 +149,7 @@ def llm_int8_linear(scheme, x: torch.Tensor, packed, bias: torch.Tensor | None, 
 
 
 def supports(scheme, x, packed) -> str | None:
-    if x.device.type != "cuda":
-        return f"needs a CUDA tensor, got {x.device.type}"
-    if x.dtype not in DTYPE_CODES:
-        return f"activations must be float16, bfloat16 or float32, got {x.dtype}"
-    capability = common.device_capability(x.device)
-    if capability < (8, 0):
-        return f"int8 tl.dot needs compute capability 8.0+, the device has {capability[0]}.{capability[1]}"
-    return None
+    return cuda_call_reason(x, (), needs="int8 tl.dot needs compute capability {}+")
 
 
 def bind(scheme, x, packed, bias, out_features):
@@ -167,6 +161,4 @@ def bind(scheme, x, packed, bias, out_features):
 
 def kernel_entries(family: str) -> list[KernelEntry]:
     """The CUDA row of ``llm-int8`` (none when triton cannot be imported)."""
-    if family != "llm-int8" or common.triton_missing() is not None:
-        return []
-    return [KernelEntry("triton-llm-int8", "cuda", (family,), supports, bind, PRIORITY)]
+    return cuda_rows(family, "llm-int8", "triton-llm-int8", supports, bind, PRIORITY)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from qcompile.codegen.triton import common, int4, traceable, w8a8, w8a16
+from qcompile.codegen.triton.rows import packed_device_reason
 from qcompile.runtime.dispatch import KernelEntry
 from qcompile.schemes import FP8, IntWeightOnly, Scheme
 
@@ -120,12 +121,7 @@ def _supports(row: KernelPath, scheme, x, packed) -> str | None:
         return missing
     m = x.numel() // max(1, x.shape[-1])
     reason = path_reason(row, scheme, m, x.device.type, common.device_capability(x.device), x.dtype)
-    if reason is not None:
-        return reason
-    for index, tensor in enumerate(packed):
-        if tensor.device != x.device:
-            return f"packed tensor {index} is on {tensor.device}, the activation on {x.device}"
-    return None
+    return reason if reason is not None else packed_device_reason(x, packed)
 
 
 #: the families whose schemes these rows serve (each row's ``serves`` picks its schemes among them)

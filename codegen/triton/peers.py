@@ -45,6 +45,7 @@ import triton.language as tl
 from qcompile.codegen import layout_rows
 from qcompile.codegen.triton import common
 from qcompile.codegen.triton.w8a8 import E4M3_MAX, round_half_even, round_to_e4m3_grid
+from qcompile.codegen.triton.rows import cuda_call_reason, cuda_rows
 from qcompile.runtime.dispatch import KernelEntry
 
 PRIORITY = 10
@@ -332,11 +333,7 @@ def int2_linear(scheme, x: torch.Tensor, packed, bias: torch.Tensor | None, out_
 def _int2_supports(scheme, x, packed) -> str | None:
     if getattr(scheme, "weights", None) != "int2" or scheme.quantizes_activations:
         return f"the 2-bit kernel takes weight-only quanto int2 schemes, not {scheme.name}"
-    if x.device.type != "cuda":
-        return f"needs a CUDA tensor, got {x.device.type}"
-    if x.dtype not in DTYPE_CODES:
-        return f"activations must be float16, bfloat16 or float32, got {x.dtype}"
-    return None
+    return cuda_call_reason(x, (), capability=None)
 
 
 def _int2_bind(scheme, x, packed, bias, out_features):
@@ -350,14 +347,9 @@ def _fp8_a8_supports(scheme, x, packed) -> str | None:
     mode = getattr(scheme, "activation_mode", None)
     if mode != "token-fp8":
         return f"the fp8-activation kernel takes torchao fp8-a8, {scheme.name} has {mode or 'none (weight-only)'}"
-    if x.device.type != "cuda":
-        return f"needs a CUDA tensor, got {x.device.type}"
-    if x.dtype not in (torch.bfloat16, torch.float16):
+    if x.device.type == "cuda" and x.dtype not in (torch.bfloat16, torch.float16):  # float32 has its own reason
         return f"takes bfloat16 or float16 activations (float32 ones run fp8-w8a8's row), got {x.dtype}"
-    capability = common.device_capability(x.device)
-    if capability < (8, 9):
-        return f"float8 tl.dot needs compute capability 8.9+, the device has {capability[0]}.{capability[1]}"
-    return None
+    return cuda_call_reason(x, (), (8, 9), needs="float8 tl.dot needs compute capability {}+")
 
 
 def _fp8_a8_bind(scheme, x, packed, bias, out_features):
@@ -371,14 +363,7 @@ def _a8_supports(scheme, x, packed) -> str | None:
     mode = getattr(scheme, "activation_mode", None)
     if mode not in MODES:
         return f"the int8-activation kernel takes int8 activations, {scheme.name} has {mode or 'none (weight-only)'}"
-    if x.device.type != "cuda":
-        return f"needs a CUDA tensor, got {x.device.type}"
-    if x.dtype not in DTYPE_CODES:
-        return f"activations must be float16, bfloat16 or float32, got {x.dtype}"
-    capability = common.device_capability(x.device)
-    if capability < (8, 0):
-        return f"int8 tl.dot needs compute capability 8.0+, the device has {capability[0]}.{capability[1]}"
-    return None
+    return cuda_call_reason(x, (), needs="int8 tl.dot needs compute capability {}+")
 
 
 def _a8_bind(scheme, x, packed, bias, out_features):
@@ -392,10 +377,9 @@ def kernel_entries(family: str) -> list[KernelEntry]:
     """The CUDA rows of ``family`` (none when triton cannot be imported)."""
     if common.triton_missing() is not None:
         return []
-    own = KernelEntry(f"triton-{family}-a8", "cuda", (family,), _a8_supports, _a8_bind, PRIORITY)
-    rows = [*layout_rows.delegated_entries(family, "cuda"), own]
-    if family == "torchao":
-        rows.append(KernelEntry("triton-torchao-fp8-a8", "cuda", (family,), _fp8_a8_supports, _fp8_a8_bind, PRIORITY))
-    if family == "quanto":
-        rows.append(KernelEntry("triton-quanto-int2", "cuda", (family,), _int2_supports, _int2_bind, PRIORITY))
-    return rows
+    return [
+        *layout_rows.delegated_entries(family, "cuda"),
+        *cuda_rows(family, family, f"triton-{family}-a8", _a8_supports, _a8_bind, PRIORITY),
+        *cuda_rows(family, "torchao", "triton-torchao-fp8-a8", _fp8_a8_supports, _fp8_a8_bind, PRIORITY),
+        *cuda_rows(family, "quanto", "triton-quanto-int2", _int2_supports, _int2_bind, PRIORITY),
+    ]

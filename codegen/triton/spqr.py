@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.triton import common
+from qcompile.codegen.triton.rows import cuda_call_reason, cuda_rows
 from qcompile.runtime.dispatch import KernelEntry
 from qcompile.schemes import as_scheme
 from qcompile.schemes.spqr import TILE
@@ -162,26 +163,9 @@ def spqr_linear(x: torch.Tensor, packed, bias: torch.Tensor | None = None, **con
 # -- dispatch row -----------------------------------------------------------------------------------------------------
 def supports(scheme, x, packed) -> str | None:
     """``None`` when the Triton SpQR kernels serve the call, else why not."""
-    missing = common.triton_missing()
-    if missing is not None:
-        return missing
-    if x.device.type != "cuda":
-        return f"needs a CUDA tensor, got {x.device.type}"
-    if x.dtype not in common.ACTIVATION_DTYPES:
-        return f"activations must be float16, bfloat16 or float32, got {x.dtype}"
-    capability = common.device_capability(x.device)
-    if capability < (8, 0):
-        return f"needs compute capability 8.0+, the device has {capability[0]}.{capability[1]}"
-    for index, tensor in enumerate(packed):
-        if tensor.device != x.device:
-            return f"packed tensor {NAMES[index] if index < len(NAMES) else index} is on {tensor.device}, the " \
-                   f"activation on {x.device}"
-    return None
+    return cuda_call_reason(x, packed, names=NAMES)
 
 
 def kernel_entries(family: str) -> list[KernelEntry]:
     """The Triton SpQR row (CUDA only; none when triton cannot be imported)."""
-    if family != "spqr" or common.triton_missing() is not None:
-        return []
-    return [KernelEntry(name="triton-spqr", device_type="cuda", families=("spqr",), supports=supports, bind=bind,
-                        priority=PRIORITY)]  # fmt: skip
+    return cuda_rows(family, "spqr", "triton-spqr", supports, bind, PRIORITY)

@@ -23,6 +23,20 @@ lowest loss are kept (``V = 0, α = β = 1`` among them: the kept loss never exc
 step's batches). The codes and scales of the kept iterate are the site's result (the exact ``u, s, z`` of the fake
 quantization, in the canonical form of :mod:`qcompile.schemes.integer`).
 
+**Block grids** (GGUF's legacy types ``q4_0, q4_1, q5_0, q5_1, q8_0``, through ``scheme.affine_block_grid``): the
+same ``V``, ``α``, ``β`` per block of 32, ``d`` and ``m`` rounded to float16 in the forward (straight through) so
+the loss sees the values the file holds, the rounding that of llama.cpp's reference quantizer (so ``V = 0, α = β =
+1`` is its round to nearest, bit for bit)::
+
+    peak   (q4_0, q5_0):  d = α·max / −c,  q = clamp(⌊x/d + c + 0.5 + V⌋, 0, hi)      w_q = f16(d)·(q − c)
+    range  (q4_1, q5_1):  d = (α·max − β·min) / hi,  m = β·min,
+                          q = clamp(⌊(x − m)/d + 0.5 + V⌋, 0, hi)                    w_q = f16(d)·q + f16(m)
+    absmax (q8_0):        d = α·max|x| / hi,  q = clamp(roundf(x/d + V), −hi, hi)    w_q = q·f16(d)
+
+(``c`` 8 or 16, ``hi`` 15, 31 or 127; ``max`` in ``peak`` is the signed value of the largest ``|x|``; ``x/d`` is
+``x · (1/d)``, ``1/d = 0`` where ``d = 0``). The result is the scheme's blocks of exactly those ``q``,
+``f16(d)``, ``f16(m)``. K-quants and IQ4 types are refused by name.
+
 Sites of one block are optimised jointly, under the options of the block's first AutoRound site. Sites outside the
 blocks (an output head) and models without a block list are optimised alone against their own output ``x Wᵀ`` on
 the input rows the calibration pass kept (up to 512, spread over the batches).
@@ -153,6 +167,117 @@ class SiteRounding:
         return QuantizedWeight(codes.contiguous(), scales, zeros, k)
 
 
+def _exact_ste(x: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """``exact`` in the forward (bit for bit, signed zeros kept when no gradient is taken), the gradient of ``x`` in
+    the backward."""
+    return exact + (x - x.detach()) if x.requires_grad else exact
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C ``roundf`` (half away from zero), exactly."""
+    a = x.abs()
+    floor = torch.floor(a)
+    return torch.sign(x) * (floor + torch.floor(2 * (a - floor)))
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """``d ? 1/d : 0`` in float32 (a zero block keeps codes at the offset and decodes to 0)."""
+    nonzero = d != 0
+    return torch.where(nonzero, 1 / torch.where(nonzero, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+class BlockRounding:
+    """The learnable rounding of one weight ``[N, K]`` (float32) on an affine block grid (``grid.rule`` one of the
+    module docstring's ``peak``, ``range``, ``absmax``): blocks ``[R, qk]`` in row order, ``R = N · K_padded / qk``
+    (zero padded on the right), ``V [R, qk]``, ``α, β [R, 1]``."""
+
+    def __init__(self, grid, weight: torch.Tensor):
+        self.grid = grid
+        self.weight = weight.to(torch.float32)
+        n, k = self.weight.shape
+        padded = torch.nn.functional.pad(self.weight, (0, grid.scheme.padded_in_features(k) - k))
+        self.blocks = padded.reshape(-1, grid.qk).contiguous()  # [R, qk]
+        rows = self.blocks.shape[0]
+        self.offsets = torch.zeros_like(self.blocks, requires_grad=True)  # V
+        self.max_factor = torch.ones(rows, 1, requires_grad=True)  # α
+        self.min_factor = torch.ones(rows, 1, requires_grad=True)  # β (range only)
+        x = self.blocks
+        self.peak = torch.gather(x, 1, x.abs().argmax(1, keepdim=True))  # signed value of the largest |x|, [R, 1]
+        self.lo = -grid.hi if grid.rule == "absmax" else 0
+
+    def parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``([V], [α, β])``: the rounding offsets and the clipping factors."""
+        return [self.offsets], [self.max_factor] + ([self.min_factor] if self.grid.rule == "range" else [])
+
+    def fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(q, f16(d), f16(m))``: float codes ``[R, qk]`` (straight-through), ``d`` and ``m`` ``[R, 1]`` as float32
+        holding float16 values (``m`` ``None`` unless ``range``); differentiable in V, α, β."""
+        x, v, grid = self.blocks, self.offsets, self.grid
+        m16 = None
+        if grid.rule == "peak":
+            d = self.max_factor * self.peak / -grid.offset
+            y = x * _inverse(d) + (grid.offset + 0.5) + v
+            q = _exact_ste(y, torch.floor(y.detach()))
+        elif grid.rule == "range":
+            hi, lo = x.amax(1, keepdim=True) * self.max_factor, x.amin(1, keepdim=True) * self.min_factor
+            d = (hi - lo) / grid.hi
+            y = (x - lo) * _inverse(d) + 0.5 + v
+            q = _exact_ste(y, torch.floor(y.detach()))
+            m16 = _exact_ste(lo, lo.detach().to(torch.float16).to(torch.float32))
+        else:
+            d = x.abs().amax(1, keepdim=True) * self.max_factor / grid.hi
+            y = x * _inverse(d) + v
+            q = _exact_ste(y, _roundf(y.detach()))
+        q = torch.clamp(q, self.lo, grid.hi)
+        return q, _exact_ste(d, d.detach().to(torch.float16).to(torch.float32)), m16
+
+    def _values(self, q, d16, m16) -> torch.Tensor:
+        if self.grid.rule == "peak":
+            return d16 * (q - self.grid.offset)
+        if self.grid.rule == "range":
+            return d16 * q + m16
+        return q * d16
+
+    def fake_weight(self) -> torch.Tensor:
+        """``w_q [N, K]`` float32, differentiable in V, α, β: the values the written blocks decode to."""
+        n, k = self.weight.shape
+        return self._values(*self.fields()).reshape(n, -1)[:, :k]
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.offsets.clamp_(-0.5, 0.5)
+            self.max_factor.clamp_(0.5, 1.0)
+            self.min_factor.clamp_(0.5, 1.0)
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        return tuple(p.detach().clone() for p in (self.offsets, self.max_factor, self.min_factor))
+
+    def load(self, state) -> None:
+        with torch.no_grad():
+            for p, v in zip((self.offsets, self.max_factor, self.min_factor), state):
+                p.copy_(v)
+
+    def result(self):
+        """The scheme's unpacked blocks of the current iterate (the same ``q, f16(d), f16(m)`` as
+        :meth:`fake_weight`)."""
+        with torch.no_grad():
+            q, d16, m16 = self.fields()
+        n, k = self.weight.shape
+        return self.grid.weight(q, d16, m16, n, k)
+
+
+def site_rounding(scheme: Scheme, weight: torch.Tensor, site: str = "?"):
+    """The learnable rounding of ``weight [N, K]`` on ``scheme``: its integer grid (:class:`SiteRounding`) or its
+    affine block grid (:class:`BlockRounding`); an error naming the site and the scheme otherwise."""
+    make = getattr(scheme, "affine_block_grid", None)
+    try:
+        if scheme.integer_grid() is None and make is not None:
+            return BlockRounding(make("autoround"), weight)
+        return SiteRounding(scheme, weight)
+    except ValueError as error:
+        raise ValueError(f"site {site}: {error}") from None
+
+
 def optimise(sites: list[SiteRounding], loss_of, items: int, config: Settings) -> tuple[float, float]:
     """SignSGD over ``sites`` jointly; ``loss_of(batch: list[int]) -> scalar tensor`` for item indices ``batch``
     (the fake weights are read through the sites). Loads the best iterate; returns ``(loss at start, best loss)``."""
@@ -214,7 +339,7 @@ def block_pass(block, prefix: str, inputs, modules: dict, entries: dict, stats: 
     config = settings(dict(first.options))
     inputs = inputs[: config.nsamples] if config.nsamples else inputs
     weights = {n: _float_weight(modules[n], entries[n].site.transposed) for n in names}
-    sites = {n: SiteRounding(entries[n].parsed, weights[n]) for n in names}
+    sites = {n: site_rounding(entries[n].parsed, weights[n], n) for n in names}
     started = time.perf_counter()
     with torch.no_grad():
         targets = [_masked(_hidden(block(*a, **kw)), m).detach() for a, kw, m in inputs]
@@ -246,22 +371,23 @@ def block_pass(block, prefix: str, inputs, modules: dict, entries: dict, stats: 
           f"{config.iters} iters, {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
 
 
-def autoround_site(scheme: Scheme, weight: torch.Tensor, inputs: torch.Tensor, options: dict | None = None):
+def autoround_site(scheme: Scheme, weight: torch.Tensor, inputs: torch.Tensor, options: dict | None = None,
+                   site: str = "?"):
     """One site alone: ``(QuantizedWeight, loss at round to nearest, best loss)`` for ``weight [N, K]`` against its
     own output on input rows ``inputs [S, K]`` (``batch_size`` / ``nsamples`` count rows here)."""
     config = settings(options)
     x = inputs.to(torch.float32)
     x = x[: config.nsamples] if config.nsamples else x
-    site = SiteRounding(scheme, weight)
-    target = x @ site.weight.t()
+    rounding = site_rounding(scheme, weight, site)
+    target = x @ rounding.weight.t()
     rows = x.shape[0]
     config = dataclasses.replace(config, batch_size=max(config.batch_size, rows))  # rows are few: use them all
 
     def loss_of(chosen):
-        return (x[chosen] @ site.fake_weight().t() - target[chosen]).pow(2).mean()
+        return (x[chosen] @ rounding.fake_weight().t() - target[chosen]).pow(2).mean()
 
-    before, after = optimise([site], loss_of, rows, config)
-    return site.result(), before, after
+    before, after = optimise([rounding], loss_of, rows, config)
+    return rounding.result(), before, after
 
 
 def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> QuantizedWeight:
@@ -272,7 +398,7 @@ def _run(scheme: Scheme, weight: torch.Tensor, stats, options: dict) -> Quantize
     if stats is None or stats.inputs is None:
         raise ValueError(f"site {getattr(stats, 'site', '?')}: AutoRound needs calibration inputs; the calibration "
                          "statistics have none")  # fmt: skip
-    q, before, after = autoround_site(scheme, weight, stats.inputs, options)
+    q, before, after = autoround_site(scheme, weight, stats.inputs, options, stats.site)
     print(f"autoround: {stats.site}: loss {before:.4g} (round to nearest) -> {after:.4g}", file=sys.stderr, flush=True)
     return q
 

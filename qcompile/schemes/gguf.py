@@ -27,7 +27,8 @@ The unpacked form, :class:`GGUFWeight`, holds the decoded fields (``d``, ``dmin`
 ``q``) of the ``N * K_padded / QK`` blocks in row order. Quantizers: llama.cpp's reference rules
 (:mod:`qcompile.schemes.gguf_quantize`): the legacy types give bytes identical to ``gguf.quants.quantize``. GPTQ
 writes these grids through :meth:`GGUFScheme.column_grid`: the scales and mins of round-to-nearest stay, GPTQ
-chooses the codes. The reference matmul dequantizes, then ``F.linear``.
+chooses the codes. AutoRound learns the legacy types' codes and clipped block ranges on
+:meth:`GGUFScheme.affine_block_grid`. The reference matmul dequantizes, then ``F.linear``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from qcompile.schemes.registry import Family, register_family
 
 #: block types whose codes index a level table instead of an affine grid
 _TABLE_TYPES = ("iq4_nl", "iq4_xs")
+#: the legacy types as affine block grids (:class:`AffineBlockGrid`): rule, offset code, largest code
+_AFFINE = {"q4_0": ("peak", 8, 15), "q5_0": ("peak", 16, 31), "q4_1": ("range", 0, 15), "q5_1": ("range", 0, 31),
+           "q8_0": ("absmax", 0, 127)}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -130,6 +134,14 @@ class GGUFScheme(Scheme):
         """The static per-column grid GPTQ writes codes into (see :mod:`qcompile.algorithms.grid`)."""
         return GGUFColumnGrid(self, weight)
 
+    def affine_block_grid(self, algorithm: str) -> AffineBlockGrid:
+        """The legacy type as an affine grid on blocks of 32 for ``algorithm`` (one that learns scales and codes);
+        an error naming the type for K-quants and IQ4 types."""
+        if self.qtype not in _AFFINE:
+            raise ValueError(f"algorithm {algorithm!r} writes the legacy GGUF types ({', '.join(_AFFINE)}) only; "
+                             f"{self.qtype!r} is a K-quant or IQ4 type: use 'gptq', 'awq' or 'rtn' for it")
+        return AffineBlockGrid(self, *_AFFINE[self.qtype])
+
 
 class GGUFColumnGrid:
     """Round-to-nearest blocks of ``weight [N, K]`` whose scales and mins stay fixed while GPTQ picks each column's
@@ -178,10 +190,45 @@ class GGUFColumnGrid:
         return dataclasses.replace(self.base, fields=dict(self.base.fields, q=q.contiguous()))
 
 
+@dataclasses.dataclass(frozen=True)
+class AffineBlockGrid:
+    """A legacy type's grid, as :func:`qcompile.schemes.gguf_quantize.quantize_legacy` fills it, for blocks
+    ``x [R, 32]`` (``d``, ``m`` float16 per block):
+
+    * ``peak`` (q4_0, q5_0): ``d = max / -offset`` (``max`` the signed value of largest ``|x|``), ``q = trunc(x/d +
+      offset + 0.5)`` in ``0 .. hi``, ``w = d * (q - offset)``;
+    * ``range`` (q4_1, q5_1): ``d = (max(x) - min(x)) / hi``, ``m = min(x)``, ``q = trunc((x - m)/d + 0.5)`` in
+      ``0 .. hi``, ``w = d * q + m``;
+    * ``absmax`` (q8_0): ``d = max|x| / hi``, ``q = roundf(x/d)`` in ``-hi .. hi``, ``w = q * d``.
+
+    ``weight(q [R, 32], d [R], m [R] | None, out_features, in_features)`` is the scheme's unpacked form of those
+    fields (blocks in row order, ``R = out_features * K_padded / 32``)."""
+
+    scheme: GGUFScheme
+    rule: str
+    offset: int
+    hi: int
+
+    @property
+    def qk(self) -> int:
+        return self.scheme.kind.qk
+
+    def weight(self, q: torch.Tensor, d: torch.Tensor, m, out_features: int, in_features: int) -> GGUFWeight:
+        rows = out_features * self.scheme.padded_in_features(in_features) // self.qk
+        if tuple(q.shape) != (rows, self.qk) or d.numel() != rows or (m is not None and m.numel() != rows):
+            raise ValueError(f"{self.scheme.name}: expected codes [{rows}, {self.qk}] and {rows} scales for an "
+                             f"[{out_features}, {in_features}] weight, got codes {list(q.shape)}, {d.numel()} scales")
+        codes = q.to(torch.int8 if self.rule == "absmax" else torch.uint8).contiguous()  # as the blocks decode
+        fields = {"d": d.reshape(-1).to(torch.float16), "q": codes}
+        if self.rule == "range":
+            fields["m"] = m.reshape(-1).to(torch.float16)
+        return GGUFWeight(self.scheme.qtype, fields, out_features, in_features)
+
+
 register_family(Family(
     "gguf", GGUFScheme,
     examples=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "iq4_nl", "iq4_xs", "q6_k"),
-    algorithms=("gptq", "awq"),
+    algorithms=("gptq", "awq", "autoround"),
     kernels=("qcompile.codegen.cpp.gguf", "qcompile.codegen.triton.gguf"),
     onnx=None,
 ))  # fmt: skip

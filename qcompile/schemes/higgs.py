@@ -275,6 +275,6 @@ class Higgs(Scheme):
 
 
 register_family(Family(
-    "higgs", Higgs, examples=("higgs-4-h64", "higgs-3-h32", "higgs-2-p1-h32", "higgs-4"),
+    "higgs", Higgs, examples=("higgs-3-h32", "higgs-4-h64", "higgs-2-p1-h32", "higgs-4"),
     kernels=("qcompile.codegen.cpp.higgs", "qcompile.codegen.triton.higgs"), onnx="qcompile.onnx.families.higgs:lower",
 ))  # fmt: skip

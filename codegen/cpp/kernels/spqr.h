@@ -43,12 +43,16 @@ static inline double spqr_h(double v) {
     if (v == 0.0 || v != v) return v;
     const double a = fabs(v);
     if (a >= 65520.0) return copysign(INFINITY, v);
-    int e;
-    frexp(a, &e);                  // a = f * 2^e, f in [0.5, 1)
-    int q = e - 11;                // 11 significant bits
-    if (q < -24) q = -24;          // subnormal quantum
-    const double r = nearbyint(ldexp(a, -q));  // default rounding mode: to nearest even
-    return copysign(ldexp(r, q), v);
+    uint64_t bits;
+    memcpy(&bits, &a, 8);
+    int q = (int)((bits >> 52) & 0x7ff) - 1023 - 10;  // the quantum of 11 significant bits: 2^(floor(log2 a) - 10)
+    if (q < -24) q = -24;                             // subnormal quantum
+    // a + 2^(q+52) has a unit in the last place of 2^q, so the addition rounds a to a multiple of 2^q, to nearest
+    // even (the default rounding mode); the subtraction is exact
+    const uint64_t magic_bits = (uint64_t)(q + 52 + 1023) << 52;
+    double magic;
+    memcpy(&magic, &magic_bits, 8);
+    return copysign((a + magic) - magic, v);
 }
 
 // The float16 statistics (ss, zs, sz, zz) of the G tiles of one tile row (16 words per tile).

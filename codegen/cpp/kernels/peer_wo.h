@@ -15,8 +15,8 @@
 //       float32; bfloat16 ones: w = A(P(P(scale * u) - shift)). Padding columns (k >= K) meet zero activations.
 //   format 1, fp8 per row: tensors[0] qweight float8 e4m3 (fn) [N, K], tensors[1] scales float32 [N];
 //       w = A(e4m3(q) * scale[n]) (Kp = K).
-// Each thread decodes one weight row at a time into a float32 buffer (a 4-entry table per 2-bit group, a 256-entry
-// table for e4m3) and takes its dot product with every token (activations converted to float32 once per call);
+// Each thread decodes one weight row at a time into a float32 buffer (a 4-entry table per 2-bit group; e4m3 16 codes
+// at a time from their bits on AVX-512, a 256-entry table elsewhere) and takes its dot product with every token (activations converted to float32 once per call);
 // threads take output rows, each output is computed by one thread, so results do not depend on the thread count.
 
 // v rounded to float16 precision (half to even), kept in float32; |v| must stay within float16's range.
@@ -72,7 +72,41 @@ static inline void pwo_decode_row(const qc_call* c, int64_t n, int64_t Kp, int64
     if (c->ints[0] == 1) {
         const uint8_t* q = (const uint8_t*)c->tensors[0] + n * Kp;
         const float s = ((const float*)c->tensors[1])[n];
-        for (int64_t k = 0; k < Kp; k++) w[k] = pwo_round(e4m3[q[k]] * s, act);
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        // 16 codes at a time: the e4m3 bits placed into a float32's (normal codes), m * 2^-9 (exponent 0), NaN
+        // (0x7f, 0xff), then times the scale and, for bfloat16 activations, rounded to nearest even as
+        // float_to_bf16 does: the values pwo_e4m3 and pwo_round give, bit for bit
+        const __m512 vs = _mm512_set1_ps(s);
+        for (; k + 16 <= Kp; k += 16) {
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + k)));
+            const __m512i e = _mm512_and_si512(_mm512_srli_epi32(b, 3), _mm512_set1_epi32(15));
+            const __m512i m = _mm512_and_si512(b, _mm512_set1_epi32(7));
+            const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+            const __m512i normal = _mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(120)), 23),
+                                                   _mm512_slli_epi32(m, 20));
+            __m512 v = _mm512_castsi512_ps(normal);
+            const __mmask16 zero_exp = _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512());
+            v = _mm512_mask_mov_ps(v, zero_exp, _mm512_mul_ps(_mm512_cvtepi32_ps(m), _mm512_set1_ps(0.001953125f)));
+            const __mmask16 nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7f)),
+                                                          _mm512_set1_epi32(0x7f));
+            v = _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(NAN));
+            v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+            v = _mm512_mul_ps(v, vs);
+            if (act) {  // float_to_bf16: NaN kept quiet (| 0x40 in the high half), else + 0x7fff + odd bit, truncated
+                const __m512i u = _mm512_castps_si512(v);
+                const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                    _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+                const __mmask16 is_nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                                 _mm512_set1_epi32(0x7f800000));
+                const __m512i quiet = _mm512_or_si512(u, _mm512_set1_epi32(0x400000));
+                const __m512i out = _mm512_mask_mov_epi32(rounded, is_nan, quiet);
+                v = _mm512_castsi512_ps(_mm512_and_si512(out, _mm512_set1_epi32((int)0xffff0000u)));
+            }
+            _mm512_storeu_ps(w + k, v);
+        }
+#endif
+        for (; k < Kp; k++) w[k] = pwo_round(e4m3[q[k]] * s, act);
         return;
     }
     const int64_t G = Kp / gs;

@@ -30,9 +30,10 @@ import os
 import re
 from typing import Any
 
+from qcompile.algorithms import algorithm_names
 from qcompile.schemes import SchemeError, parse_scheme
 
-ALGORITHMS = ("rtn", "gptq", "awq", "hqq", "smoothquant", "static-activations", "autoround", "aqlm", "spqr", "vptq")
+ALGORITHMS = algorithm_names()  # one registry: qcompile/algorithms/__init__.py
 KEEP = ("float", "none", "keep")
 _RECIPE_KEYS = ("version", "default", "algorithm", "ignore", "overrides", "options", "default_includes_head")
 _RULE_KEYS = ("targets", "scheme", "algorithm", "options")

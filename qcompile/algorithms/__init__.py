@@ -47,6 +47,11 @@ _LAZY = {
 }
 
 
+def algorithm_names() -> tuple[str, ...]:
+    """Every algorithm a recipe may name: the registered ones and the lazily imported ones."""
+    return tuple(dict.fromkeys([*ALGORITHMS, *_LAZY]))
+
+
 def register_algorithm(algorithm: Algorithm) -> None:
     ALGORITHMS[algorithm.name] = algorithm
 

@@ -98,22 +98,20 @@ def exact_bind(scheme, x, packed, bias, n):
     torch's GEMM from there. It hands the C++ op a plan only while the int8 row is off (see the module docstring)."""
     if q8_max_tokens() > 0:
         return exact_launcher(scheme, x, n)
-
-    def gemm(x, packed, bias):
-        return dequantize_gemm(scheme, x, packed, bias, n)
-
     ints = (type_id(scheme),)
-    return launch.bind_kernel(scheme, "linear_gguf", x, packed, bias, n, ints, (), GEMM_MIN_TOKENS - 1, gemm)
+    return launch.bind_kernel(scheme, "linear_gguf", x, packed, bias, n, ints, (), GEMM_MIN_TOKENS - 1,
+                              slices=slices(scheme, x))
 
 
 def exact_launcher(scheme, x, n: int):
     """``launch(x, packed, bias)`` of the exact form from Python (no plan for the C++ op): the direct kernel below
     ``GEMM_MIN_TOKENS`` tokens, dequantized slices and torch's GEMM from there."""
     direct = direct_launcher(scheme, x, n)
+    gemm = slices(scheme, x)
 
     def run(x, packed, bias):
         if tokens(x) >= GEMM_MIN_TOKENS:
-            return dequantize_gemm(scheme, x, packed, bias, n)
+            return gemm.run(scheme, x, packed, bias, n)
         return direct(x, packed, bias)
 
     return run
@@ -142,31 +140,17 @@ def direct_launcher(scheme, x, n: int, kernel: str = "linear_gguf"):
     return run
 
 
-def dequantize_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
+def slices(scheme, x) -> launch.Slices:
     """Many tokens: slices of rows dequantized to the activation's dtype by ``dequant_gguf`` (float32: the reference's
     values bit for bit; bfloat16: their rounding to nearest even, the reference's ``.to(x.dtype)``), each times ``x``
-    with torch's GEMM in that dtype, as the reference's ``F.linear``; plus ``bias``. (``launch.sliced_gemm`` is
-    float32 only; bfloat16 GEMMs run several times faster where the CPU has AMX or AVX512-BF16.)"""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).contiguous()
-    m, dtype = x2.shape[0], x.dtype
-    rows = max(1, min(n, GEMM_SLICE_BYTES // (x2.element_size() * k)))
-    y_t = torch.empty((n, m), dtype=dtype)  # y transposed: every slice of rows is contiguous
-    weight = torch.empty((rows, k), dtype=dtype)
-    call = launch.template("dequant_gguf", k, n, 1, (type_id(scheme),), (), dtype == torch.bfloat16)
-    blocks = packed[0].contiguous()
-    call.y, call.threads, call.tensors[0] = weight.data_ptr(), torch.get_num_threads(), blocks.data_ptr()
-    dequantize = library.kernel("dequant_gguf")
-    bias = None if bias is None else bias.to(dtype)
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        call.ints[1], call.ints[2] = n0, n1
-        launch.check(dequantize(call), f"{scheme.name} dequant_gguf", m, k, n)
-        if bias is None:
-            torch.mm(weight[: n1 - n0], x2.t(), out=y_t[n0:n1])
-        else:  # the bias inside the GEMM: one rounding, as F.linear
-            torch.addmm(bias[n0:n1, None].expand(n1 - n0, m), weight[: n1 - n0], x2.t(), out=y_t[n0:n1])
-    return y_t.t().contiguous().view(*x.shape[:-1], n)
+    with torch's GEMM in that dtype, as the reference's ``F.linear``; plus ``bias``."""
+    rows = max(1, GEMM_SLICE_BYTES // (x.element_size() * x.shape[-1]))
+    return launch.Slices("dequant_gguf", (type_id(scheme), 0, 0), (), (1, 2), rows)
+
+
+def dequantize_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
+    """The GEMM path of :func:`slices` for one call."""
+    return slices(scheme, x).run(scheme, x, packed, bias, n)
 
 
 def kernel_entries(family: str) -> list[KernelEntry]:

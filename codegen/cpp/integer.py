@@ -39,12 +39,16 @@ def _weight_only_params(scheme, k: int) -> tuple[tuple, tuple]:
 def weight_only_bind(scheme, x, packed, bias, n):
     """W8A16 / W4A16 launcher for one call signature (many tokens take the dequantize + GEMM path)."""
     ints, floats = _weight_only_params(scheme, x.shape[-1])
-
-    def gemm(x, packed, bias):
-        return dequantize_gemm(scheme, x, packed, bias, n)
-
     return launch.bind_kernel(scheme, weight_only_kernel(scheme, x), x, packed, bias, n, ints, floats,
-                              gemm_path.min_tokens("weight-only", x.dtype) - 1, gemm)
+                              gemm_path.min_tokens("weight-only", x.dtype) - 1, slices=_slices(scheme, x))
+
+
+def _slices(scheme, x) -> launch.Slices:
+    """The GEMM path of a weight-only call: ``dequant_wo`` slices of :data:`GEMM_SLICE_BYTES`."""
+    k = x.shape[-1]
+    ints, floats = _weight_only_params(scheme, k)
+    rows = max(1, GEMM_SLICE_BYTES // (x.element_size() * k))
+    return launch.Slices("dequant_wo", (*ints, 0, 0), floats, (3, 4), rows)
 
 
 def weight_only_kernel(scheme, x) -> str:
@@ -60,12 +64,7 @@ def weight_only_kernel(scheme, x) -> str:
 def dequantize_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
     """Many tokens: slices of N rows dequantized (C++) into the activation's dtype, float32 or bfloat16 (the
     reference's ``.to(x.dtype)``), each multiplied with torch's GEMM in that dtype."""
-    k = x.shape[-1]
-    xw = x.reshape(-1, k).contiguous()
-    packed = [t.contiguous() for t in packed]
-    rows = max(1, min(n, GEMM_SLICE_BYTES // (xw.element_size() * k)))
-    ints, floats = _weight_only_params(scheme, k)
-    return launch.sliced_gemm(scheme, x, xw, packed, bias, n, "dequant_wo", ints, floats, (3, 4), rows)
+    return _slices(scheme, x).run(scheme, x, packed, bias, n)
 
 
 # -- W8A8 and W4A8 -----------------------------------------------------------------------------------------
@@ -106,21 +105,18 @@ def w4a8_bind(scheme, x, packed, bias, n):
 
 
 def w4a8_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
-    """Many tokens of W4A8: the activations quantized per token (the kernel's codes and scales), the weight
-    dequantized in slices to ``(u - zero) * scale`` in the activation's dtype, torch's GEMM, times the token
-    scales. The group scales sit inside the weight, so an integer GEMM cannot take them: this path's sums are
-    float (bfloat16 weights for bfloat16 activations: each weight rounded once; the codes are exact)."""
+    """Many tokens of W4A8: the activations quantized per token (the kernel's codes and scales) and taken back to
+    ``code * token scale`` in the activation's dtype, the weight dequantized in slices to ``(u - zero) * scale`` in
+    that dtype, and torch's GEMM with the bias inside: no pass over the output after the GEMM. The group scales
+    sit inside the weight, so an integer GEMM cannot take them: this path's sums are float (for bfloat16, each
+    weight and each scaled activation rounded once; the codes are exact)."""
     k = x.shape[-1]
     x_q, x_scale = quantize_per_token_int8(x.reshape(-1, k))
-    xw = x_q.to(x.dtype if x.dtype == torch.bfloat16 else torch.float32)
+    xw = (x_q.to(torch.float32) * x_scale).to(x.dtype if x.dtype == torch.bfloat16 else torch.float32)
     packed = [t.contiguous() for t in packed]
     rows = max(1, min(n, GEMM_SLICE_BYTES // (xw.element_size() * k)))
     ints, floats = _weight_only_params(scheme.weights, k)
-    y = launch.sliced_gemm(scheme, xw, xw, packed, None, n, "dequant_wo", ints, floats, (3, 4), rows)
-    y = y.to(torch.float32) * x_scale
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return launch.sliced_gemm(scheme, x, xw, packed, bias, n, "dequant_wo", ints, floats, (3, 4), rows)
 
 
 def _only_bits(bits: int):

@@ -9,6 +9,7 @@ they are (no tokens, more than ``max_tokens`` tokens, tensors that are not dense
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import torch
 
@@ -57,15 +58,36 @@ def template(kernel: str, k: int, n: int, n_tensors: int, ints=(), floats=(), bf
     return call
 
 
+@dataclasses.dataclass(frozen=True)
+class Slices:
+    """A GEMM path that takes the activation as it is (:func:`sliced_gemm` with ``xw = x``): ``kernel`` writes
+    weight rows ``ints[slots[0]]`` to ``ints[slots[1]]`` in the activation's dtype, ``rows`` at a time. The C++ op
+    runs it itself, so a call of many tokens does not return to Python."""
+
+    kernel: str
+    ints: tuple
+    floats: tuple
+    slots: tuple[int, int]
+    rows: int
+
+    def run(self, scheme, x, packed, bias, n: int) -> torch.Tensor:
+        xw = x.reshape(-1, x.shape[-1]).contiguous()
+        packed = [t.contiguous() for t in packed]
+        return sliced_gemm(scheme, x, xw, packed, bias, n, self.kernel, self.ints, self.floats, self.slots, self.rows)
+
+
 def bind_kernel(scheme, kernel: str, x, packed, bias, n: int, ints=(), floats=(), max_tokens: int | None = None,
-                slow=None):
+                slow=None, slices: Slices | None = None):
     """``launch(x, packed, bias) -> y`` running C++ kernel ``kernel`` for this call signature (see module
     docstring); ``slow(x, packed, bias)`` serves calls of more than ``max_tokens`` tokens (``None``: no limit;
-    0: every call goes to ``slow``)."""
+    0: every call goes to ``slow``), or ``slices`` when it is given (the C++ op then serves those calls too)."""
+    if slices is not None:
+        def slow(x, packed, bias):
+            return slices.run(scheme, x, packed, bias, n)
     if max_tokens == 0 and slow is not None:
         return slow
     max_tokens = max_tokens or 0
-    op.remember(scheme, x, packed, bias, n, kernel, ints, floats, max_tokens)
+    op.remember(scheme, x, packed, bias, n, kernel, ints, floats, max_tokens, slices)
     k, dtype = x.shape[-1], x.dtype
     base = template(kernel, k, n, len(packed), ints, floats, dtype == torch.bfloat16)
     size = ctypes.sizeof(library.Call)
@@ -101,10 +123,12 @@ def sliced_gemm(scheme, x, xw, packed, bias, n: int, kernel: str, ints=(), float
     the weight rows ``kernel`` dequantizes into ``xw``'s dtype, ``rows`` at a time (it writes rows ``ints[slots[0]]``
     to ``ints[slots[1]]``; bfloat16 when its ``y_bf16`` is set), with torch's GEMM in that dtype (oneDNN: AMX or
     AVX512-BF16 for bfloat16 where the CPU has them); the bias joins inside the GEMM (one rounding, as
-    ``F.linear``). Returned in ``x.dtype`` and ``x``'s leading shape. ``packed`` is contiguous."""
+    ``F.linear``). Each slice's GEMM writes its columns of ``y [M, N]`` in place (a strided output: oneDNN takes
+    the row stride), so no transpose or copy follows. Returned in ``x.dtype`` and ``x``'s leading shape.
+    ``packed`` is contiguous."""
     k, m, kw = x.shape[-1], xw.shape[0], xw.shape[1]
     dtype = xw.dtype
-    y_t = torch.empty((n, m), dtype=dtype)  # y transposed: every slice of rows is contiguous
+    y = torch.empty((m, n), dtype=dtype)
     weight = torch.empty((rows, kw), dtype=dtype)
     call = template(kernel, k, n, len(packed), ints, floats, dtype == torch.bfloat16)
     for i, tensor in enumerate(packed):
@@ -117,8 +141,9 @@ def sliced_gemm(scheme, x, xw, packed, bias, n: int, kernel: str, ints=(), float
         n1 = min(n, n0 + rows)
         call.ints[first], call.ints[end] = n0, n1
         check(dequantize(call), f"{scheme.name} dequantize", m, k, n)
+        out = y if n1 - n0 == n else y[:, n0:n1]
         if bias is None:
-            torch.mm(weight[: n1 - n0], xw.t(), out=y_t[n0:n1])
+            torch.mm(xw, weight[: n1 - n0].t(), out=out)
         else:
-            torch.addmm(bias[n0:n1, None].expand(n1 - n0, m), weight[: n1 - n0], xw.t(), out=y_t[n0:n1])
-    return y_t.t().to(x.dtype).contiguous().reshape(*x.shape[:-1], n)
+            torch.addmm(bias[n0:n1], xw, weight[: n1 - n0].t(), out=out)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -83,12 +83,17 @@ def loaded() -> bool:
     return load.cache_info().currsize > 0 and load()
 
 
-def remember(scheme, x, packed, bias, out_features: int, kernel: str, ints=(), floats=(), max_tokens: int = 0):
+def remember(scheme, x, packed, bias, out_features: int, kernel: str, ints=(), floats=(), max_tokens: int = 0,
+             slices=None):
     """Hand the C++ op the plan for this call signature: kernel ``kernel`` of the library's table, with its
-    parameters, for calls of up to ``max_tokens`` tokens (0: any). A no-op while the op library is not loaded."""
+    parameters, for calls of up to ``max_tokens`` tokens (0: any); calls of more tokens take the GEMM path that
+    ``slices`` (a :class:`launch.Slices`) describes, or go to Python when it is ``None``. A no-op while the op
+    library is not loaded."""
     if loaded():
+        gemm = ("", [], [], [], 0) if slices is None else (
+            slices.kernel, list(slices.ints), [float(v) for v in slices.floats], list(slices.slots), slices.rows)
         torch.ops.qcompile_cpu.remember(x, list(packed), bias, scheme.name, out_features, kernel, list(ints),
-                                        [float(v) for v in floats], max_tokens)  # fmt: skip
+                                        [float(v) for v in floats], max_tokens, *gemm)  # fmt: skip
 
 
 def forget() -> None:

@@ -67,20 +67,42 @@ def test_second_call_runs_in_cpp_and_matches_python_bit_for_bit(name, m, k, n, d
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
 
 
-@pytest.mark.parametrize("variant", ["transposed x", "many tokens"])
+@pytest.mark.parametrize("variant", ["transposed x", "many tokens, GEMM path in Python"])
 def test_calls_it_cannot_serve_go_back_to_python(variant):
-    scheme, packed, x, bias = _case("int4-g32", 4, 64, 24)
-    _call(x, packed, bias, "int4-g32")
+    name = "int4-g32" if variant == "transposed x" else "w4a8-g32"
+    scheme, packed, x, bias = _case(name, 4, 64, 24)
+    _call(x, packed, bias, name)
     if variant == "transposed x":
         x = torch.randn(64, 4).t().unsqueeze(0)
-    else:
+    else:  # w4a8 quantizes the activations before its GEMM: Python's work
         x = torch.randn(1, 300, 64)
     before = op.stats()
-    y = _call(x, packed, bias, "int4-g32")
+    y = _call(x, packed, bias, name)
     after = op.stats()
     assert after["fast"] == before["fast"] and after["fallback"] == before["fallback"] + 1
-    ref = _reference(x, packed, bias, "int4-g32")
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    ref = _reference(x, packed, bias, name)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name, bias", [("int4-g32", True), ("int8-asym", False)])
+def test_many_tokens_take_the_gemm_path_in_cpp(name, bias, dtype, monkeypatch):
+    """From the crossover on, a weight-only call runs dequantized slices and oneDNN's GEMM without returning to
+    Python: the same slices and GEMMs as the Python path (bit for bit), several slices with the last one short."""
+    monkeypatch.setattr(integer, "GEMM_SLICE_BYTES", 7 * 96 * (2 if dtype == torch.bfloat16 else 4))
+    monkeypatch.setenv("QCOMPILE_GEMM_MIN_TOKENS", "16")
+    scheme, packed, x, b = _case(name, 40, 96, 23, dtype, seed=3, bias=bias)
+    if b is not None and dtype == torch.bfloat16:
+        b = b.bfloat16()
+    _call(x[:, :2], packed, b, name)  # the signature's first call hands over the plan
+    before = op.stats()
+    y = _call(x, packed, b, name)
+    after = op.stats()
+    assert after["fast"] == before["fast"] + 1 and after["fallback"] == before["fallback"]
+    assert torch.equal(y, _python_launcher(scheme, x, packed, b))
+    ref = _reference(x, packed, b, name)
+    tol = 1.6e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
 
 
 def test_bfloat16_model_with_a_bias_stays_in_cpp():

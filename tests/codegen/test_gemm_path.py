@@ -79,10 +79,11 @@ def test_gemm_path_matches_the_reference(name, dtype, monkeypatch):
 def test_the_path_follows_the_token_count(name, kind, monkeypatch):
     """Below the crossover the C++ kernel runs, from it on the GEMM path (counted, not timed)."""
     monkeypatch.setattr(gemm_path, "CROSSOVER", {(kind, torch.float32, gemm_path.machine_class()): 8})
-    gemm = {"weight-only": "dequantize_gemm", "w8a8": "int8_gemm", "w4a8": "w4a8_gemm"}[kind]
+    owner, gemm = {"weight-only": (launch.Slices, "run"), "w8a8": (integer, "int8_gemm"),
+                   "w4a8": (integer, "w4a8_gemm")}[kind]  # fmt: skip
     calls = []
-    original = getattr(integer, gemm)
-    monkeypatch.setattr(integer, gemm, lambda *args: calls.append(1) or original(*args))
+    original = getattr(owner, gemm)
+    monkeypatch.setattr(owner, gemm, lambda *args: calls.append(1) or original(*args))
     bind = {"weight-only": integer.weight_only_bind, "w8a8": integer.w8a8_bind, "w4a8": integer.w4a8_bind}[kind]
     scheme, packed = _packed(name, 16, 128)
     for m, expected in ((1, 0), (7, 0), (8, 1), (40, 2)):

@@ -10,13 +10,20 @@
 // implementation, which serves it or raises the error the user should see. No kernel, argument list or
 // threshold is named here.
 //
+// A plan may also carry a GEMM path for calls of more tokens than the direct kernel takes, when that path needs
+// nothing but the activation as it is: a dequantization kernel writes slices of weight rows in the activation's
+// dtype and at::mm / at::addmm (oneDNN) multiplies each into its columns of the output, as launch.sliced_gemm
+// does in Python. The Python row decides whether a plan has one (launch.Slices).
+//
 // Autograd (AutogradCPU): without a gradient to record, redispatch below autograd; with one, call
 // qcompile::_linear_train, whose Python autograd formula records the backward.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
@@ -39,6 +46,11 @@ struct Plan {
     int64_t ints[QC_MAX_PARAMS];
     double floats[QC_MAX_PARAMS];
     int64_t max_tokens;  // 0: any number
+    // the GEMM path beyond max_tokens (gemm[isa] null: none, Python serves those calls)
+    qc_kernel gemm[3];
+    int64_t gemm_ints[QC_MAX_PARAMS];
+    double gemm_floats[QC_MAX_PARAMS];
+    int64_t gemm_first, gemm_end, gemm_rows;  // gemm_ints slots of the row range; rows per slice
 };
 
 using LinearFn = at::Tensor(const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&, c10::string_view,
@@ -85,6 +97,47 @@ at::Tensor fallback(const at::Tensor& x, at::TensorList packed, const std::optio
     return op.call(x, packed, bias, scheme, std::move(in_features), std::move(out_features));
 }
 
+// Many tokens: slices of weight rows dequantized in x's dtype, each multiplied into its columns of y (a strided
+// output: oneDNN takes the row stride); the bias joins inside the GEMM (one rounding, as F.linear).
+at::Tensor sliced_gemm(const Plan& plan, int isa, const at::Tensor& x, at::TensorList packed,
+                       const std::optional<at::Tensor>& bias, c10::string_view scheme, int64_t M, int64_t K,
+                       int64_t N) {
+    const at::Tensor x2 = x.view({M, K});
+    at::Tensor y = at::empty({M, N}, x.options());
+    const int64_t rows = std::min(N, std::max<int64_t>(1, plan.gemm_rows));
+    at::Tensor weight = at::empty({rows, K}, x.options());
+    at::Tensor b;
+    if (bias.has_value() && bias->defined()) b = bias->to(x.scalar_type());
+    qc_call call;
+    std::memset(&call, 0, sizeof(call));
+    call.y = weight.data_ptr();
+    call.K = K;
+    call.N = N;
+    call.x_bf16 = call.y_bf16 = x.scalar_type() == at::kBFloat16;
+    call.threads = at::get_num_threads();
+    call.n_tensors = (int32_t)packed.size();
+    for (size_t i = 0; i < packed.size(); i++) call.tensors[i] = packed[i].data_ptr();
+    std::memcpy(call.ints, plan.gemm_ints, sizeof(call.ints));
+    std::memcpy(call.floats, plan.gemm_floats, sizeof(call.floats));
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+        const int64_t n1 = std::min(N, n0 + rows);
+        call.ints[plan.gemm_first] = n0;
+        call.ints[plan.gemm_end] = n1;
+        TORCH_CHECK(plan.gemm[isa](&call) == 0, "qcompile::linear (", scheme, "): no memory for scratch buffers (M=",
+                    M, ", K=", K, ", N=", N, ")");
+        at::Tensor out = n1 - n0 == N ? y : y.narrow(1, n0, n1 - n0);
+        const at::Tensor w = weight.narrow(0, 0, n1 - n0).t();
+        if (b.defined())
+            at::addmm_out(out, b.narrow(0, n0, n1 - n0), x2, w);
+        else
+            at::mm_out(out, x2, w);
+    }
+    std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+    out_sizes.back() = N;
+    fast_calls++;
+    return y.view(out_sizes);
+}
+
 at::Tensor linear_cpu(const at::Tensor& x, at::TensorList packed, const std::optional<at::Tensor>& bias,
                       c10::string_view scheme, c10::SymInt in_features, c10::SymInt out_features) {
     const bool has_bias = bias.has_value() && bias->defined();
@@ -110,6 +163,8 @@ at::Tensor linear_cpu(const at::Tensor& x, at::TensorList packed, const std::opt
         }
         plan = found->second;
     }
+    if (plan.max_tokens > 0 && M > plan.max_tokens && plan.gemm[isa] != nullptr)
+        return sliced_gemm(plan, isa, x, packed, bias, scheme, M, K, N);
     if ((plan.max_tokens > 0 && M > plan.max_tokens) || plan.fn[isa] == nullptr)
         return fallback(x, packed, bias, scheme, in_features, out_features);
     std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
@@ -156,8 +211,10 @@ at::Tensor linear_autograd_cpu(c10::DispatchKeySet keys, const at::Tensor& x, at
 
 void remember(const at::Tensor& x, at::TensorList packed, const std::optional<at::Tensor>& bias,
               c10::string_view scheme, int64_t out_features, c10::string_view kernel, at::IntArrayRef ints,
-              at::ArrayRef<double> floats, int64_t max_tokens) {
-    TORCH_CHECK(ints.size() <= QC_MAX_PARAMS && floats.size() <= QC_MAX_PARAMS,
+              at::ArrayRef<double> floats, int64_t max_tokens, c10::string_view gemm_kernel, at::IntArrayRef gemm_ints,
+              at::ArrayRef<double> gemm_floats, at::IntArrayRef gemm_slots, int64_t gemm_rows) {
+    TORCH_CHECK(ints.size() <= QC_MAX_PARAMS && floats.size() <= QC_MAX_PARAMS && gemm_ints.size() <= QC_MAX_PARAMS &&
+                    gemm_floats.size() <= QC_MAX_PARAMS,
                 "qcompile_cpu::remember: at most ", QC_MAX_PARAMS, " parameters of each kind");
     Plan plan;
     std::memset(&plan, 0, sizeof(plan));
@@ -167,6 +224,20 @@ void remember(const at::Tensor& x, at::TensorList packed, const std::optional<at
     for (size_t i = 0; i < ints.size(); i++) plan.ints[i] = ints[i];
     for (size_t i = 0; i < floats.size(); i++) plan.floats[i] = floats[i];
     plan.max_tokens = max_tokens;
+    if (!gemm_kernel.empty()) {
+        const std::string gemm(gemm_kernel.data(), gemm_kernel.size());
+        TORCH_CHECK(gemm_slots.size() == 2 && gemm_slots[0] >= 0 && gemm_slots[0] < QC_MAX_PARAMS &&
+                        gemm_slots[1] >= 0 && gemm_slots[1] < QC_MAX_PARAMS && gemm_rows > 0,
+                    "qcompile_cpu::remember: the GEMM path needs two row-range slots below ", QC_MAX_PARAMS,
+                    " and a positive slice height");
+        for (int i = 0; i < 3; i++) plan.gemm[i] = qc_find_kernel(gemm.c_str(), ISAS[i]);
+        TORCH_CHECK(plan.gemm[2] != nullptr, "qcompile_cpu::remember: the kernel library has no kernel ", gemm);
+        for (size_t i = 0; i < gemm_ints.size(); i++) plan.gemm_ints[i] = gemm_ints[i];
+        for (size_t i = 0; i < gemm_floats.size(); i++) plan.gemm_floats[i] = gemm_floats[i];
+        plan.gemm_first = gemm_slots[0];
+        plan.gemm_end = gemm_slots[1];
+        plan.gemm_rows = gemm_rows;
+    }
     const std::string key = signature(x, packed, bias, scheme, out_features);
     std::unique_lock<std::shared_mutex> lock(plans_mutex);
     plans[key] = plan;
@@ -185,7 +256,8 @@ std::vector<int64_t> stats() { return {fast_calls.load(), fallback_calls.load(),
 
 TORCH_LIBRARY(qcompile_cpu, m) {
     m.def("remember(Tensor x, Tensor[] packed, Tensor? bias, str scheme, int out_features, str kernel, int[] ints, "
-          "float[] floats, int max_tokens) -> ()",
+          "float[] floats, int max_tokens, str gemm_kernel=\"\", int[] gemm_ints=[], float[] gemm_floats=[], "
+          "int[] gemm_slots=[], int gemm_rows=0) -> ()",
           &remember);
     m.def("forget() -> ()", &forget);
     m.def("set_enabled(bool on) -> ()", &set_enabled);

@@ -8,6 +8,8 @@ that returns a launcher for one call signature (and hands the C++ op its plan). 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from qcompile.codegen import cpp
@@ -93,30 +95,26 @@ def int8_gemm(x, packed, bias, n: int) -> torch.Tensor:
 
 def w4a8_bind(scheme, x, packed, bias, n):
     """W4A8: per-token dynamic int8 activations × int4 group-wise weights, exact int32 sums (see ``w4a8.h``); many
-    tokens go to :func:`w4a8_gemm`."""
+    tokens take :func:`w4a8_slices` (in the C++ op)."""
     k = x.shape[-1]
     ints = (scheme.padded_in_features(k), scheme.group_size_for(k))
-
-    def gemm(x, packed, bias):
-        return w4a8_gemm(scheme, x, packed, bias, n)
-
     limit = gemm_path.min_tokens("w4a8", x.dtype) - 1
-    return launch.bind_kernel(scheme, "linear_w4a8", x, packed, bias, n, ints, (8.0,), limit, gemm)
+    return launch.bind_kernel(scheme, "linear_w4a8", x, packed, bias, n, ints, (8.0,), limit,
+                              slices=w4a8_slices(scheme, x))
+
+
+def w4a8_slices(scheme, x) -> launch.Slices:
+    """Many tokens of W4A8: the activations quantized per token (the kernel's codes and scales) and taken back to
+    ``code * token scale`` in the activation's dtype (``quantize_tokens``), the weight dequantized in slices to
+    ``(u - zero) * scale`` in that dtype, and torch's GEMM with the bias inside. The group scales sit inside the
+    weight, so an integer GEMM cannot take them: this path's sums are float (for bfloat16, each weight and each
+    scaled activation rounded once; the codes are exact)."""
+    return dataclasses.replace(_slices(scheme.weights, x), prologue="quantize_tokens")
 
 
 def w4a8_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
-    """Many tokens of W4A8: the activations quantized per token (the kernel's codes and scales) and taken back to
-    ``code * token scale`` in the activation's dtype, the weight dequantized in slices to ``(u - zero) * scale`` in
-    that dtype, and torch's GEMM with the bias inside: no pass over the output after the GEMM. The group scales
-    sit inside the weight, so an integer GEMM cannot take them: this path's sums are float (for bfloat16, each
-    weight and each scaled activation rounded once; the codes are exact)."""
-    k = x.shape[-1]
-    x_q, x_scale = quantize_per_token_int8(x.reshape(-1, k))
-    xw = (x_q.to(torch.float32) * x_scale).to(x.dtype if x.dtype == torch.bfloat16 else torch.float32)
-    packed = [t.contiguous() for t in packed]
-    rows = max(1, min(n, GEMM_SLICE_BYTES // (xw.element_size() * k)))
-    ints, floats = _weight_only_params(scheme.weights, k)
-    return launch.sliced_gemm(scheme, x, xw, packed, bias, n, "dequant_wo", ints, floats, (3, 4), rows)
+    """The GEMM path of :func:`w4a8_slices` for one call."""
+    return w4a8_slices(scheme, x).run(scheme, x, packed, bias, n)
 
 
 def _only_bits(bits: int):

@@ -60,20 +60,33 @@ def template(kernel: str, k: int, n: int, n_tensors: int, ints=(), floats=(), bf
 
 @dataclasses.dataclass(frozen=True)
 class Slices:
-    """A GEMM path that takes the activation as it is (:func:`sliced_gemm` with ``xw = x``): ``kernel`` writes
-    weight rows ``ints[slots[0]]`` to ``ints[slots[1]]`` in the activation's dtype, ``rows`` at a time. The C++ op
-    runs it itself, so a call of many tokens does not return to Python."""
+    """A GEMM path :func:`sliced_gemm` runs on the activation as it is, or as ``prologue`` rewrites it (a kernel
+    of the table that writes ``x``'s values transformed, same shape and dtype, e.g. ``quantize_tokens``):
+    ``kernel`` writes weight rows ``ints[slots[0]]`` to ``ints[slots[1]]`` in the activation's dtype, ``rows`` at a
+    time. The C++ op runs it itself, so a call of many tokens does not return to Python."""
 
     kernel: str
     ints: tuple
     floats: tuple
     slots: tuple[int, int]
     rows: int
+    prologue: str = ""
 
     def run(self, scheme, x, packed, bias, n: int) -> torch.Tensor:
         xw = x.reshape(-1, x.shape[-1]).contiguous()
+        if self.prologue:
+            xw = run_prologue(self.prologue, xw)
         packed = [t.contiguous() for t in packed]
         return sliced_gemm(scheme, x, xw, packed, bias, n, self.kernel, self.ints, self.floats, self.slots, self.rows)
+
+
+def run_prologue(kernel: str, x2: torch.Tensor) -> torch.Tensor:
+    """``kernel`` (no tensors or parameters) on the contiguous ``x2 [M, K]``: its output, same shape and dtype."""
+    out = torch.empty_like(x2)
+    call = template(kernel, x2.shape[1], 0, 0, bf16=x2.dtype == torch.bfloat16)
+    call.x, call.y, call.M, call.threads = x2.data_ptr(), out.data_ptr(), x2.shape[0], torch.get_num_threads()
+    check(library.kernel(kernel)(ctypes.byref(call)), kernel, x2.shape[0], x2.shape[1], 0)
+    return out
 
 
 def bind_kernel(scheme, kernel: str, x, packed, bias, n: int, ints=(), floats=(), max_tokens: int | None = None,

@@ -90,8 +90,9 @@ def remember(scheme, x, packed, bias, out_features: int, kernel: str, ints=(), f
     ``slices`` (a :class:`launch.Slices`) describes, or go to Python when it is ``None``. A no-op while the op
     library is not loaded."""
     if loaded():
-        gemm = ("", [], [], [], 0) if slices is None else (
-            slices.kernel, list(slices.ints), [float(v) for v in slices.floats], list(slices.slots), slices.rows)
+        gemm = ("", [], [], [], 0, "") if slices is None else (
+            slices.kernel, list(slices.ints), [float(v) for v in slices.floats], list(slices.slots), slices.rows,
+            slices.prologue)  # fmt: skip
         torch.ops.qcompile_cpu.remember(x, list(packed), bias, scheme.name, out_features, kernel, list(ints),
                                         [float(v) for v in floats], max_tokens, *gemm)  # fmt: skip
 

@@ -69,12 +69,12 @@ def test_second_call_runs_in_cpp_and_matches_python_bit_for_bit(name, m, k, n, d
 
 @pytest.mark.parametrize("variant", ["transposed x", "many tokens, GEMM path in Python"])
 def test_calls_it_cannot_serve_go_back_to_python(variant):
-    name = "int4-g32" if variant == "transposed x" else "w4a8-g32"
+    name = "int4-g32" if variant == "transposed x" else "w8a8"
     scheme, packed, x, bias = _case(name, 4, 64, 24)
     _call(x, packed, bias, name)
     if variant == "transposed x":
         x = torch.randn(64, 4).t().unsqueeze(0)
-    else:  # w4a8 quantizes the activations before its GEMM: Python's work
+    else:  # w8a8's int8 GEMM and epilogue run in Python
         x = torch.randn(1, 300, 64)
     before = op.stats()
     y = _call(x, packed, bias, name)
@@ -85,10 +85,11 @@ def test_calls_it_cannot_serve_go_back_to_python(variant):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name, bias", [("int4-g32", True), ("int8-asym", False)])
+@pytest.mark.parametrize("name, bias", [("int4-g32", True), ("int8-asym", False), ("w4a8-g32", True)])
 def test_many_tokens_take_the_gemm_path_in_cpp(name, bias, dtype, monkeypatch):
-    """From the crossover on, a weight-only call runs dequantized slices and oneDNN's GEMM without returning to
-    Python: the same slices and GEMMs as the Python path (bit for bit), several slices with the last one short."""
+    """From the crossover on, a weight-only or W4A8 call runs dequantized slices and oneDNN's GEMM (W4A8: after its
+    activation prologue) without returning to Python: the same slices and GEMMs as the Python path (bit for bit),
+    several slices with the last one short."""
     monkeypatch.setattr(integer, "GEMM_SLICE_BYTES", 7 * 96 * (2 if dtype == torch.bfloat16 else 4))
     monkeypatch.setenv("QCOMPILE_GEMM_MIN_TOKENS", "16")
     scheme, packed, x, b = _case(name, 40, 96, 23, dtype, seed=3, bias=bias)

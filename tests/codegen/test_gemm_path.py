@@ -10,6 +10,7 @@ import torch
 from qcompile.codegen.cpp import gemm_path, integer, launch, library
 from qcompile.runtime import ops
 from qcompile.schemes import parse_scheme
+from qcompile.schemes.w8a8 import quantize_per_token_int8
 
 from cpp_required import skip_reason
 
@@ -80,7 +81,7 @@ def test_the_path_follows_the_token_count(name, kind, monkeypatch):
     """Below the crossover the C++ kernel runs, from it on the GEMM path (counted, not timed)."""
     monkeypatch.setattr(gemm_path, "CROSSOVER", {(kind, torch.float32, gemm_path.machine_class()): 8})
     owner, gemm = {"weight-only": (launch.Slices, "run"), "w8a8": (integer, "int8_gemm"),
-                   "w4a8": (integer, "w4a8_gemm")}[kind]  # fmt: skip
+                   "w4a8": (launch.Slices, "run")}[kind]  # fmt: skip
     calls = []
     original = getattr(owner, gemm)
     monkeypatch.setattr(owner, gemm, lambda *args: calls.append(1) or original(*args))
@@ -108,6 +109,21 @@ def test_gemm_path_thread_counts_agree_exactly(name, dtype, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_tokens_is_the_reference_quantization(dtype, isa, monkeypatch):
+    """``quantize_tokens`` (W4A8's GEMM prologue) writes ``code * token scale`` with the reference's codes and
+    scales, rounded once into the activation's dtype; an all-zero row stays zero."""
+    monkeypatch.setenv(library.ISA_ENV, isa)
+    generator = torch.Generator().manual_seed(7)
+    x = (torch.randn(37, 203, generator=generator) * torch.logspace(-3, 3, 37)[:, None]).to(dtype)
+    x[5] = 0
+    x[9, 17] = 1e4  # one outlier: the rest of its row rounds to few codes
+    x_q, x_scale = quantize_per_token_int8(x)
+    expected = (x_q.to(torch.float32) * x_scale).to(dtype)
+    assert torch.equal(launch.run_prologue("quantize_tokens", x.contiguous()), expected)
 
 
 def test_crossover_override_is_checked(monkeypatch):

@@ -13,7 +13,7 @@
 // A plan may also carry a GEMM path for calls of more tokens than the direct kernel takes, when that path needs
 // nothing but the activation as it is: a dequantization kernel writes slices of weight rows in the activation's
 // dtype and at::mm / at::addmm (oneDNN) multiplies each into its columns of the output, as launch.sliced_gemm
-// does in Python. The Python row decides whether a plan has one (launch.Slices).
+// does in Python; an optional prologue kernel first rewrites the activation (same shape and dtype). The Python row decides whether a plan has one (launch.Slices).
 //
 // Autograd (AutogradCPU): without a gradient to record, redispatch below autograd; with one, call
 // qcompile::_linear_train, whose Python autograd formula records the backward.
@@ -47,7 +47,7 @@ struct Plan {
     double floats[QC_MAX_PARAMS];
     int64_t max_tokens;  // 0: any number
     // the GEMM path beyond max_tokens (gemm[isa] null: none, Python serves those calls)
-    qc_kernel gemm[3];
+    qc_kernel gemm[3], prologue[3];  // prologue[isa] null: x as it is
     int64_t gemm_ints[QC_MAX_PARAMS];
     double gemm_floats[QC_MAX_PARAMS];
     int64_t gemm_first, gemm_end, gemm_rows;  // gemm_ints slots of the row range; rows per slice
@@ -102,7 +102,20 @@ at::Tensor fallback(const at::Tensor& x, at::TensorList packed, const std::optio
 at::Tensor sliced_gemm(const Plan& plan, int isa, const at::Tensor& x, at::TensorList packed,
                        const std::optional<at::Tensor>& bias, c10::string_view scheme, int64_t M, int64_t K,
                        int64_t N) {
-    const at::Tensor x2 = x.view({M, K});
+    at::Tensor x2 = x.view({M, K});
+    if (plan.prologue[isa] != nullptr) {
+        at::Tensor xw = at::empty({M, K}, x.options());
+        qc_call pro;
+        std::memset(&pro, 0, sizeof(pro));
+        pro.x = x2.data_ptr();
+        pro.y = xw.data_ptr();
+        pro.M = M;
+        pro.K = K;
+        pro.x_bf16 = pro.y_bf16 = x.scalar_type() == at::kBFloat16;
+        pro.threads = at::get_num_threads();
+        TORCH_CHECK(plan.prologue[isa](&pro) == 0, "qcompile::linear (", scheme, "): the activation prologue failed");
+        x2 = xw;
+    }
     at::Tensor y = at::empty({M, N}, x.options());
     const int64_t rows = std::min(N, std::max<int64_t>(1, plan.gemm_rows));
     at::Tensor weight = at::empty({rows, K}, x.options());
@@ -212,7 +225,8 @@ at::Tensor linear_autograd_cpu(c10::DispatchKeySet keys, const at::Tensor& x, at
 void remember(const at::Tensor& x, at::TensorList packed, const std::optional<at::Tensor>& bias,
               c10::string_view scheme, int64_t out_features, c10::string_view kernel, at::IntArrayRef ints,
               at::ArrayRef<double> floats, int64_t max_tokens, c10::string_view gemm_kernel, at::IntArrayRef gemm_ints,
-              at::ArrayRef<double> gemm_floats, at::IntArrayRef gemm_slots, int64_t gemm_rows) {
+              at::ArrayRef<double> gemm_floats, at::IntArrayRef gemm_slots, int64_t gemm_rows,
+              c10::string_view gemm_prologue) {
     TORCH_CHECK(ints.size() <= QC_MAX_PARAMS && floats.size() <= QC_MAX_PARAMS && gemm_ints.size() <= QC_MAX_PARAMS &&
                     gemm_floats.size() <= QC_MAX_PARAMS,
                 "qcompile_cpu::remember: at most ", QC_MAX_PARAMS, " parameters of each kind");
@@ -237,6 +251,11 @@ void remember(const at::Tensor& x, at::TensorList packed, const std::optional<at
         plan.gemm_first = gemm_slots[0];
         plan.gemm_end = gemm_slots[1];
         plan.gemm_rows = gemm_rows;
+        if (!gemm_prologue.empty()) {
+            const std::string pro(gemm_prologue.data(), gemm_prologue.size());
+            for (int i = 0; i < 3; i++) plan.prologue[i] = qc_find_kernel(pro.c_str(), ISAS[i]);
+            TORCH_CHECK(plan.prologue[2] != nullptr, "qcompile_cpu::remember: the kernel library has no kernel ", pro);
+        }
     }
     const std::string key = signature(x, packed, bias, scheme, out_features);
     std::unique_lock<std::shared_mutex> lock(plans_mutex);
@@ -257,7 +276,7 @@ std::vector<int64_t> stats() { return {fast_calls.load(), fallback_calls.load(),
 TORCH_LIBRARY(qcompile_cpu, m) {
     m.def("remember(Tensor x, Tensor[] packed, Tensor? bias, str scheme, int out_features, str kernel, int[] ints, "
           "float[] floats, int max_tokens, str gemm_kernel=\"\", int[] gemm_ints=[], float[] gemm_floats=[], "
-          "int[] gemm_slots=[], int gemm_rows=0) -> ()",
+          "int[] gemm_slots=[], int gemm_rows=0, str gemm_prologue=\"\") -> ()",
           &remember);
     m.def("forget() -> ()", &forget);
     m.def("set_enabled(bool on) -> ()", &set_enabled);

@@ -3,7 +3,8 @@
 Registered through the ``torch_dynamo_backends`` entry point, so no ``import qcompile`` is needed.
 Dynamo hands the backend a graph whose parameters are inputs; the backend turns the planned weights
 into ``qcompile::linear`` calls with packed buffers and runs the rest of the graph as it is (or through
-inductor with ``options={"inductor": True}``). Packed weights are cached per parameter (and its version),
+inductor with ``options={"inductor": True}``); op by op, a boolean attention mask is decided once per forward
+(``passes/attention.py``: no mask, ``is_causal`` or one additive mask) instead of once per layer. Packed weights are cached per parameter (and its version),
 so a recompilation (new shapes, a graph break) never quantizes the same weight twice. Pass
 ``dynamic=True`` to ``torch.compile`` for one compilation across batch sizes and sequence lengths.
 
@@ -188,6 +189,9 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         with inline_kernels(inline), no_cache:
             compiled = compile_fx(gm, inputs)
     else:
+        from qcompile.passes.attention import share_attention_masks
+
+        share_attention_masks(gm)
         compiled = gm.forward
 
     def run(*args):

@@ -1,4 +1,5 @@
-"""GGUF block kernels on the CPU (``codegen/cpp/kernels/gguf.h``): both forms of every type against dense ``F.linear``.
+"""GGUF block kernels on the CPU (``codegen/cpp/kernels/gguf_linear.h``, ``gguf_gemv.h``): both forms of every type
+against dense ``F.linear``.
 
     python benchmarks/gguf_cpu.py                  # 4096 x 4096, M = 1 and 128, every type
     python benchmarks/gguf_cpu.py --types q4_0,q4_k --tokens 1,4,16,32,64

@@ -1,6 +1,6 @@
 """C++ kernel rows for the ``gguf`` family (``q4_0`` … ``iq4_xs``, :mod:`qcompile.schemes.gguf`); kernels in
-``kernels/gguf.h``, which reads ggml's blocks as they are (``blocks uint8 [N, nb * BYTES]``, the ggml type id in
-``ints[0]``).
+``kernels/gguf_linear.h`` and ``kernels/gguf_gemv.h`` (the blocks' decoders in ``kernels/gguf.h``), which read ggml's
+blocks as they are (``blocks uint8 [N, nb * BYTES]``, the ggml type id in ``ints[0]``).
 
 Two rows, chosen by the number of tokens ``M`` of a call:
 

@@ -1,5 +1,5 @@
-"""GGUF block kernels (``codegen/cpp/kernels/gguf.h``, rows in ``codegen/cpp/gguf.py``) on every instruction set this
-CPU runs, against float64 math from independent definitions:
+"""GGUF block kernels (``codegen/cpp/kernels/gguf.h``, ``gguf_linear.h``, ``gguf_gemv.h``; rows in
+``codegen/cpp/gguf.py``) on every instruction set this CPU runs, against float64 math from independent definitions:
 
 * the exact float form (``linear_gguf``) and its GEMM path against gguf-py's dequantization
   (``gguf.quants.dequantize``) times the activation;

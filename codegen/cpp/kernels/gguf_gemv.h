@@ -1,6 +1,6 @@
 // One-token (decode) form of linear_gguf for the types of 32-element blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL.
 //
-// Same call and result as linear_gguf's exact float form (kernels/gguf.h), for M <= GGUF_GEMV_TOKENS tokens on the
+// Same call and result as linear_gguf's exact float form (gguf_linear.h), for M <= GGUF_GEMV_TOKENS tokens on the
 // AVX2 and AVX-512 variants: each block's codes go from its bytes straight into float registers (no int8 row in a
 // scratch buffer), W elements at a time, and
 //   y[m, n] = sum_b d_b * (sum_e s[e] * x[m, e]) + sum_b m_b * (sum_e x[m, e])     (e over block b's 32 elements)
@@ -8,7 +8,7 @@
 // gguf_prepare_f). It differs from the reference (dequantize, then F.linear) by float32 summation order only.
 // Threads take chunks of 16 output rows; each output is computed by one thread, so results do not depend on the
 // thread count. gguf_gemv returns false for the calls it does not take (other types, more tokens, the scalar
-// variant), which the row-scratch path of gguf.h then serves.
+// variant), which the row-scratch path of gguf_linear.h then serves.
 
 constexpr int64_t GGUF_GEMV_TOKENS = 8;
 
@@ -221,7 +221,7 @@ static bool gguf_gemv(const qc_call* c, int type, const float* xf, const float* 
 // code bytes in one register, low nibbles (elements 0..15 of each block) and high nibbles (16..31) against the
 // activations reordered the same way once per call; vpdpbusd gives exact int32 sums, which are scaled by d_b * dx_b
 // in float32 (Q4_0's -8 and Q4_1's min enter as d_b * -8, m_b times dx_b * sum xq). Q8_0 takes 2 blocks a step
-// (codes + 128 against xq, started at x4). Same integer sums as gguf.h's q8 tiles; float32 summation order differs.
+// (codes + 128 against xq, started at x4). Integer sums as gguf_linear.h's q8 tiles; float32 order differs.
 constexpr int64_t GGUF_GEMV_Q8_TOKENS = 4;
 
 static inline __m128 gguf_q8_halves4(const uint8_t* p, int64_t stride) {
@@ -358,7 +358,7 @@ static bool gguf_gemv_q8(const qc_call* c, int type, const int8_t* xq, const flo
 static bool gguf_gemv_q8(const qc_call*, int, const int8_t*, const float*, const int32_t*, int64_t) { return false; }
 #endif
 
-#else  // scalar variant: the row-scratch path of gguf.h serves every call
+#else  // scalar variant: the row-scratch path of gguf_linear.h serves every call
 
 static bool gguf_gemv(const qc_call*, int, const float*, const float*, int64_t) { return false; }
 static bool gguf_gemv_q8(const qc_call*, int, const int8_t*, const float*, const int32_t*, int64_t) { return false; }

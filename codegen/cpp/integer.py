@@ -15,7 +15,6 @@ import torch
 from qcompile.codegen import cpp
 from qcompile.codegen.cpp import gemm_path, launch, library
 from qcompile.runtime.dispatch import KernelEntry
-from qcompile.schemes.w8a8 import int8_matmul_exact, quantize_per_token_int8
 
 #: bytes of dequantized weight per slice in the GEMM path: few, large GEMMs (oneDNN packs its operands per call)
 #: whose slice stays in the last-level cache
@@ -82,15 +81,21 @@ def w8a8_bind(scheme, x, packed, bias, n):
 
 
 def int8_gemm(x, packed, bias, n: int) -> torch.Tensor:
-    """Many tokens of W8A8: activations quantized per token as the kernel does, ``torch._int_mm`` (oneDNN:
-    AMX-INT8 or VNNI) for the exact int32 sums, then the kernel's epilogue in the same order."""
+    """Many tokens of W8A8: activations quantized per token as the kernel does (``quantize_tokens``), ``torch._int_mm``
+    (oneDNN: AMX-INT8 or VNNI) for the exact int32 sums, then the kernel's epilogue in the same order
+    (``w8a8_epilogue``): the direct kernel's results, bit for bit."""
     k = x.shape[-1]
-    qweight, scales = packed[0], packed[1]
-    x_q, x_scale = quantize_per_token_int8(x.reshape(-1, k))
-    y = int8_matmul_exact(x_q, qweight) * x_scale * scales.reshape(1, -1)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    x_q, x_scale = launch.quantize_tokens_int8(x.reshape(-1, k).contiguous())
+    acc = torch._int_mm(x_q, packed[0].t())
+    m = acc.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype)
+    call = launch.template("w8a8_epilogue", k, n, 2, bf16=x.dtype == torch.bfloat16)
+    bias, scales = launch.bias32(bias), packed[1].contiguous()
+    call.x, call.y, call.M, call.threads = acc.data_ptr(), y.data_ptr(), m, torch.get_num_threads()
+    call.tensors[0], call.tensors[1] = x_scale.data_ptr(), scales.data_ptr()
+    call.bias = None if bias is None else bias.data_ptr()
+    launch.check(library.kernel("w8a8_epilogue")(call), "w8a8_epilogue", m, k, n)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def w4a8_bind(scheme, x, packed, bias, n):

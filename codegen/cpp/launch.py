@@ -89,6 +89,19 @@ def run_prologue(kernel: str, x2: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def quantize_tokens_int8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contiguous ``x2 [M, K]`` (float32 or bfloat16) quantized per token (``quantize_tokens``, mode 1):
+    ``(int8 [M, K], float32 [M, 1])``, equal to ``quantize_per_token_int8``."""
+    m, k = x2.shape
+    codes = torch.empty((m, k), dtype=torch.int8)
+    scales = torch.empty((m, 1), dtype=torch.float32)
+    call = template("quantize_tokens", k, 0, 1, (1,), bf16=x2.dtype == torch.bfloat16)
+    call.x, call.y, call.M, call.threads = x2.data_ptr(), codes.data_ptr(), m, torch.get_num_threads()
+    call.tensors[0] = scales.data_ptr()
+    check(library.kernel("quantize_tokens")(ctypes.byref(call)), "quantize_tokens", m, k, 0)
+    return codes, scales
+
+
 def bind_kernel(scheme, kernel: str, x, packed, bias, n: int, ints=(), floats=(), max_tokens: int | None = None,
                 slow=None, slices: Slices | None = None):
     """``launch(x, packed, bias) -> y`` running C++ kernel ``kernel`` for this call signature (see module

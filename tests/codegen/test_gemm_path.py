@@ -126,6 +126,19 @@ def test_quantize_tokens_is_the_reference_quantization(dtype, isa, monkeypatch):
     assert torch.equal(launch.run_prologue("quantize_tokens", x.contiguous()), expected)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_token_codes_are_the_reference_codes(dtype, isa, monkeypatch):
+    """``quantize_tokens`` in its int8 mode (W8A8's GEMM path) gives the reference's codes and scales exactly."""
+    monkeypatch.setenv(library.ISA_ENV, isa)
+    generator = torch.Generator().manual_seed(8)
+    x = (torch.randn(29, 301, generator=generator) * torch.logspace(-4, 4, 29)[:, None]).to(dtype)
+    x[3] = 0
+    codes, scales = launch.quantize_tokens_int8(x.contiguous())
+    expected_codes, expected_scales = quantize_per_token_int8(x)
+    assert torch.equal(codes, expected_codes) and torch.equal(scales, expected_scales)
+
+
 def test_crossover_override_is_checked(monkeypatch):
     monkeypatch.setenv(gemm_path.ENV, "0")
     with pytest.raises(ValueError, match=gemm_path.ENV):

@@ -86,3 +86,23 @@ static int linear_w8a8_call(const qc_call* c) {
                        c->bias, c->y, c->y_bf16, c->threads);
 }
 QC_KERNEL(linear_w8a8, linear_w8a8_call)
+
+// The GEMM path's epilogue (codegen/cpp/integer.py: torch._int_mm gives the int32 sums): x is acc int32 [M, N]
+// (x_bf16 unused), tensors: x_scale float32 [M], scales float32 [N, 1]; bias float32 [N] or NULL; y [M, N] float32
+// or bfloat16. The direct kernel's epilogue in its order: y = (float)acc * x_scale[m] * scales[n] (+ bias[n]).
+static int w8a8_epilogue(const qc_call* c) {
+    const int64_t M = c->M, N = c->N;
+    const int32_t* acc = (const int32_t*)c->x;
+    const float* xs = (const float*)c->tensors[0];
+    const float* ws = (const float*)c->tensors[1];
+#pragma omp parallel for schedule(static) num_threads(c->threads)
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t n = 0; n < N; n++) {
+            float v = (float)acc[m * N + n] * xs[m] * ws[n];
+            if (c->bias) v += c->bias[n];
+            store_output(c->y, c->y_bf16, m * N + n, v);
+        }
+    }
+    return 0;
+}
+QC_KERNEL(w8a8_epilogue, w8a8_epilogue)

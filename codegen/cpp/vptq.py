@@ -1,9 +1,11 @@
 """C++ kernel row of the VPTQ family (``kernels/vptq.h``): ``cpp-vptq``.
 
 Up to ``GEMM_MIN_TOKENS - 1`` tokens (decode) one kernel does it all: the activation is permuted and scaled once
-(``xs = x[:, perm] * scale[perm]``, plus the per-token ``x . weight_bias``), then each thread takes whole vector rows
-and adds every column's centroid (``v`` floats) times ``xs`` into the row's ``v`` outputs. Calls of more tokens
-dequantize the weight in slices of rows (``dequant_vptq``, float32) and use torch's float GEMM.
+(``xs = x[:, perm] * scale[perm]``, plus the per-token ``x . weight_bias``), then each thread takes blocks of vector
+rows and adds every column's centroid (``v`` floats) times ``xs`` into the rows' ``v`` outputs. For ``v`` a multiple
+of 4 (but 20, 28) on AVX2 / AVX-512 the block's outputs of one token or a group of 4 stay in vector registers and the
+indices are decoded 64 columns at a time; a small residual codebook is summed with the main one once per call. Calls
+of more tokens dequantize the weight in slices of rows (``dequant_vptq``, float32) and use torch's float GEMM.
 """
 
 from __future__ import annotations

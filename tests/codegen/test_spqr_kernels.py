@@ -1,7 +1,8 @@
 """SpQR kernels against the scheme's reference (``qcompile.schemes.spqr``, itself checked against ``spqr_quant``'s
 decoding in ``tests/schemes/test_spqr.py``): the C++ CPU kernels (``codegen/cpp/kernels/spqr.h``) on every
-instruction set this CPU runs, the Triton kernels under ``TRITON_INTERPRET=1`` on CPU tensors (on CUDA where the
-interpreter is off), and the missing ONNX lowering's error.
+instruction set this CPU runs (AVX-512 both with AVX512-FP16 tables and with float32 ones), the Triton kernels under
+``TRITON_INTERPRET=1`` on CPU tensors (on CUDA where the interpreter is off), and the missing ONNX lowering's error.
+Decoded weights are compared bit for bit, also for float16 statistics of any magnitude.
 
 Every case has a random input permutation, outliers, and ragged N and K (the format pads to 16; the kernels read the
 padding words and never an activation past K). Tolerances, worst error / (|reference| + rms(reference)):
@@ -14,6 +15,7 @@ padding words and never an activation past K). Tolerances, worst error / (|refer
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 import torch
@@ -25,12 +27,14 @@ from qcompile.codegen.cpp import library  # noqa: E402
 from qcompile.codegen.cpp import spqr as cpp_spqr  # noqa: E402
 from qcompile.runtime import dispatch, ops  # noqa: E402
 from qcompile.schemes import parse_scheme  # noqa: E402
+from qcompile.schemes.spqr import SpqrWeight  # noqa: E402
 
 from cpp_required import skip_reason  # noqa: E402
 
 SCHEME = parse_scheme("spqr-3")
-# (M, K, N): K and N ragged against the 16 x 16 tiles; M = 20 takes the C++ dequantize + GEMM path
-SHAPES = [(1, 70, 5), (3, 200, 33), (20, 130, 37)]
+# (M, K, N): K and N ragged against the 16 x 16 tiles; K = 600 spans two chunks of 32 tiles (accumulators kept
+# between them); M = 6: a group of 4 tokens and one of 2; M = 20 takes the C++ dequantize + GEMM path
+SHAPES = [(1, 70, 5), (3, 200, 33), (6, 600, 21), (20, 130, 37)]
 TOLERANCE = {torch.float32: 5e-6, torch.bfloat16: 1.6e-2}
 cpp = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 ISAS = library.available_isas() if skip_reason() is None else []
@@ -59,41 +63,99 @@ def _assert_matches_reference(y, x, packed, bias):
 
 
 # -- C++ ------------------------------------------------------------------------------------------------------------
+#: the variants of an ISA: AVX-512 builds its tables with AVX512-FP16 arithmetic where the CPU has it, or
+#: with float32 and vcvtps2ph (the only route of AVX2); both must give the reference's weights bit for bit
+VARIANTS = [(isa, fp16) for isa in ISAS for fp16 in ((True, False) if isa == "avx512" else (True,))]
+CPU_FLAGS = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+FP16_CPU = skip_reason() is None and library.cpu_supports("avx512") and "avx512_fp16" in CPU_FLAGS
+
+
 @cpp
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa, fp16", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_kernel_matches_reference(dtype, isa, monkeypatch):
+def test_cpp_kernel_matches_reference(dtype, isa, fp16, monkeypatch):
     monkeypatch.setenv(library.ISA_ENV, isa)
+    monkeypatch.setattr(cpp_spqr, "FLOAT16_ARITHMETIC", fp16)
     for i, (m, k, n) in enumerate(SHAPES):
         packed, x, bias = _case(m, k, n, dtype, seed=i, bias=i % 2 == 0)
         _assert_matches_reference(cpp_spqr.bind(SCHEME, x, packed, bias, n)(x, packed, bias), x, packed, bias)
 
 
-@cpp
-@pytest.mark.parametrize("isa", ISAS)
-def test_cpp_dequantized_rows_are_the_reference_weight(isa, monkeypatch):
-    """``dequant_spqr`` rows n0..n1 (not tile-aligned) against the reference weight in permuted column order."""
-    monkeypatch.setenv(library.ISA_ENV, isa)
-    packed, _, _ = _case(1, 70, 37, seed=5)
-    kp = 80
-    perm = cpp_spqr.permutation(packed[3])
-    w = torch.zeros(37, kp)
-    w[:, :70] = SCHEME.dequantize_packed(packed, 37, 70)
-    expected = w[:, perm]
-    call = cpp_spqr.launch.template("dequant_spqr", 70, 37, 4, (kp, 5, 29))
-    out = torch.empty(24, kp)
+def _dequantized(packed, k, n, n0, n1, fp16):
+    """``dequant_spqr`` rows n0..n1 as float32 [n1 - n0, Kp]."""
+    kp = SCHEME.padded_in_features(k)
+    call = cpp_spqr.launch.template("dequant_spqr", k, n, 4, (kp, n0, n1, int(fp16)))
+    out = torch.empty(n1 - n0, kp)
     for i, tensor in enumerate(packed):
         call.tensors[i] = tensor.data_ptr()
     call.y, call.threads = out.data_ptr(), 2
     assert library.kernel("dequant_spqr")(call) == 0
-    real = perm < 70  # the padding features' columns hold the decoded padding codes, which no activation meets
-    assert torch.equal(out[:, real], expected[5:29, real])
+    return out
+
+
+def _reference_rows(packed, k, n):
+    """The reference weight [N, Kp] in permuted column order, and which columns are real input features."""
+    kp = SCHEME.padded_in_features(k)
+    perm = cpp_spqr.permutation(packed[3])
+    w = torch.zeros(n, kp)
+    w[:, :k] = SCHEME.dequantize_packed(packed, n, k)
+    return w[:, perm], perm < k  # the padding features' columns hold decoded padding codes, which no activation meets
+
+
+@cpp
+@pytest.mark.parametrize("isa, fp16", VARIANTS)
+def test_cpp_dequantized_rows_are_the_reference_weight(isa, fp16, monkeypatch):
+    """``dequant_spqr`` rows n0..n1 (not tile-aligned) against the reference weight in permuted column order."""
+    monkeypatch.setenv(library.ISA_ENV, isa)
+    packed, _, _ = _case(1, 70, 37, seed=5)
+    expected, real = _reference_rows(packed, 70, 37)
+    assert torch.equal(_dequantized(packed, 70, 37, 5, 29, fp16)[:, real], expected[5:29, real])
+
+
+@cpp
+@pytest.mark.parametrize("isa, fp16", VARIANTS)
+def test_cpp_weights_are_exact_for_any_float16_statistics(isa, fp16, monkeypatch):
+    """Second-order statistics from random finite float16 bit patterns (any exponent, both signs) and one tile made to
+    overflow: every h() step of the kernels (float32 + vcvtps2ph, AVX512-FP16, or double) rounds exactly as the
+    reference, subnormal weights, overflow to infinity and 0 * inf = NaN included."""
+    monkeypatch.setenv(library.ISA_ENV, isa)
+    g = torch.Generator().manual_seed(11)
+    n, k = 40, 90
+    kp = SCHEME.padded_in_features(k)
+    bits = torch.randint(0, 1 << 16, (3 * 6 * 4,), generator=g, dtype=torch.int32)
+    bits = torch.where((bits & 0x7C00) == 0x7C00, bits & ~0x4000, bits)  # no infinity or NaN in the statistics
+    second = bits.to(torch.int16).view(torch.float16).reshape(3, 6, 4)
+    # tile (0, 0): scale = h(65504 * (qs + 65504)) = inf and integer zeros (zs = 1, zz = 0): q = qz gives inf * 0
+    second[0, 0] = torch.tensor([65504.0, 1.0, -65504.0, 0.0], dtype=torch.float16)
+    codes = torch.randint(0, 8, (48, kp), generator=g, dtype=torch.uint8)
+    scale_codes, zero_codes = (torch.randint(0, 8, (48, kp // 16), generator=g, dtype=torch.uint8) for _ in range(2))
+    no_outliers = torch.zeros(n + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0).half()
+    q = SpqrWeight(codes, scale_codes, zero_codes, second, *no_outliers, torch.randperm(kp, generator=g), k, n)
+    packed = SCHEME.pack(q).list()
+    expected, real = _reference_rows(packed, k, n)
+    assert expected.isinf().any() and expected.isnan().any() and ((expected != 0) & (expected.abs() < 2**-14)).any()
+    torch.testing.assert_close(_dequantized(packed, k, n, 0, n, fp16)[:, real], expected[:, real], rtol=0, atol=0,
+                               equal_nan=True)  # fmt: skip
+
+
+@cpp
+@pytest.mark.skipif(not FP16_CPU, reason="the CPU lacks AVX512-FP16: AVX-512 has one route only")
+@pytest.mark.parametrize("m", [1, 6])
+def test_cpp_float16_arithmetic_gives_the_same_bits(m, monkeypatch):
+    """AVX-512 with and without AVX512-FP16 tables: the same weights and the same sums, so the same outputs."""
+    monkeypatch.setenv(library.ISA_ENV, "avx512")
+    packed, x, bias = _case(m, 600, 45, seed=8)
+    outputs = []
+    for fp16 in (True, False):
+        monkeypatch.setattr(cpp_spqr, "FLOAT16_ARITHMETIC", fp16)
+        outputs.append(cpp_spqr.bind(SCHEME, x, packed, bias, 45)(x, packed, bias))
+    assert torch.equal(*outputs)
 
 
 @cpp
 @pytest.mark.parametrize("m", [1, 5])
 def test_one_and_two_threads_agree_exactly(m):
-    packed, x, bias = _case(m, 130, 45, seed=7)
+    packed, x, bias = _case(m, 600, 45, seed=7)
     launch = cpp_spqr.bind(SCHEME, x, packed, bias, 45)
     threads = torch.get_num_threads()
     try:

@@ -29,10 +29,12 @@ from qcompile.schemes.vptq import VptqWeight  # noqa: E402
 
 from cpp_required import skip_reason  # noqa: E402
 
-#: v multiple of 16 (AVX-512 lanes), of 8 (AVX2), odd / small (scalar tail); entries of 6 .. 32 bits (8+4 = 12 bits
-#: straddle words; 16+16 fill one)
-FORMS = ["vptq-v16-k64", "vptq-v8-k256-r16", "vptq-v4-k64-r16-o8", "vptq-v3-k32-o5", "vptq-v1-k16-r4",
-         "vptq-v2-k65536-r65536"]
+#: register kernels (v a multiple of 4 but 20, 28): v = 16 (one zmm / two ymm), 8, 4 (xmm), 12 (ymm + xmm), 24, 32;
+#: entries of 4 .. 26 bits (8+4 = 12 bits straddle words; AVX-512 decodes entries of up to 17 bits 16 at a time, wider
+#: ones 8 at a time; AVX2 gathers 32-bit windows up to 25 bits, one 64-bit window per entry past that); the per-row
+#: loop: v = 20, odd / small v, and 16+16 bits filling a word
+FORMS = ["vptq-v16-k64", "vptq-v8-k256-r16", "vptq-v4-k64-r16-o8", "vptq-v12-k4096-r4096", "vptq-v24-k16-o3",
+         "vptq-v32-k65536-r1024", "vptq-v20-k32", "vptq-v3-k32-o5", "vptq-v1-k16-r4", "vptq-v2-k65536-r65536"]
 # (M, K, N): N not a multiple of v, K odd; M below the GEMM path's threshold
 SHAPES = [(1, 37, 21), (5, 70, 33)]
 TOLERANCE = {torch.float32: 5e-6, torch.bfloat16: 4e-3}
@@ -110,22 +112,46 @@ def test_cpp_many_token_path_and_dequantized_rows(name, isa, monkeypatch):
     _assert_matches_reference(y, scheme, x, packed, bias, 33)
 
 
+#: (name, N, K): shapes where the register kernels sum each (main, residual) centroid pair once per call and read it by
+#: the raw entry: 2**tb entries, at most R * (K - o) of them and at most 256 KiB (kernels/vptq.h: VPTQ_PAIR_BYTES)
+PAIRED = [("vptq-v4-k64-r16-o8", 70, 130), ("vptq-v8-k16-r16", 70, 130), ("vptq-v16-k32-r8-o2", 45, 100)]
+
+
 @cpp
-def test_op_dispatches_to_the_cpp_row_and_threads_agree():
-    scheme, packed, x, bias = _case("vptq-v8-k256-r16", 3, 70, 33)
-    row = dispatch.choose_kernel(scheme.name, x, packed, bias, 70, 33)
-    assert row is not None and row.name == "cpp-vptq"
-    y = torch.ops.qcompile.linear(x, packed, bias, scheme.name, 70, 33)
-    _assert_matches_reference(y, scheme, x, packed, bias, 33)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpp_vptq.bind(scheme, x, packed, bias, 33)(x, packed, bias)
-        torch.set_num_threads(2)
-        two = cpp_vptq.bind(scheme, x, packed, bias, 33)(x, packed, bias)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("name, n, k", PAIRED)
+def test_cpp_kernel_with_summed_residual_pairs_matches_reference(name, n, k, m, isa, monkeypatch):
+    monkeypatch.setenv(library.ISA_ENV, isa)
+    scheme = parse_scheme(name)
+    entries = 2**scheme.total_bits
+    assert entries <= scheme.vector_rows(n) * (k - scheme.outliers) and entries * scheme.vector_len * 4 <= 256 << 10
+    for dtype in (torch.float32, torch.bfloat16):
+        scheme, packed, x, bias = _case(name, m, k, n, dtype)
+        y = cpp_vptq.bind(scheme, x, packed, bias, n)(x, packed, bias)
+        _assert_matches_reference(y, scheme, x, packed, bias, n)
+
+
+@cpp
+@pytest.mark.parametrize("m", [1, 3])
+def test_op_dispatches_to_the_cpp_row_and_threads_agree(m):
+    """One token (blocks of 1-token accumulators) and three (groups of 4 with a zero token); one and two threads give
+    the same bits, with separate residual centroids and with summed pairs."""
+    for name, n, k in [("vptq-v8-k256-r16", 33, 70), ("vptq-v4-k64-r16-o8", 70, 130)]:
+        scheme, packed, x, bias = _case(name, m, k, n)
+        row = dispatch.choose_kernel(scheme.name, x, packed, bias, k, n)
+        assert row is not None and row.name == "cpp-vptq"
+        y = torch.ops.qcompile.linear(x, packed, bias, scheme.name, k, n)
+        _assert_matches_reference(y, scheme, x, packed, bias, n)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = cpp_vptq.bind(scheme, x, packed, bias, n)(x, packed, bias)
+            torch.set_num_threads(2)
+            two = cpp_vptq.bind(scheme, x, packed, bias, n)(x, packed, bias)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, two)
     assert "float32 or bfloat16" in cpp_vptq.supports(scheme, x.half(), packed)
 
 

@@ -12,18 +12,34 @@
 // [Kc, v] (o > 0); weight_scale, weight_bias float16 bits [K]; perm int16 [K] (uint16 bits). x float32 or bfloat16
 // [Mt, K]; bias float32 [N] or NULL; y [Mt, N] float32 or bfloat16. Kc = 2**bk, Kr = 2**br, tb = bk + br <= 32.
 // Out-of-range values cannot read outside the tensors: an outlier index is taken modulo Kc, a perm entry >= K reads
-// a zero activation (dequant_vptq: writes nothing).
+// a zero activation (dequant_vptq: writes nothing); bitstream reads stop at the row's last word.
 //
 // Parameters (qc_call.ints): [0] v, [1] bk, [2] br (0: no residual), [3] o, [4] R, [5] Wd; dequant_vptq also [6] n0,
 // [7] n1. Kernels:
-//   linear_vptq:  y as above (decode sizes). The codebooks are converted to float32 once per call, xs and beta once
-//                 per call. A thread takes whole vector rows (v outputs) and, column by column, adds xs[t, j] times
-//                 the column's centroid (v floats; AVX-512 / AVX2 lanes when v is a multiple of 16 / 8) into the v
-//                 outputs of up to 16 tokens; sums run in a fixed order: results do not depend on the threads.
+//   linear_vptq:  y as above (decode sizes). The codebooks are converted to float32 once per call (F16C where the ISA
+//                 has it), xs and beta once per call. With a residual codebook of at most VPTQ_PAIR_BYTES (256 KiB)
+//                 of (main, residual) pairs, 2**tb <= R * gs, the pairs are summed once per call (float32, the same
+//                 sums as per column) into a table read by the raw tb-bit entry: one centroid load a column.
+//                 AVX2 / AVX-512 and v a multiple of 4 up to 32 except 20 and 28 (vptq_rows): a thread takes blocks
+//                 of RB vector rows and T tokens (T = 1 for one token, else groups of 4, zero tokens padding the
+//                 last), RB = 16 (AVX-512) / 8 (AVX2) accumulator registers / (T * registers per row), so every
+//                 accumulator (one v-float vector per row and token: zmm, ymm, xmm parts) stays in a register.
+//                 Columns go in blocks of VPTQ_COLS (64): first the block's entries of the RB rows are decoded into
+//                 byte offsets of their centroids (AVX-512: 16 entries from one masked 64-byte load, vpermw putting
+//                 each entry's two 16-bit words in its 32-bit lane, a per-lane shift (tb > 17: 8 entries, four words
+//                 in 64-bit lanes); AVX2: a gather of 32-bit windows, 8 entries (tb > 25, and the row's last
+//                 entries: one 64-bit window each)), then per column the T activations are broadcast once and each
+//                 row adds activation times its centroid (main plus residual, added first) to its accumulators. The
+//                 o outlier columns come first, the same way with the outlier codebook. Other v, and the scalar
+//                 variant: per vector row, column by column into v float accumulators of up to 16 tokens. Every
+//                 row's sums run over the columns in order: results do not depend on the threads.
 //   dequant_vptq: writes rows n0..n1 of W to `y` as float32 [n1 - n0, K] (reads no x).
 
 // float16 bits -> float, exact (subnormals, infinities and NaN included).
 static inline float vptq_half(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023;
     if (e == 0) {
         const float v = (float)m * 5.9604644775390625e-08f;  // m * 2**-24
@@ -33,10 +49,18 @@ static inline float vptq_half(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+#endif
 }
 
 static void vptq_halves(const uint16_t* in, int64_t n, float* out) {
-    for (int64_t i = 0; i < n; i++) out[i] = vptq_half(in[i]);
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(in + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(in + i))));
+#endif
+    for (; i < n; i++) out[i] = vptq_half(in[i]);
 }
 
 // The tb-bit entry starting at bit `pos` of a row's bitstream.
@@ -93,39 +117,358 @@ static int vptq_parts_of(const qc_call* c, vptq_parts* p) {
     return 0;
 }
 
-static int linear_vptq_call(const qc_call* c) {
-    const int64_t Mt = c->M, N = c->N, K = c->K, v = c->ints[0], bk = c->ints[1], br = c->ints[2], o = c->ints[3];
-    const int64_t R = c->ints[4], Wd = c->ints[5], gs = K - o, Kc = (int64_t)1 << bk;
-    const int64_t Kr = br ? ((int64_t)1 << br) : 0;
-    const int tb = (int)(bk + br);
+// One call's geometry and float32 data for the row kernels.
+struct vptq_ctx {
     vptq_parts p;
-    if (vptq_parts_of(c, &p)) return 1;
-    float* xs = (float*)scratch_alloc((size_t)(Mt * K + Mt) * sizeof(float));
-    if (!xs) {
-        free(p.books);
-        return 1;
+    const float* xs;      // [Mp, K] permuted, scaled activations (zero rows past Mt)
+    const float* pairs;   // [2**tb, v]: entry e's centroid plus residual centroid, or NULL (see linear_vptq_call)
+    int64_t K, o, gs, R, Wd;
+    int bk, br, tb;
+    int32_t row_bytes;    // v * 4: an index times this is its centroid's byte offset
+};
+
+//: columns whose indices a block decodes at a time (a multiple of 16)
+constexpr int VPTQ_COLS = 64;
+//: largest table of summed (main, residual) centroid pairs built per call (2**tb * v floats; fits in L2)
+constexpr int64_t VPTQ_PAIR_BYTES = 256 << 10;
+
+// Entries of row i's main columns c0 .. c0 + VPTQ_COLS (past gs: arbitrary values in range) as byte offsets into the
+// codebooks: with cx.pairs, idx = entry * 4v (into pairs); else idx = main index * 4v and ridx = residual index * 4v
+// (only when br > 0).
+#if defined(__AVX512F__)
+// Per-call constants of the AVX-512 decoder: tb <= 17: 16 entries a step, 32-bit lane j = words wj, wj + 1 of the
+// step's bytes (wj = j * tb / 16) shifted right by j * tb % 16; tb > 17: 8 entries a step in 64-bit lanes (words wj
+// .. wj + 3).
+struct vptq_decoder {
+    __m512i words, shifts;
+    bool wide;
+};
+
+static vptq_decoder vptq_decoder_of(int tb) {
+    vptq_decoder d;
+    d.wide = tb > 17;
+    int16_t w[32];
+    int32_t s32[16];
+    int64_t s64[8];
+    const int lanes = d.wide ? 8 : 16, per = d.wide ? 4 : 2;
+    for (int j = 0; j < lanes; j++) {
+        for (int h = 0; h < per; h++) w[j * per + h] = (int16_t)((j * tb) / 16 + h);
+        if (d.wide)
+            s64[j] = (j * tb) % 16;
+        else
+            s32[j] = (j * tb) % 16;
     }
-    float* beta = xs + Mt * K;
-    for (int64_t t = 0; t < Mt; t++) {
-        float b = 0.0f;
-        for (int64_t k = 0; k < K; k++) b += load_activation(c->x, c->x_bf16, t * K + k) * vptq_half(p.wbias[k]);
-        beta[t] = b;
-        for (int64_t j = 0; j < K; j++) {
-            const int64_t src = p.perm[j];
-            xs[t * K + j] = src < K ? load_activation(c->x, c->x_bf16, t * K + src) * vptq_half(p.scale[src]) : 0.0f;
+    d.words = _mm512_loadu_si512((const void*)w);
+    d.shifts = d.wide ? _mm512_loadu_si512((const void*)s64) : _mm512_loadu_si512((const void*)s32);
+    return d;
+}
+
+// a * scale, by a shift when scale = 2**shift (shift >= 0)
+static inline __m512i vptq_scaled(__m512i a, __m512i scale, int shift) {
+    return shift >= 0 ? _mm512_slli_epi32(a, (unsigned)shift) : _mm512_mullo_epi32(a, scale);
+}
+
+static inline void vptq_decode(const vptq_ctx& cx, const vptq_decoder& d, int64_t i, int64_t c0, int32_t* idx,
+                               int32_t* ridx) {
+    const uint8_t* row = (const uint8_t*)(cx.p.words + i * cx.Wd);
+    const int64_t bytes = cx.Wd * 4;
+    const bool split = cx.br && !cx.pairs;
+    const __m512i mk = _mm512_set1_epi32((int32_t)(((int64_t)1 << (split ? cx.bk : cx.tb)) - 1));
+    const __m512i mr = _mm512_set1_epi32((int32_t)(((int64_t)1 << cx.br) - 1));
+    const __m512i scale = _mm512_set1_epi32(cx.row_bytes);
+    const int shift = (cx.row_bytes & (cx.row_bytes - 1)) ? -1 : __builtin_ctz((unsigned)cx.row_bytes);
+    const int step = d.wide ? 8 : 16;
+    for (int c = 0; c < VPTQ_COLS; c += step) {
+        const int64_t at = (c0 + c) * cx.tb / 8;  // c0 + c is a multiple of 8: the step starts on a byte
+        if (at >= bytes) break;                    // columns past the row (never read)
+        const int64_t left = bytes - at;
+        const __mmask64 live = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+        const __m512i data = _mm512_permutexvar_epi16(d.words, _mm512_maskz_loadu_epi8(live, row + at));
+        __m512i e;
+        if (d.wide)
+            e = _mm512_castsi256_si512(_mm512_cvtepi64_epi32(_mm512_srlv_epi64(data, d.shifts)));
+        else
+            e = _mm512_srlv_epi32(data, d.shifts);
+        const __m512i main = vptq_scaled(_mm512_and_si512(e, mk), scale, shift);
+        if (d.wide)
+            _mm256_storeu_si256((__m256i*)(idx + c), _mm512_castsi512_si256(main));
+        else
+            _mm512_storeu_si512((void*)(idx + c), main);
+        if (split) {
+            const __m512i res = vptq_scaled(_mm512_and_si512(_mm512_srli_epi32(e, cx.bk), mr), scale, shift);
+            if (d.wide)
+                _mm256_storeu_si256((__m256i*)(ridx + c), _mm512_castsi512_si256(res));
+            else
+                _mm512_storeu_si512((void*)(ridx + c), res);
         }
     }
+}
+#else
+// AVX2 (tb <= 25): 8 entries a step with one gather of 32-bit windows at the entries' first bytes (lane j: byte
+// j * tb / 8 of the step, shifted right by j * tb % 8); steps whose windows would pass the row's end, and the
+// scalar variant: one 64-bit window per entry.
+struct vptq_decoder {
+#if defined(__AVX2__)
+    __m256i bytes, shifts;
+#endif
+    bool gather;
+};
+
+static vptq_decoder vptq_decoder_of(int tb) {
+    vptq_decoder d;
+    d.gather = false;
+#if defined(__AVX2__)
+    d.gather = tb <= 25;
+    int32_t b[8], s8[8];
+    for (int j = 0; j < 8; j++) b[j] = (j * tb) / 8, s8[j] = (j * tb) % 8;
+    d.bytes = _mm256_loadu_si256((const __m256i*)b);
+    d.shifts = _mm256_loadu_si256((const __m256i*)s8);
+#endif
+    return d;
+}
+
+static inline void vptq_decode(const vptq_ctx& cx, const vptq_decoder& d, int64_t i, int64_t c0, int32_t* idx,
+                               int32_t* ridx) {
+    const uint8_t* row = (const uint8_t*)(cx.p.words + i * cx.Wd);
+    const int64_t bytes = cx.Wd * 4, cend = min_i64(VPTQ_COLS, cx.gs - c0);
+    const bool split = cx.br && !cx.pairs;
+    const uint64_t mask = (((uint64_t)1) << cx.tb) - 1, mk = ((uint64_t)1 << (split ? cx.bk : cx.tb)) - 1,
+                   mr = ((uint64_t)1 << cx.br) - 1;  // fmt: skip
+    int64_t c = 0;
+#if defined(__AVX2__)
+    if (d.gather) {
+        const __m256i vmk = _mm256_set1_epi32((int32_t)mk), vmr = _mm256_set1_epi32((int32_t)mr);
+        const __m256i scale = _mm256_set1_epi32(cx.row_bytes);
+        for (; c < cend; c += 8) {
+            const int64_t at = (c0 + c) * cx.tb / 8;        // c0 + c is a multiple of 8: the step starts on a byte
+            if (at + (7 * cx.tb) / 8 + 4 > bytes) break;  // the last window would pass the row's end
+            const __m256i e = _mm256_srlv_epi32(_mm256_i32gather_epi32((const int*)(row + at), d.bytes, 1), d.shifts);
+            _mm256_storeu_si256((__m256i*)(idx + c), _mm256_mullo_epi32(_mm256_and_si256(e, vmk), scale));
+            if (split)
+                _mm256_storeu_si256((__m256i*)(ridx + c),
+                                    _mm256_mullo_epi32(_mm256_and_si256(_mm256_srli_epi32(e, cx.bk), vmr), scale));
+        }
+    }
+#endif
+    for (; c < cend; c++) {
+        const int64_t pos = (c0 + c) * cx.tb, at = pos >> 3;
+        uint64_t bits = 0;
+        if (at + 8 <= bytes)
+            memcpy(&bits, row + at, 8);
+        else
+            memcpy(&bits, row + at, (size_t)(bytes - at));  // the row's last bytes (little-endian)
+        const uint64_t e = (bits >> (pos & 7)) & mask;
+        idx[c] = (int32_t)(e & mk) * cx.row_bytes;
+        ridx[c] = (int32_t)((e >> cx.bk) & mr) * cx.row_bytes;
+    }
+}
+#endif
+
+#if defined(__AVX2__)
+// v floats of one vector row in registers: V / 16 zmm (AVX-512), then ymm, then xmm parts.
+template <int V>
+struct vptq_vec {
+#if defined(__AVX512F__)
+    static constexpr int NZ = V / 16, NY = (V % 16) / 8, NX = (V % 8) / 4;
+    __m512 z[NZ > 0 ? NZ : 1];
+#else
+    static constexpr int NZ = 0, NY = V / 8, NX = (V % 8) / 4;
+#endif
+    static constexpr int REGS = NZ + NY + NX;
+    __m256 y[NY > 0 ? NY : 1];
+    __m128 x[NX > 0 ? NX : 1];
+};
+
+// One activation broadcast at every width.
+struct vptq_bcast {
+#if defined(__AVX512F__)
+    __m512 z;
+#endif
+    __m256 y;
+    __m128 x;
+};
+
+static inline vptq_bcast vptq_bcast_of(const float* a) {
+    vptq_bcast b;
+#if defined(__AVX512F__)
+    b.z = _mm512_set1_ps(*a);
+#endif
+    b.y = _mm256_set1_ps(*a);
+    b.x = _mm_set1_ps(*a);
+    return b;
+}
+
+template <int V>
+static inline void vptq_zero(vptq_vec<V>& a) {
+    typedef vptq_vec<V> VV;
+#if defined(__AVX512F__)
+    for (int k = 0; k < VV::NZ; k++) a.z[k] = _mm512_setzero_ps();
+#endif
+    for (int k = 0; k < VV::NY; k++) a.y[k] = _mm256_setzero_ps();
+    for (int k = 0; k < VV::NX; k++) a.x[k] = _mm_setzero_ps();
+}
+
+template <int V>
+static inline vptq_vec<V> vptq_load(const float* e) {
+    typedef vptq_vec<V> VV;
+    VV a;
+#if defined(__AVX512F__)
+    for (int k = 0; k < VV::NZ; k++) a.z[k] = _mm512_loadu_ps(e + 16 * k);
+#endif
+    for (int k = 0; k < VV::NY; k++) a.y[k] = _mm256_loadu_ps(e + 16 * VV::NZ + 8 * k);
+    for (int k = 0; k < VV::NX; k++) a.x[k] = _mm_loadu_ps(e + 16 * VV::NZ + 8 * VV::NY + 4 * k);
+    return a;
+}
+
+template <int V>
+static inline vptq_vec<V> vptq_add(const vptq_vec<V>& a, const vptq_vec<V>& b) {
+    typedef vptq_vec<V> VV;
+    VV s;
+#if defined(__AVX512F__)
+    for (int k = 0; k < VV::NZ; k++) s.z[k] = _mm512_add_ps(a.z[k], b.z[k]);
+#endif
+    for (int k = 0; k < VV::NY; k++) s.y[k] = _mm256_add_ps(a.y[k], b.y[k]);
+    for (int k = 0; k < VV::NX; k++) s.x[k] = _mm_add_ps(a.x[k], b.x[k]);
+    return s;
+}
+
+// acc += b * e
+template <int V>
+static inline void vptq_fma(const vptq_bcast& b, const vptq_vec<V>& e, vptq_vec<V>& acc) {
+    typedef vptq_vec<V> VV;
+#if defined(__AVX512F__)
+    for (int k = 0; k < VV::NZ; k++) acc.z[k] = _mm512_fmadd_ps(b.z, e.z[k], acc.z[k]);
+#endif
+    for (int k = 0; k < VV::NY; k++) acc.y[k] = _mm256_fmadd_ps(b.y, e.y[k], acc.y[k]);
+    for (int k = 0; k < VV::NX; k++) acc.x[k] = _mm_fmadd_ps(b.x, e.x[k], acc.x[k]);
+}
+
+template <int V>
+static inline void vptq_store(float* out, const vptq_vec<V>& a) {
+    typedef vptq_vec<V> VV;
+#if defined(__AVX512F__)
+    for (int k = 0; k < VV::NZ; k++) _mm512_storeu_ps(out + 16 * k, a.z[k]);
+#endif
+    for (int k = 0; k < VV::NY; k++) _mm256_storeu_ps(out + 16 * VV::NZ + 8 * k, a.y[k]);
+    for (int k = 0; k < VV::NX; k++) _mm_storeu_ps(out + 16 * VV::NZ + 8 * VV::NY + 4 * k, a.x[k]);
+}
+
+#if defined(__AVX512F__)
+constexpr int VPTQ_ACC = 16;  // accumulator registers a block may hold
+#else
+constexpr int VPTQ_ACC = 8;
+#endif
+
+// acc[r][t] += sum over the block's `count` columns of xs[t, col0 + c] * (the centroid at byte idx[r][c] of book plus
+// the one at byte ridx[r][c] of res).
+template <int V, int T, int RB, bool RES>
+static inline void vptq_columns(vptq_vec<V> (&acc)[RB][T], const int32_t* idx, const int32_t* ridx, const float* book,
+                                const float* res, const float* xs, int64_t K, int64_t count) {
+    for (int64_t c = 0; c < count; c++) {
+        vptq_bcast b[T];
+        for (int t = 0; t < T; t++) b[t] = vptq_bcast_of(xs + t * K + c);
+        for (int r = 0; r < RB; r++) {
+            vptq_vec<V> e = vptq_load<V>((const float*)((const char*)book + idx[r * VPTQ_COLS + c]));
+            if (RES) e = vptq_add<V>(e, vptq_load<V>((const float*)((const char*)res + ridx[r * VPTQ_COLS + c])));
+            for (int t = 0; t < T; t++) vptq_fma<V>(b[t], e, acc[r][t]);
+        }
+    }
+}
+
+// Vector rows i0 .. i0 + RB (rows past R repeat row R - 1) for tokens t0 .. t0 + T of xs: out[(r * T + t) * V + u].
+template <int V, int T, bool RES>
+static void vptq_rows(const vptq_ctx& cx, const vptq_decoder& d, int64_t i0, int64_t t0, float* out) {
+    constexpr int RB = VPTQ_ACC / (T * vptq_vec<V>::REGS) > 0 ? VPTQ_ACC / (T * vptq_vec<V>::REGS) : 1;
+    alignas(64) int32_t idx[RB * VPTQ_COLS], ridx[RB * VPTQ_COLS];
+    vptq_vec<V> acc[RB][T];
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < T; t++) vptq_zero<V>(acc[r][t]);
+    const float* xs = cx.xs + t0 * cx.K;
+    const int64_t Kc1 = ((int64_t)1 << cx.bk) - 1;
+    for (int64_t j0 = 0; j0 < cx.o; j0 += VPTQ_COLS) {  // outlier columns
+        const int64_t count = min_i64(VPTQ_COLS, cx.o - j0);
+        for (int r = 0; r < RB; r++) {
+            const int64_t i = min_i64(i0 + r, cx.R - 1);
+            for (int64_t c = 0; c < count; c++)
+                idx[r * VPTQ_COLS + c] = (int32_t)(cx.p.oidx[i * cx.o + j0 + c] & Kc1) * cx.row_bytes;
+        }
+        vptq_columns<V, T, RB, false>(acc, idx, ridx, cx.p.obooks, NULL, xs + j0, cx.K, count);
+    }
+    for (int64_t c0 = 0; c0 < cx.gs; c0 += VPTQ_COLS) {
+        for (int r = 0; r < RB; r++)
+            vptq_decode(cx, d, min_i64(i0 + r, cx.R - 1), c0, idx + r * VPTQ_COLS, ridx + r * VPTQ_COLS);
+        const int64_t count = min_i64(VPTQ_COLS, cx.gs - c0);
+        if (cx.pairs)
+            vptq_columns<V, T, RB, false>(acc, idx, ridx, cx.pairs, NULL, xs + cx.o + c0, cx.K, count);
+        else
+            vptq_columns<V, T, RB, RES>(acc, idx, ridx, cx.p.books, cx.p.res, xs + cx.o + c0, cx.K, count);
+    }
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < T; t++) vptq_store<V>(out + (r * T + t) * V, acc[r][t]);
+}
+
+template <int V, int T>
+static constexpr int vptq_block_rows() {
+    return VPTQ_ACC / (T * vptq_vec<V>::REGS) > 0 ? VPTQ_ACC / (T * vptq_vec<V>::REGS) : 1;
+}
+
+// y for every row block and token group with the register kernel of v = V; 1 when a scratch allocation failed.
+template <int V>
+static int vptq_linear_v(const qc_call* c, const vptq_ctx& cx, const float* beta) {
+    const int64_t Mt = c->M, N = c->N;
+    const int T = Mt == 1 ? 1 : 4, RB = T == 1 ? vptq_block_rows<V, 1>() : vptq_block_rows<V, 4>();
+    const vptq_decoder d = vptq_decoder_of(cx.tb);
+    const int64_t blocks = (cx.R + RB - 1) / RB;
+    int failed = 0;
+#pragma omp parallel num_threads(c->threads)
+    {
+        float* out = (float*)scratch_alloc((size_t)RB * T * V * sizeof(float));
+        if (!out) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (!out) continue;
+            const int64_t i0 = b * RB;
+            for (int64_t t0 = 0; t0 < Mt; t0 += T) {
+                const bool split = cx.br && !cx.pairs;
+                if (T == 1)
+                    split ? vptq_rows<V, 1, true>(cx, d, i0, t0, out) : vptq_rows<V, 1, false>(cx, d, i0, t0, out);
+                else
+                    split ? vptq_rows<V, 4, true>(cx, d, i0, t0, out) : vptq_rows<V, 4, false>(cx, d, i0, t0, out);
+                for (int64_t r = 0; r < RB && i0 + r < cx.R; r++)
+                    for (int64_t t = 0; t < T && t0 + t < Mt; t++)
+                        for (int64_t u = 0; u < V && (i0 + r) * V + u < N; u++) {
+                            const int64_t n = (i0 + r) * V + u;
+                            store_output(c->y, c->y_bf16, (t0 + t) * N + n,
+                                         out[(r * T + t) * V + u] + beta[t0 + t] + (c->bias ? c->bias[n] : 0.0f));
+                        }
+            }
+        }
+        free(out);
+    }
+    return failed;
+}
+#endif
+
+// Any v, one vector row at a time (the scalar variant, and v without a register kernel).
+static void vptq_linear_any(const qc_call* c, const vptq_ctx& cx, const float* beta) {
+    const int64_t Mt = c->M, N = c->N, K = cx.K, v = c->ints[0], o = cx.o, gs = cx.gs, bk = cx.bk, br = cx.br;
+    const int64_t Kc = (int64_t)1 << bk, Kr = br ? ((int64_t)1 << br) : 0;
+    const int tb = cx.tb;
+    const vptq_parts& p = cx.p;
 #pragma omp parallel for schedule(static) num_threads(c->threads)
-    for (int64_t i = 0; i < R; i++) {
+    for (int64_t i = 0; i < cx.R; i++) {
         float acc[16 * 32];
         float vec[32];
-        const uint32_t* row = p.words + i * Wd;
+        const uint32_t* row = p.words + i * cx.Wd;
         for (int64_t t0 = 0; t0 < Mt; t0 += 16) {
             const int64_t mt = min_i64(16, Mt - t0);
             for (int64_t e = 0; e < mt * v; e++) acc[e] = 0.0f;
             for (int64_t j = 0; j < o; j++) {
                 const float* e = p.obooks + (int64_t)(p.oidx[i * o + j] & (Kc - 1)) * v;
-                for (int64_t t = 0; t < mt; t++) vptq_axpy(acc + t * v, xs[(t0 + t) * K + j], e, v);
+                for (int64_t t = 0; t < mt; t++) vptq_axpy(acc + t * v, cx.xs[(t0 + t) * K + j], e, v);
             }
             for (int64_t col = 0; col < gs; col++) {
                 const uint32_t entry = vptq_entry(row, col * tb, tb);
@@ -135,7 +478,7 @@ static int linear_vptq_call(const qc_call* c) {
                     for (int64_t u = 0; u < v; u++) vec[u] = e[u] + r[u];
                     e = vec;
                 }
-                const float* xc = xs + t0 * K + o + col;
+                const float* xc = cx.xs + t0 * K + o + col;
                 for (int64_t t = 0; t < mt; t++) vptq_axpy(acc + t * v, xc[t * K], e, v);
             }
             for (int64_t t = 0; t < mt; t++)
@@ -146,15 +489,71 @@ static int linear_vptq_call(const qc_call* c) {
                 }
         }
     }
+}
+
+static int linear_vptq_call(const qc_call* c) {
+    const int64_t Mt = c->M, K = c->K, v = c->ints[0];
+    vptq_ctx cx;
+    if (vptq_parts_of(c, &cx.p)) return 1;
+    cx.K = K, cx.bk = (int)c->ints[1], cx.br = (int)c->ints[2], cx.o = c->ints[3], cx.R = c->ints[4];
+    cx.Wd = c->ints[5], cx.gs = K - cx.o, cx.tb = cx.bk + cx.br, cx.row_bytes = (int32_t)(4 * v), cx.pairs = NULL;
+    const int64_t Mp = Mt == 1 ? 1 : (Mt + 3) / 4 * 4;  // token groups of 4 (zero tokens past Mt)
+    float* xs = (float*)scratch_alloc((size_t)(Mp * K + Mt) * sizeof(float));
+    if (!xs) {
+        free(cx.p.books);
+        return 1;
+    }
+    float* beta = xs + Mp * K;
+    const vptq_parts& p = cx.p;
+    for (int64_t t = 0; t < Mp; t++) {
+        if (t >= Mt) {
+            for (int64_t j = 0; j < K; j++) xs[t * K + j] = 0.0f;
+            continue;
+        }
+        float b = 0.0f;
+        for (int64_t k = 0; k < K; k++) b += load_activation(c->x, c->x_bf16, t * K + k) * vptq_half(p.wbias[k]);
+        beta[t] = b;
+        for (int64_t j = 0; j < K; j++) {
+            const int64_t src = p.perm[j];
+            xs[t * K + j] = src < K ? load_activation(c->x, c->x_bf16, t * K + src) * vptq_half(p.scale[src]) : 0.0f;
+        }
+    }
+    cx.xs = xs;
+    // a small residual codebook: every (main, residual) sum once, read by the raw entry (one load a column, not two)
+    float* pairs = NULL;
+    const int64_t entries = (int64_t)1 << cx.tb;
+    if (cx.br && entries * v * 4 <= VPTQ_PAIR_BYTES && entries <= cx.R * cx.gs) {
+        pairs = (float*)scratch_alloc((size_t)(entries * v) * sizeof(float));
+        if (pairs) {
+            const int64_t Kc = (int64_t)1 << cx.bk;
+            for (int64_t e = 0; e < entries; e++)
+                for (int64_t u = 0; u < v; u++)
+                    pairs[e * v + u] = p.books[(e & (Kc - 1)) * v + u] + p.res[(e >> cx.bk) * v + u];
+        }
+        cx.pairs = pairs;
+    }
+    int failed = 0;
+    switch (v) {
+#if defined(__AVX2__)
+        case 4: failed = vptq_linear_v<4>(c, cx, beta); break;
+        case 8: failed = vptq_linear_v<8>(c, cx, beta); break;
+        case 12: failed = vptq_linear_v<12>(c, cx, beta); break;
+        case 16: failed = vptq_linear_v<16>(c, cx, beta); break;
+        case 24: failed = vptq_linear_v<24>(c, cx, beta); break;
+        case 32: failed = vptq_linear_v<32>(c, cx, beta); break;
+#endif
+        default: vptq_linear_any(c, cx, beta); break;
+    }
+    free(pairs);
     free(xs);
-    free(p.books);
-    return 0;
+    free(cx.p.books);
+    return failed;
 }
 QC_KERNEL(linear_vptq, linear_vptq_call)
 
 static int dequant_vptq_call(const qc_call* c) {
     const int64_t K = c->K, v = c->ints[0], bk = c->ints[1], br = c->ints[2], o = c->ints[3], Wd = c->ints[5];
-    const int64_t n0 = c->ints[6], n1 = c->ints[7], gs = K - o, Kc = (int64_t)1 << bk;
+    const int64_t n0 = c->ints[6], n1 = c->ints[7], Kc = (int64_t)1 << bk;
     const int64_t Kr = br ? ((int64_t)1 << br) : 0;
     const int tb = (int)(bk + br);
     vptq_parts p;
@@ -180,7 +579,6 @@ static int dequant_vptq_call(const qc_call* c) {
             w[dst] = q * vptq_half(p.scale[dst]) + vptq_half(p.wbias[dst]);
         }
     }
-    (void)gs;
     free(p.books);
     return 0;
 }

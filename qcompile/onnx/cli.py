@@ -38,7 +38,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 
 def command(args) -> tuple[int, dict]:
     """Run the command; ``(exit code, result)`` as the other ``qcompile`` commands return them."""
-    from qcompile.cli import UsageError, _example_inputs, _load_model
+    from qcompile.cli.common import UsageError, example_inputs, load_model
     from qcompile.onnx.base import OnnxExportError
     from qcompile.onnx.exporter import export
     from qcompile.onnx.validate import OnnxValidationError
@@ -47,8 +47,8 @@ def command(args) -> tuple[int, dict]:
     start = time.perf_counter()
     try:
         recipe = load_recipe(args.recipe)
-        model, tokenizer, task = _load_model(args.model)
-        inputs = _example_inputs(model, tokenizer, task)
+        model, tokenizer, task = load_model(args.model)
+        inputs = example_inputs(model, tokenizer, task)
         report = export(model, (), args.output, recipe, example_kwargs=inputs, int4_format=args.int4_format,
                         atol=args.atol, validate_outputs=not args.no_validate)  # fmt: skip
     except OnnxValidationError as error:

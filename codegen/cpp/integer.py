@@ -62,12 +62,6 @@ def weight_only_kernel(scheme, x) -> str:
     return "linear_wo"
 
 
-def dequantize_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
-    """Many tokens: slices of N rows dequantized (C++) into the activation's dtype, float32 or bfloat16 (the
-    reference's ``.to(x.dtype)``), each multiplied with torch's GEMM in that dtype."""
-    return _slices(scheme, x).run(scheme, x, packed, bias, n)
-
-
 # -- W8A8 and W4A8 -----------------------------------------------------------------------------------------
 def w8a8_bind(scheme, x, packed, bias, n):
     """W8A8: per-token dynamic int8 activations × int8 weights, exact int32 sums (see ``w8a8.h``); many tokens go
@@ -115,11 +109,6 @@ def w4a8_slices(scheme, x) -> launch.Slices:
     weight, so an integer GEMM cannot take them: this path's sums are float (for bfloat16, each weight and each
     scaled activation rounded once; the codes are exact)."""
     return dataclasses.replace(_slices(scheme.weights, x), prologue="quantize_tokens")
-
-
-def w4a8_gemm(scheme, x, packed, bias, n: int) -> torch.Tensor:
-    """The GEMM path of :func:`w4a8_slices` for one call."""
-    return w4a8_slices(scheme, x).run(scheme, x, packed, bias, n)
 
 
 def _only_bits(bits: int):

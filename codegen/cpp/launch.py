@@ -153,7 +153,7 @@ def sliced_gemm(scheme, x, xw, packed, bias, n: int, kernel: str, ints=(), float
     the row stride), so no transpose or copy follows. Returned in ``x.dtype`` and ``x``'s leading shape.
     ``packed`` is contiguous."""
     k, m, kw = x.shape[-1], xw.shape[0], xw.shape[1]
-    dtype = xw.dtype
+    dtype, rows = xw.dtype, max(1, min(rows, n))  # Slices give the height for any N
     y = torch.empty((m, n), dtype=dtype)
     weight = torch.empty((rows, kw), dtype=dtype)
     call = template(kernel, k, n, len(packed), ints, floats, dtype == torch.bfloat16)

@@ -1,4 +1,4 @@
-"""C++ kernel row of the SpQR family (``kernels/spqr.h``): ``cpp-spqr``.
+"""C++ kernel row of the SpQR family (``kernels/spqr.h``, ``kernels/spqr_linear.h``): ``cpp-spqr``.
 
 Up to ``GEMM_MIN_TOKENS - 1`` tokens (decode) ``linear_spqr`` does it all: the activation is gathered through
 ``in_perm`` once per call; per block of 16 rows and chunk of tiles, each tile's float16 statistics become small tables

@@ -1,4 +1,4 @@
-"""C++ kernel row of the VPTQ family (``kernels/vptq.h``): ``cpp-vptq``.
+"""C++ kernel row of the VPTQ family (``kernels/vptq.h``, ``kernels/vptq_linear.h``): ``cpp-vptq``.
 
 Up to ``GEMM_MIN_TOKENS - 1`` tokens (decode) one kernel does it all: the activation is permuted and scaled once
 (``xs = x[:, perm] * scale[perm]``, plus the per-token ``x . weight_bias``), then each thread takes blocks of vector

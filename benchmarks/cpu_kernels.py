@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_kernels.py            # K x N in 4096x4096, 4096x11008, 11008x4096; M in 1, 8, 32, 128
     python benchmarks/cpu_kernels.py --quick    # 4096x4096, M in 1 and 32
+    python benchmarks/cpu_kernels.py --crossover  # per kind and dtype: direct kernel against GEMM path, M = 1..128
 
 Every timing is the median of ``--repeats`` runs after two warm-up runs, in milliseconds, wall clock, at torch's
 thread count. Baselines, all in the same run:
@@ -21,6 +22,7 @@ the same thread count.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,7 @@ def matmulnbits_session(qweight, scales, k: int, n: int, level: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -148,9 +151,52 @@ def bench_shape(k: int, n: int, tokens: list[int], repeats: int, read_gbs: float
         print(f"  torch int4 bf16: {nbytes4 / m1['t4'] / 1e6:.1f} GB/s")
 
 
+CROSSOVER_TOKENS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+CROSSOVER_SCHEMES = {"weight-only": ("int4-g128", "int8"), "w8a8": ("w8a8",), "w4a8": ("w4a8-g128",)}
+
+
+def path_ms(scheme, p, x, k: int, n: int, min_tokens: int, repeats: int) -> float:
+    """One call's median time with ``$QCOMPILE_GEMM_MIN_TOKENS`` at ``min_tokens`` (1: GEMM path; huge: direct)."""
+    from qcompile.runtime import dispatch
+
+    os.environ[gemm_path.ENV] = str(min_tokens)
+    dispatch.forget_choices()
+    try:
+        return median_ms(lambda: qlinear(x, p.list(), None, scheme.name, k, n), repeats)
+    finally:
+        del os.environ[gemm_path.ENV]
+        dispatch.forget_choices()
+
+
+def crossover(k: int, n: int, repeats: int) -> None:
+    """Per kind of call and activation dtype, the direct kernel against the GEMM path at each M, and the first M
+    from which the GEMM path stays faster: the value ``gemm_path.CROSSOVER`` holds for this machine class."""
+    weight = torch.randn(n, k) * 0.02
+    print(f"\n## Crossover, K={k} N={n}, machine class {gemm_path.machine_class()} (ms: direct / GEMM path)")
+    header = ["kind", "scheme", "dtype", *(f"M={m}" for m in CROSSOVER_TOKENS), "GEMM from", "table"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for kind, names in CROSSOVER_SCHEMES.items():
+        for name in names:
+            scheme = parse_scheme(name)
+            p = scheme.pack(scheme.quantize(weight))
+            for dtype in (torch.float32, torch.bfloat16):
+                cells, wins = [], []
+                for m in CROSSOVER_TOKENS:
+                    x = torch.randn(m, k, dtype=dtype)
+                    direct = path_ms(scheme, p, x, k, n, 1 << 30, repeats)
+                    gemm = path_ms(scheme, p, x, k, n, 1, repeats)
+                    cells.append(f"{direct:.2f} / {gemm:.2f}")
+                    wins.append(gemm < direct)
+                first = next((m for i, m in enumerate(CROSSOVER_TOKENS) if all(wins[i:])), None)
+                table = gemm_path.CROSSOVER.get((kind, dtype, gemm_path.machine_class()), gemm_path.DEFAULT)
+                print(f"| {kind} | {name} | {str(dtype)[6:]} | " + " | ".join(cells)
+                      + f" | {first or 'never'} | {table} |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4096x4096 with M in 1 and 32 only")
+    parser.add_argument("--crossover", action="store_true", help="direct kernel against GEMM path per M (4096x4096)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (median reported)")
     args = parser.parse_args()
     repeats = args.repeats or (7 if args.quick else 15)
@@ -163,6 +209,9 @@ def main() -> None:
     print(f"# qcompile CPU kernels — torch {torch.__version__}, {torch.get_num_threads()} threads, active ISA "
           f"{library.active_isa()} (machine class {gemm_path.machine_class()}); variants this CPU cannot run: "
           f"{', '.join(missing) or 'none'}")
+    if args.crossover:
+        crossover(*FULL_SHAPES[0], repeats)
+        return
     read_gbs = read_bandwidth_gbs(repeats)
     print(f"read-only bandwidth: {read_gbs:.1f} GB/s")
     for k, n in shapes:

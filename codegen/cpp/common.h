@@ -36,3 +36,20 @@ static inline void* scratch_alloc(size_t bytes) {
 }
 
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// sum_g scale[g] * (zero[g] - shift) * xsum[g] over one weight row's G groups (zero NULL: zero_const for every
+// group), W groups at a time: the zero points' share of one output of the group-wise kernels, taken once per row
+// and token instead of once per group.
+static inline float zero_term(const float* scale, const float* zero, float zero_const, float shift, const float* xsum,
+                              int64_t G) {
+    vf acc = vf_zero();
+    const vf vneg = vf_bcast(-shift), vconst = vf_bcast(zero_const - shift);
+    int64_t g = 0;
+    for (; g + W <= G; g += W) {
+        const vf z = zero ? vf_add(vf_load(zero + g), vneg) : vconst;
+        acc = vf_fma(vf_fma(vf_load(scale + g), z, vf_zero()), vf_load(xsum + g), acc);
+    }
+    float sum = vf_hsum(acc);
+    for (; g < G; g++) sum += scale[g] * ((zero ? zero[g] : zero_const) - shift) * xsum[g];
+    return sum;
+}

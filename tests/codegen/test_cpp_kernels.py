@@ -30,8 +30,10 @@ from cpp_required import skip_reason
 
 WEIGHT_ONLY = ["int8", "int8-g64", "int8-asym", "int4", "int4-g32", "int4-g128-sym", "int4-g24", "int4-g64-sym"]
 W4A8 = ["w4a8-g32", "w4a8-g24-sym", "w4a8-g128", "w4a8"]
-# (M, K, N): ragged everywhere; K=100 with g32/g64/g24 pads the last group.
-SHAPES = [(1, 100, 37), (3, 257, 64), (5, 130, 20), (17, 200, 33), (2, 1000, 16)]
+# (M, K, N): ragged everywhere; K=100 with g32/g64/g24 pads the last group; the last three have long rows (the
+# AVX-512 W4A8 kernel's two-block steps, many groups per zero-point sum).
+SHAPES = [(1, 100, 37), (3, 257, 64), (5, 130, 20), (17, 200, 33), (2, 1000, 16), (3, 2900, 24), (2, 4608, 19),
+          (1, 9000, 21)]
 TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 1.6e-2}
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 ISAS = library.available_isas() if skip_reason() is None else []
@@ -129,10 +131,11 @@ def test_unsupported_calls_give_a_reason_and_fall_back(name, dtype):
     torch.testing.assert_close(y, ops.reference_linear(x, packed.list(), None, name, x.shape[-1], 16))
 
 
-@pytest.mark.parametrize("name, m", [("int4-g32", 3), ("int8", 5), ("int4", 20), ("w8a8", 6), ("w4a8-g64", 7)])
-def test_one_and_two_threads_agree_exactly(name, m):
-    scheme, packed = _packed(name, 301, 384, seed=5)
-    x, bias = _inputs(m, 384, 301, torch.float32, seed=5)
+@pytest.mark.parametrize("name, m, k", [("int4-g32", 3, 384), ("int8", 5, 384), ("int4", 20, 384), ("w8a8", 6, 384),
+                                        ("w4a8-g64", 7, 384), ("int8", 2, 4608), ("int4-g128", 1, 9216)])
+def test_one_and_two_threads_agree_exactly(name, m, k):
+    scheme, packed = _packed(name, 301, k, seed=5)
+    x, bias = _inputs(m, k, 301, torch.float32, seed=5)
     run = _run(name)
     before = torch.get_num_threads()
     try:

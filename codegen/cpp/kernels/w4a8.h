@@ -12,9 +12,10 @@
 // scalar. Tokens are processed 4 at a time; threads take chunks of 32 output rows, each output computed by
 // one thread, so results do not depend on the thread count.
 
-// x -> int8 [M, Kp] (zero padded, blocks permuted), per-token scales xs [M], per-group sums xsum [M, G].
+// x -> int8 [M, Kp] (zero padded, blocks permuted), per-token scales xs [M], per-group sums xsum [M, G] (exact
+// integers in float32).
 static void w4a8_prepare(const void* x, int x_bf16, int64_t M, int64_t K, int64_t Kp, int64_t gs, int8_t* xq,
-                         float* xs, int32_t* xsum) {
+                         float* xs, float* xsum) {
     const int64_t G = Kp / gs;
     constexpr int HALF = U4_BLOCK / 2;
     for (int64_t m = 0; m < M; m++) {
@@ -32,7 +33,7 @@ static void w4a8_prepare(const void* x, int x_bf16, int64_t M, int64_t K, int64_
         for (int64_t g = 0; g < G; g++) {
             int32_t s = 0;
             for (int64_t k = g * gs; k < (g + 1) * gs; k++) s += row[k];
-            xsum[m * G + g] = s;
+            xsum[m * G + g] = (float)s;  // exact: |s| <= 127 * group_size
             int8_t tmp[U4_BLOCK];
             for (int64_t b = 0; b < gs / U4_BLOCK; b++) {
                 int8_t* block = row + g * gs + b * U4_BLOCK;
@@ -46,25 +47,60 @@ static void w4a8_prepare(const void* x, int x_bf16, int64_t M, int64_t K, int64_
     }
 }
 
+#if defined(__AVX512BW__)
+// Two U4 blocks (32 packed bytes) as 64 codes in the activation copy's order: block 0's low then high nibbles,
+// then block 1's, so one 512-bit vpdpbusd takes both.
+static inline __m512i u4x2_prepare(const uint8_t* p) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+    const __m256i mask = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    const __m512i order = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);  // lo q0 q1, hi q0 q1, lo q2 q3, hi q2 q3
+    return _mm512_permutex2var_epi64(_mm512_castsi256_si512(lo), order, _mm512_castsi256_si512(hi));
+}
+#endif
+
+// One weight row against MT tokens: out[m] = sum_g scale_g * sum_{k in g} (u - zero_g) * x_q (no token scale,
+// no bias). The zero points' share is taken once per row and token (zero_term); AVX-512 takes two blocks per
+// 512-bit vpdpbusd.
 template <int MT>
-static inline void w4a8_tile(const int8_t* xq, int64_t Kp, const int32_t* xsum, const uint8_t* wrow,
+static inline void w4a8_tile(const int8_t* xq, int64_t Kp, const float* xsum, const uint8_t* wrow,
                              const float* srow, const float* zrow, float zero_const, int64_t gs, int64_t G,
                              float* out) {
     const int64_t blocks = gs / U4_BLOCK;
+    const bool ragged = blocks * U4_BLOCK < gs;
+    // one token: two independent chains (latency); more tokens: one chain each, so the accumulators, the float
+    // totals and the unpacked codes all stay in registers
+    constexpr int CH = MT == 1 ? 2 : 1;
     vu4f total[MT];
-    float correction[MT];
+    float tails[MT];
     for (int m = 0; m < MT; m++) {
         total[m] = u4f_zero();
-        correction[m] = 0.0f;
+        tails[m] = 0.0f;
     }
     for (int64_t g = 0; g < G; g++) {
         const int64_t k0 = g * gs;
-        // one token: two independent chains (latency); more tokens: one chain each, so the accumulators, the
-        // float totals and the unpacked codes all stay in the 16 AVX2 registers
-        constexpr int CH = MT == 1 ? 2 : 1;
         vu4acc acc[MT][2];
         for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = u4_zero();
         int64_t b = 0;
+#if defined(__AVX512BW__)
+        if (blocks >= 2 * CH) {
+            __m512i wide[MT][CH];
+            for (int m = 0; m < MT; m++)
+                for (int c = 0; c < CH; c++) wide[m][c] = _mm512_setzero_si512();
+            for (; b + 2 * CH <= blocks; b += 2 * CH) {
+                for (int c = 0; c < CH; c++) {
+                    const int64_t k = k0 + (b + 2 * c) * U4_BLOCK;
+                    const __m512i u = u4x2_prepare(wrow + k / 2);
+                    for (int m = 0; m < MT; m++)
+                        wide[m][c] = _mm512_dpbusd_epi32(wide[m][c], u, _mm512_loadu_si512(xq + m * Kp + k));
+                }
+            }
+            for (int m = 0; m < MT; m++)
+                for (int c = 0; c < CH; c++)
+                    acc[m][c] = _mm256_add_epi32(_mm512_castsi512_si256(wide[m][c]),
+                                                 _mm512_extracti64x4_epi64(wide[m][c], 1));
+        }
+#endif
         for (; b + CH <= blocks; b += CH) {
             for (int c = 0; c < CH; c++) {
                 const vu4 u = u4_prepare(wrow + (k0 + (b + c) * U4_BLOCK) / 2);
@@ -76,16 +112,18 @@ static inline void w4a8_tile(const int8_t* xq, int64_t Kp, const int32_t* xsum, 
             for (int m = 0; m < MT; m++) acc[m][0] = u4_dot(acc[m][0], u, xq + m * Kp + k0 + b * U4_BLOCK);
         }
         const float s = srow[g];
-        const float z = zrow ? zrow[g] : zero_const;
-        for (int m = 0; m < MT; m++) {
-            total[m] = u4f_fma(total[m], acc[m][0], acc[m][1], s);
-            int32_t tail = 0;
-            for (int64_t k = k0 + blocks * U4_BLOCK; k < k0 + gs; k++)
-                tail += (int32_t)((wrow[k >> 1] >> ((k & 1) * 4)) & 15) * (int32_t)xq[m * Kp + k];
-            correction[m] += s * ((float)tail - z * (float)xsum[m * G + g]);
+        for (int m = 0; m < MT; m++) total[m] = u4f_fma(total[m], acc[m][0], acc[m][1], s);
+        if (ragged) {
+            for (int m = 0; m < MT; m++) {
+                int32_t tail = 0;
+                for (int64_t k = k0 + blocks * U4_BLOCK; k < k0 + gs; k++)
+                    tail += (int32_t)((wrow[k >> 1] >> ((k & 1) * 4)) & 15) * (int32_t)xq[m * Kp + k];
+                tails[m] += s * (float)tail;
+            }
         }
     }
-    for (int m = 0; m < MT; m++) out[m] = u4f_hsum(total[m]) + correction[m];
+    for (int m = 0; m < MT; m++)
+        out[m] = u4f_hsum(total[m]) + tails[m] - zero_term(srow, zrow, zero_const, 0.0f, xsum + m * G, G);
 }
 
 static int linear_w4a8(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* qweight, int64_t N,
@@ -94,7 +132,7 @@ static int linear_w4a8(const void* x, int x_bf16, int64_t M, int64_t K, const ui
     const int64_t G = Kp / gs;
     int8_t* xq = (int8_t*)scratch_alloc((size_t)(M * Kp));
     float* xs = (float*)scratch_alloc((size_t)M * sizeof(float));
-    int32_t* xsum = (int32_t*)scratch_alloc((size_t)(M * G) * sizeof(int32_t));
+    float* xsum = (float*)scratch_alloc((size_t)(M * G) * sizeof(float));
     if (!xq || !xs || !xsum) {
         free(xq);
         free(xs);
@@ -110,7 +148,7 @@ static int linear_w4a8(const void* x, int x_bf16, int64_t M, int64_t K, const ui
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int64_t mt = min_i64(4, M - m0);
             const int8_t* xt = xq + m0 * Kp;
-            const int32_t* st = xsum + m0 * G;
+            const float* st = xsum + m0 * G;
             float out[4];
             switch (mt) {
                 case 4: w4a8_tile<4>(xt, Kp, st, wrow, srow, zrow, zero_const, gs, G, out); break;

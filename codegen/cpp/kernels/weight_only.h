@@ -8,7 +8,8 @@
 //
 // Per group the kernel accumulates sum_k u * x in float32 and applies the group once:
 //     y = sum_g scale_g * (sum_{k in g} u_k x_k  -  zero_g * sum_{k in g} x_k)
-// The per-group activation sums are computed once per call, so the inner loop is unpack + convert + FMA.
+// The per-group activation sums are computed once per call, so the inner loop is unpack + convert + FMA, and
+// the zero points' share (sum_g scale_g zero_g sum_{k in g} x_k) is one W-wide dot product per output (zero_term).
 // 4-bit blocks of 2W codes unpack into W low nibbles (even elements) and W high nibbles (odd elements):
 // the activation copy is permuted once per call to match (within each group, per block of 2W: the
 // even-indexed values, then the odd-indexed ones). Whatever is left of a group after its whole blocks runs
@@ -54,6 +55,7 @@ static inline void wo_tile(const float* xp, int64_t Kp, const uint8_t* wrow, con
     constexpr int64_t BLOCK = BITS == 4 ? 2 * W : W;
     constexpr int ACC = MT == 1 ? 4 : (MT == 2 ? 2 : 1);  // independent accumulator pairs per token
     const int64_t blocks = gs / BLOCK;
+    const bool ragged = blocks * BLOCK < gs;  // codes left to the scalar loop in every group
     vf total[MT];
     float correction[MT];
     for (int m = 0; m < MT; m++) {
@@ -115,7 +117,6 @@ static inline void wo_tile(const float* xp, int64_t Kp, const uint8_t* wrow, con
             }
         }
         const float s = srow[g];
-        const float z = zrow ? zrow[g] : zero_const;
         const vf vs = vf_bcast(s);
         for (int m = 0; m < MT; m++) {
             vf lo = acc[0][m][0], hi = acc[0][m][1];
@@ -125,10 +126,13 @@ static inline void wo_tile(const float* xp, int64_t Kp, const uint8_t* wrow, con
             }
             const vf sum = vf_add(lo, hi);
             total[m] = vf_fma(sum, vs, total[m]);
-            correction[m] += s * (tail[m] - z * xsum[m * G + g]);
+            if (ragged) correction[m] += s * tail[m];
         }
     }
-    for (int m = 0; m < MT; m++) out[m] = vf_hsum(total[m]) + correction[m];
+    const bool zeroed = zrow || zero_const != 0.0f;  // symmetric int8 has no zero points
+    for (int m = 0; m < MT; m++)
+        out[m] = vf_hsum(total[m]) + correction[m] -
+                 (zeroed ? zero_term(srow, zrow, zero_const, 0.0f, xsum + m * G, G) : 0.0f);
 }
 
 template <int BITS>
@@ -185,7 +189,7 @@ static int linear_wo(const void* x, int x_bf16, int64_t M, int64_t K, const void
 // multiplies 32 bfloat16 pairs into 16 float32 lanes per instruction. Codes become bfloat16 (u - 8) through a
 // 32-word table (vpermw; exact: small integers), products are exact in float32 and summed in float32, so
 //     y = sum_g scale_g * (sum_{k in g} (u_k - 8) x_k  -  (zero_g - 8) * sum_{k in g} x_k)
-// is the float arithmetic of linear_wo up to the order of the float32 additions. Each block of 64 activations is
+// is the float arithmetic of linear_wo up to the order of the float32 additions (the zero share is zero_term). Each block of 64 activations is
 // stored as its 32 even-indexed values, then its 32 odd ones, to meet the low / high nibbles of 32 packed bytes.
 // Needs group_size % 64 == 0 (the row chooses linear_wo otherwise); other ISA variants forward to linear_wo.
 #if defined(__AVX512BW__)
@@ -223,11 +227,7 @@ QC_BF16DP static inline void wo_tile_bf16(const uint16_t* xp, int64_t Kp, const 
     const __m512i mask = _mm512_set1_epi16(15);
     const int64_t blocks = gs / 64;
     __m512 total[MT];
-    float correction[MT];
-    for (int m = 0; m < MT; m++) {
-        total[m] = _mm512_setzero_ps();
-        correction[m] = 0.0f;
-    }
+    for (int m = 0; m < MT; m++) total[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const int64_t k0 = g * gs;
         __m512 acc[ACC][MT];
@@ -246,17 +246,15 @@ QC_BF16DP static inline void wo_tile_bf16(const uint16_t* xp, int64_t Kp, const 
                 }
             }
         }
-        const float s = srow[g];
-        const float z = (zrow ? zrow[g] : zero_const) - 8.0f;
-        const __m512 vs = _mm512_set1_ps(s);
+        const __m512 vs = _mm512_set1_ps(srow[g]);
         for (int m = 0; m < MT; m++) {
             __m512 sum = acc[0][m];
             for (int a = 1; a < ACC; a++) sum = _mm512_add_ps(sum, acc[a][m]);
             total[m] = _mm512_fmadd_ps(sum, vs, total[m]);
-            correction[m] -= s * z * xsum[m * G + g];
         }
     }
-    for (int m = 0; m < MT; m++) out[m] = _mm512_reduce_add_ps(total[m]) + correction[m];
+    for (int m = 0; m < MT; m++)
+        out[m] = _mm512_reduce_add_ps(total[m]) - zero_term(srow, zrow, zero_const, 8.0f, xsum + m * G, G);
 }
 
 static int linear_wo_bf16(const qc_call* c) {

@@ -1,14 +1,16 @@
 """SmolLM2-135M on CPU, end to end: prefill and decode speed of float bf16 / fp32 against qcompile schemes.
 
     python benchmarks/e2e_cpu.py [--schemes int8,int4-g128,w4a8-g128] [--prefill 512] [--new-tokens 32]
-                                 [--batches 1,8] [--dtypes bfloat16,float32] [--inductor]
+                                 [--batches 1,8] [--dtypes bfloat16,float32] [--inductor] [--rounds 7]
 
 Per activation dtype (``bfloat16``: the fast float baseline where the CPU has AMX or AVX512-BF16; ``float32``):
 the float model, then each scheme through ``torch.compile(model, backend="qcompile", options={"recipe": scheme})``
 (``dynamic=True``: one compilation across sequence lengths; ``--inductor`` also fuses the rest of the graph with
 inductor, minutes per row). Columns:
 
-- prefill tokens/s: one forward of ``--prefill`` tokens (batch 1, no cache), the median of 3 after a warm-up;
+- prefill tokens/s: one forward of ``--prefill`` tokens (batch 1, no cache), the median of 3 after a warm-up; with
+  ``--rounds R`` each scheme's forward alternates with the float model's for R rounds, and its ratio is against the
+  float medians of those same rounds (``--inductor`` keeps the plain medians: the float row is compiled too);
 - decode tokens/s at each batch of ``--batches``: greedy ``generate`` with the KV cache, ``--new-tokens`` tokens per
   sequence (the end-of-sequence token off), tokens of all sequences per second;
 - ratios against the float model of the same dtype, and quantized bfloat16 prefill against float bfloat16.
@@ -35,15 +37,31 @@ SCHEMES = ("int8", "int4-g128", "w4a8-g128")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def prefill_tps(model, ids: torch.Tensor) -> float:
+def prefill_seconds(model, ids: torch.Tensor, runs: int) -> list[float]:
     with torch.no_grad():
-        model(ids, use_cache=False)
         times = []
-        for _ in range(3):
+        for _ in range(runs):
             start = time.perf_counter()
             model(ids, use_cache=False)
             times.append(time.perf_counter() - start)
-    return ids.numel() / statistics.median(times)
+    return times
+
+
+def prefill_tps(model, ids: torch.Tensor) -> float:
+    prefill_seconds(model, ids, 1)
+    return ids.numel() / statistics.median(prefill_seconds(model, ids, 3))
+
+
+def interleaved_prefill_tps(float_model, model, ids: torch.Tensor, rounds: int) -> tuple[float, float]:
+    """Prefill tokens/s of ``float_model`` and ``model``, one forward of each per round for ``rounds`` rounds
+    (medians): both see the same machine state, so their ratio holds on a noisy machine."""
+    prefill_seconds(float_model, ids, 1)
+    prefill_seconds(model, ids, 1)
+    times = ([], [])
+    for _ in range(rounds):
+        for out, m in zip(times, (float_model, model)):
+            out += prefill_seconds(m, ids, 1)
+    return ids.numel() / statistics.median(times[0]), ids.numel() / statistics.median(times[1])
 
 
 def decode_tps(model, prompt: torch.Tensor, batch: int, new_tokens: int) -> float:
@@ -75,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--inductor", action="store_true", help="inductor for the rest of the graph (minutes a row)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="prefill of each scheme interleaved with the float model's, this many rounds (medians)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     batches = [int(b) for b in args.batches.split(",")]
@@ -86,21 +106,28 @@ def main(argv=None) -> int:
     base, tokenizer = load_smollm2()
     ids = tokenizer(eval_text(), return_tensors="pt").input_ids[:, : args.prefill]
     prompt = tokenizer("The three witches met Macbeth on the heath and", return_tensors="pt").input_ids
-    rows, float_rates = [], {}
+    rows, float_rates, float_models = [], {}, {}
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         for scheme in [None, *args.schemes.split(",")]:
             model = compiled(copy.deepcopy(base).to(dtype), scheme, args.inductor)
-            rates = [prefill_tps(model, ids)] + [decode_tps(model, prompt, b, args.new_tokens) for b in batches]
-            del model
+            if scheme is not None and args.rounds > 1:  # the float model stays eager: it never shares a compile
+                float_tps, tps = interleaved_prefill_tps(float_models[dtype_name], model, ids, args.rounds)
+            else:
+                float_tps = tps = prefill_tps(model, ids)
+            rates = [tps] + [decode_tps(model, prompt, b, args.new_tokens) for b in batches]
             if scheme is None:
                 float_rates[dtype_name] = rates
-            reference = float_rates[dtype_name]
+                if args.rounds > 1 and not args.inductor:
+                    float_models[dtype_name] = model
+            else:
+                del model
+            reference = [float_tps, *float_rates[dtype_name][1:]]
             row = [f"{scheme or 'float'} ({dtype_name})"]
             for rate, ref in zip(rates, reference):
                 row.append(f"{rate:.0f} ({rate / ref:.2f}x)")
-            bf16 = float_rates.get("bfloat16")
-            row.append(f"{rates[0] / bf16[0]:.2f}x" if bf16 else "-")
+            bf16 = float_tps if dtype_name == "bfloat16" else float_rates.get("bfloat16", [None])[0]
+            row.append(f"{rates[0] / bf16:.2f}x" if bf16 else "-")
             rows.append(row)
             print(row, flush=True)
     print()

@@ -22,10 +22,12 @@ ENV = "QCOMPILE_GEMM_MIN_TOKENS"
 KINDS = ("weight-only", "w8a8", "w4a8")
 CLASSES = ("amx", "avx512", "avx2")  # best first
 
-#: (kind, activation dtype, machine class) -> the smallest token count that takes the GEMM path. The ``amx`` rows were
-#: measured on a 2-core Sapphire Rapids guest (one thread's CPU time, 4096 x 4096, M in 1, 8, 16, 32: the first M
-#: where the GEMM path won); the ``avx512`` rows (AVX-512 without AMX) are not measured yet: the ``amx`` values
-#: doubled, since FMA GEMMs gain less from many tokens than AMX ones
+#: (kind, activation dtype, machine class) -> the smallest token count that takes the GEMM path. Measured with
+#: ``benchmarks/cpu_kernels.py --crossover`` (4096 x 4096, 2 threads, M from 1 to 128: the first M from which the GEMM
+#: path stays faster). ``amx``: a 2-core Sapphire Rapids guest. ``avx512``: a 2-core AMD EPYC guest with AVX-512
+#: (VNNI, BF16) and no AMX, two runs: bfloat16 GEMMs (AVX512-BF16) win early; its float32 GEMM is slow (about 170
+#: GFLOP/s on two cores), so float32 weight-only calls cross late (int4 at 64, int8 at 24: 48 splits them) and the
+#: W4A8 direct kernel (VNNI) beat the float32 GEMM path at every M up to 128 (11 against 23-35 ms at 128).
 CROSSOVER = {
     ("weight-only", torch.bfloat16, "amx"): 16,
     ("weight-only", torch.float32, "amx"): 32,
@@ -33,12 +35,12 @@ CROSSOVER = {
     ("w8a8", torch.float32, "amx"): 16,
     ("w4a8", torch.bfloat16, "amx"): 16,
     ("w4a8", torch.float32, "amx"): 32,
-    ("weight-only", torch.bfloat16, "avx512"): 32,
-    ("weight-only", torch.float32, "avx512"): 64,
-    ("w8a8", torch.bfloat16, "avx512"): 32,
-    ("w8a8", torch.float32, "avx512"): 32,
+    ("weight-only", torch.bfloat16, "avx512"): 12,
+    ("weight-only", torch.float32, "avx512"): 48,
+    ("w8a8", torch.bfloat16, "avx512"): 24,
+    ("w8a8", torch.float32, "avx512"): 24,
     ("w4a8", torch.bfloat16, "avx512"): 32,
-    ("w4a8", torch.float32, "avx512"): 64,
+    ("w4a8", torch.float32, "avx512"): 256,
 }
 #: a machine class or dtype the table does not name (AVX2, scalar): the direct kernels were measured faster up to
 #: 128 tokens on a 2-core AVX2 machine

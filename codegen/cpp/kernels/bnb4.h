@@ -269,7 +269,7 @@ static int linear_bnb4_call(const qc_call* c) {
         x = xf;
     }
     const bnb4_lut lut = bnb4_lut_load(table);
-#pragma omp parallel for schedule(dynamic, 32) num_threads(c->threads)
+#pragma omp parallel for schedule(static) num_threads(c->threads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int64_t mt = min_i64(4, M - m0);
@@ -300,7 +300,7 @@ static int dequant_bnb4_call(const qc_call* c) {
     if (bnb4_block_scales(c, (n0 * K) >> sh, ((n1 * K - 1) >> sh) + 1, &sc)) return 1;
     const bnb4_lut lut = bnb4_lut_load(table);
     float* out = (float*)c->y;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(c->threads)
+#pragma omp parallel for schedule(static) num_threads(c->threads)
     for (int64_t n = n0; n < n1; n++)
         bnb4_row((const uint8_t*)c->tensors[0], n * K, K, &sc, sh, lut, table, out + (n - n0) * K);
     free(sc.owned);

@@ -23,7 +23,8 @@
 //   value = e2m1(v / unit) * unit (0 where unit is 0): nearest level, ties to the even level, saturating at 6.
 // The weight decode is a 16-entry table (one vpermps on AVX-512; magnitude table plus sign bit on AVX2), times the
 // block's unit, then FMAs over up to 4 tokens at once with several accumulators; a thread computes whole outputs
-// (chunks of 32 rows of N), so results do not depend on the thread count.
+// (one contiguous range of rows of N each: one sequential weight stream per thread), so results do not depend
+// on the thread count.
 
 static const float FP4_VALUES[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
@@ -215,7 +216,7 @@ static void fp4_rows(const float* xp, int64_t M, int64_t Kp, const uint8_t* qwei
                      const float* units, int64_t gs, int64_t N, const float* bias, void* y, int y_bf16, int threads) {
     const int64_t G = Kp / gs;
     const int shift = fp4_shift(gs);
-#pragma omp parallel for schedule(dynamic, 32) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* wrow = qweight + n * (Kp / 2);
         const uint8_t* srow = scales + n * G;
@@ -268,7 +269,7 @@ static int dequant_fp4_call(const qc_call* c) {
     const uint8_t* qweight = (const uint8_t*)c->tensors[0];
     const uint8_t* scales = (const uint8_t*)c->tensors[1];
     float* out = (float*)c->y;
-#pragma omp parallel for schedule(dynamic, 32) num_threads(c->threads)
+#pragma omp parallel for schedule(static) num_threads(c->threads)
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* p = qweight + n * (Kp / 2);
         float* o = out + (n - n0) * Kp;

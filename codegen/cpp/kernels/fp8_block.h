@@ -155,7 +155,7 @@ static int linear_fp8_block(const void* x, int x_bf16, int64_t M, int64_t K, con
     for (int64_t m = 0; m < M; m++) fp8b_quantize_token(x, x_bf16, m, K, G, ue8m0, xq + m * Kp, xs + m * G);
     float lut[256];
     for (int i = 0; i < 256; i++) lut[i] = fp8b_decode_one((uint8_t)i);
-#pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         alignas(64) float w[FP8B_BLOCK];
         float sums[FP8B_CHUNK];

@@ -6,7 +6,9 @@
 //   y[m, n] = sum_b d_b * (sum_e s[e] * x[m, e]) + sum_b m_b * (sum_e x[m, e])     (e over block b's 32 elements)
 // with float32 FMAs (the second sum only for the types with a min, Q4_1 and Q5_1; the block sums of x come from
 // gguf_prepare_f). It differs from the reference (dequantize, then F.linear) by float32 summation order only.
-// Threads take chunks of 16 output rows; each output is computed by one thread, so results do not depend on the
+// Each thread takes one contiguous range of output rows: one sequential stream of blocks per thread, which the
+// hardware prefetchers follow (interleaved chunks of 16 rows, a few KiB each, left a decode step's small layers
+// reading at a third of the speed); each output is computed by one thread, so results do not depend on the
 // thread count. gguf_gemv returns false for the calls it does not take (other types, more tokens, the scalar
 // variant), which the row-scratch path of gguf_linear.h then serves.
 
@@ -176,7 +178,7 @@ template <class T, int MT>
 static void gguf_gemv_tokens(const qc_call* c, const float* xf, const float* xs, int64_t Kq, int64_t m0) {
     const int64_t N = c->N, nb = (c->K + 31) / 32, row_bytes = nb * T::BYTES;
     const uint8_t* blocks = (const uint8_t*)c->tensors[0];
-#pragma omp parallel for schedule(static, 16) num_threads(c->threads)
+#pragma omp parallel for schedule(static) num_threads(c->threads)
     for (int64_t n = 0; n < N; n++) {
         float out[MT];
         gguf_gemv_row<T, MT>(blocks + n * row_bytes, nb, xf + m0 * Kq, xs ? xs + m0 * (Kq / 16) : nullptr, Kq,
@@ -335,7 +337,7 @@ static bool gguf_gemv_q8(const qc_call* c, int type, const int8_t* xq, const flo
             memcpy(r + 64, x + 16, 16);
         }
     const uint8_t* blocks = (const uint8_t*)c->tensors[0];
-#pragma omp parallel for schedule(static, 16) num_threads(c->threads)
+#pragma omp parallel for schedule(static) num_threads(c->threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* row = blocks + n * row_bytes;
         for (int64_t m = 0; m < M; m++) {

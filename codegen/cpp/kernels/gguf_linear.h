@@ -15,8 +15,8 @@
 //                   Q4_1 and Q8_0 take kernels/gguf_gemv.h's register form on AVX-512 (the same integer sums).
 //   dequant_gguf:   rows n0..n1 of w [n1 - n0, K]: float32 bit for bit gguf_blocks.dequantize, or bfloat16 (y_bf16)
 //                   rounded to nearest even as torch's .to(torch.bfloat16) (reads no x).
-// Threads take chunks of 8 output rows (dynamic); each output is computed by one thread, so results do not depend
-// on the thread count.
+// Each thread takes one contiguous range of output rows (one sequential stream of blocks, see gguf_gemv.h); each
+// output is computed by one thread, so results do not depend on the thread count.
 
 // -- NR decoded rows against MT tokens -------------------------------------------------------------------------------
 // The scratch holds NR rows (s [NR][Kq], ds and dm [NR][Kq / 16]); each activation vector loaded serves NR rows and
@@ -234,7 +234,7 @@ static int gguf_rows(const qc_call* c, const gguf_type t, bool q8, int64_t Kq, c
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(dynamic, 8 / NR)
+#pragma omp for schedule(static)
         for (int64_t i = 0; i < (N + NR - 1) / NR; i++) {
             if (!ok) continue;
             const int64_t n0 = i * NR, rows = min_i64(NR, N - n0);
@@ -369,7 +369,7 @@ static int gguf_dequant(const qc_call* c, const gguf_type t) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(static)
         for (int64_t n = n0; n < n1; n++) {
             if (!ok) continue;
             t.decode(blocks + n * row_bytes, nb, s, ds, dm);

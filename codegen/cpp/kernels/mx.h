@@ -25,8 +25,8 @@
 // element(): nearest value, ties to the even mantissa, saturating at the largest finite value (v * 2**-e is exact).
 // The weight decode is a table of the 2**bits code values (AVX-512: 32-entry vpermt2ps lookups of the magnitude plus
 // the sign bit; AVX2: gathers; scalar: loads), times the group's unit 2**(s - 127), then FMAs over up to 4 tokens at
-// once with several accumulators; a thread computes whole outputs (chunks of 32 rows of N), so results do not
-// depend on the thread count.
+// once with several accumulators; a thread computes whole outputs (one contiguous range of rows of N each: one
+// sequential weight stream per thread), so results do not depend on the thread count.
 
 struct mx_format {
     int bits, mbits, bias, emax, special;  // special: 0 none, 1 all-ones magnitude is NaN, 2 IEEE-style Inf / NaN
@@ -234,7 +234,7 @@ static void mx_rows(const float* xp, int64_t M, int64_t Kp, const uint8_t* qweig
                     const float* table, const float* units, int64_t N, const float* bias, void* y, int y_bf16,
                     int threads) {
     const int64_t G = Kp / 32, row_bytes = Kp * BITS / 8;
-#pragma omp parallel for schedule(dynamic, 32) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* wrow = qweight + n * row_bytes;
         const uint8_t* srow = scales + n * G;
@@ -288,7 +288,7 @@ static void mx_dequant_rows(const uint8_t* qweight, const uint8_t* scales, int64
                             const float* table, const float* units, float* out, int threads) {
     constexpr int V = 16 / W;
     const int64_t G = Kp / 32, row_bytes = Kp * BITS / 8;
-#pragma omp parallel for schedule(dynamic, 32) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = n0; n < n1; n++) {
         const mx_lut lut = mx_lut_load(table, BITS);
         const uint8_t* row = qweight + n * row_bytes;

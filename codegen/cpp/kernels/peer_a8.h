@@ -63,7 +63,7 @@ static int linear_peer_a8(const qc_call* c) {
             row[k] = (int8_t)pa8_clamp_rint(load_activation(c->x, bf16, m * K + k) * inverse);
         xs[m] = scale;
     }
-#pragma omp parallel for schedule(dynamic, 16) num_threads(c->threads)
+#pragma omp parallel for schedule(static) num_threads(c->threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t* w = qweight + n * K;
         const float b = c->bias ? pa8_round(c->bias[n], bf16) : 0.0f;

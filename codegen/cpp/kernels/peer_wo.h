@@ -146,7 +146,7 @@ static int linear_peer_wo(const qc_call* c) {
     {
         float* w = (float*)scratch_alloc((size_t)Kp * sizeof(float));
         if (!w) failed = 1;
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
             if (!w) continue;  // every thread takes part in the loop; the call then returns 1
             pwo_decode_row(c, n, Kp, gs, e4m3, w);
@@ -218,7 +218,7 @@ static int linear_peer_fp8a8(const qc_call* c) {
     {
         float* w = (float*)scratch_alloc((size_t)K * sizeof(float));
         if (!w) failed = 1;
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
             if (!w) continue;  // every thread takes part in the loop; the call then returns 1
             const uint8_t* q = qweight + n * K;

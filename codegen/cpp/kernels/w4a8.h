@@ -9,8 +9,9 @@
 // with the inner sums in int32 (their lanes are scaled into float32 vector accumulators per group, and summed
 // across lanes once per output). The activation copy is permuted once per call so each block of U4_BLOCK
 // codes (see vec_*.h) meets its activations in order; what is left of a group after its whole blocks runs
-// scalar. Tokens are processed 4 at a time; threads take chunks of 32 output rows, each output computed by
-// one thread, so results do not depend on the thread count.
+// scalar. Tokens are processed 4 at a time; each thread takes one contiguous range of output rows (one
+// sequential stream of the weight, see weight_only.h), each output computed by one thread, so results do not
+// depend on the thread count.
 
 // x -> int8 [M, Kp] (zero padded, blocks permuted), per-token scales xs [M], per-group sums xsum [M, G] (exact
 // integers in float32).
@@ -140,7 +141,7 @@ static int linear_w4a8(const void* x, int x_bf16, int64_t M, int64_t K, const ui
         return 1;
     }
     w4a8_prepare(x, x_bf16, M, K, Kp, gs, xq, xs, xsum);
-#pragma omp parallel for schedule(dynamic, 32) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* wrow = qweight + n * (Kp / 2);
         const float* srow = scales + n * G;

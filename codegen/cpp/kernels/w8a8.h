@@ -55,7 +55,7 @@ static int linear_w8a8(const void* x, int x_bf16, int64_t M, int64_t K, const in
         xs[m] = scale;
         xsum[m] = sum;
     }
-#pragma omp parallel for schedule(dynamic, 32) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t* wrow = qweight + n * K;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {

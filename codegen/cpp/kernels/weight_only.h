@@ -14,9 +14,10 @@
 // the activation copy is permuted once per call to match (within each group, per block of 2W: the
 // even-indexed values, then the odd-indexed ones). Whatever is left of a group after its whole blocks runs
 // scalar in natural order. Rows of x are processed in tiles of up to 4 so each unpacked weight block
-// serves 4 tokens. Threads take chunks of 32 output rows (dynamic, so a preempted thread does not hold the
-// call up); each output is computed by one thread, so results do not depend on the
-// thread count.
+// serves 4 tokens. Each thread takes one contiguous range of output rows (schedule(static)), so it reads one
+// sequential stream of the weight that the hardware prefetchers follow (interleaved chunks of 32 rows read
+// 20-40 % slower at one token); each output is computed by one thread, so results do not depend on the thread
+// count.
 
 // x -> float32 [M, Kp] (zero padded, 4-bit blocks permuted), xsum [M, G] per-group sums.
 static void wo_prepare(const void* x, int x_bf16, int64_t M, int64_t K, int64_t Kp, int64_t gs, int bits,
@@ -141,7 +142,7 @@ static void wo_rows(const float* xp, const float* xsum, int64_t M, int64_t Kp, c
                     const float* bias, void* y, int y_bf16, int threads) {
     const int64_t G = Kp / gs;
     const int64_t row_bytes = BITS == 4 ? Kp / 2 : Kp;
-#pragma omp parallel for schedule(dynamic, 32) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* wrow = qweight + n * row_bytes;
         const float* srow = scales + n * G;
@@ -270,7 +271,7 @@ static int linear_wo_bf16(const qc_call* c) {
         return 1;
     }
     wo_prepare_bf16((const uint16_t*)c->x, M, K, Kp, gs, xp, xsum);
-#pragma omp parallel for schedule(dynamic, 32) num_threads(c->threads)
+#pragma omp parallel for schedule(static) num_threads(c->threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* wrow = (const uint8_t*)c->tensors[0] + n * (Kp / 2);
         const float* srow = scales + n * G;
@@ -371,7 +372,7 @@ static int dequant_wo(const void* qweight, int bits, int64_t N, int64_t Kp, int6
     (void)N;
     const int64_t G = Kp / gs;
     const int64_t row_bytes = bits == 4 ? Kp / 2 : Kp;
-#pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* wrow = (const uint8_t*)qweight + n * row_bytes;
         float* o32 = out_bf16 ? nullptr : (float*)out + (n - n0) * K;

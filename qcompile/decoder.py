@@ -7,8 +7,10 @@ same arithmetic with about 25 ops a layer: RMSNorm by ``F.rms_norm``, the query/
 linear and gate/up into another (when their packed tensors can be stacked by output rows), rotary embeddings from a
 table of ``cos``/``sin`` that the model's own rotary module computes once (so every rope scaling it knows applies), a
 static key/value cache written in place, and ``F.scaled_dot_product_attention`` over the filled part. On CPU,
-RMSNorm and the rotary embedding are one C++ call each (``qcompile_cpu::rms_norm``, ``qcompile_cpu::rope_`` of
-``codegen/cpp/op/decoder_ops.cpp``; torch's own ``F.rms_norm`` runs about twenty ops on CPU) where the op library
+RMSNorm, the rotary embedding and (up to :data:`FUSED_ATTENTION_MAX` positions) a decode position's cache write and
+attention are one C++ call each (``qcompile_cpu::rms_norm``, ``qcompile_cpu::rope_``,
+``qcompile_cpu::decode_attention`` of ``codegen/cpp/op/decoder_ops.cpp``; torch's own ``F.rms_norm`` runs about
+twenty ops on CPU) where the op library
 loads and the model is float32 or bfloat16; elsewhere, and under ``torch.compile``, the same math in torch ops.
 
 Shapes: ``step(input_ids [B, T], start)`` writes positions ``start .. start+T-1`` of the cache and returns the logits
@@ -32,6 +34,10 @@ from qcompile.schemes import PackedWeight
 SUPPORTED = ("llama", "mistral", "qwen2")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+#: decode positions up to this many take ``qcompile_cpu::decode_attention`` (one call, one thread per head group
+#: below a few thousand multiply-adds) instead of the cache writes and SDPA: SmolLM2's heads, one call, float32,
+#: 5 against 23 us at 16 positions, 16 against 28 at 128, but 55 against 45 at 512, where SDPA's threads win
+FUSED_ATTENTION_MAX = 256
 
 
 class DecoderError(ValueError):
@@ -197,20 +203,25 @@ class Decoder(nn.Module):
         if count > 1:
             mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
         fast = self._fast()
+        fused = fast and count == 1 and end <= FUSED_ATTENTION_MAX  # cache write and attention in one call
         for i, layer in enumerate(self.layers):
             y = layer.qkv(self._norm(x, layer.norm1))
             if fast:
                 torch.ops.qcompile_cpu.rope_(y, cos, sin, h + kv)  # the query and key heads, in place
-            q, k, v = y.split((h * d, kv * d, kv * d), dim=-1)
-            q, k = q.view(batch, count, h, d).transpose(1, 2), k.view(batch, count, kv, d).transpose(1, 2)
-            if not fast:
-                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             keys, values = self.keys[i, :batch], self.values[i, :batch]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v.view(batch, count, kv, d).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
-                                               enable_gqa=h != kv)  # fmt: skip
-            x = x + layer.out(a.transpose(1, 2).reshape(batch, count, h * d))
+            if fused:
+                a = torch.ops.qcompile_cpu.decode_attention(y.contiguous(), keys, values, start, h, kv, d**-0.5)
+            else:
+                q, k, v = y.split((h * d, kv * d, kv * d), dim=-1)
+                q, k = q.view(batch, count, h, d).transpose(1, 2), k.view(batch, count, kv, d).transpose(1, 2)
+                if not fast:
+                    q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                keys[:, :, start:end] = k
+                values[:, :, start:end] = v.view(batch, count, kv, d).transpose(1, 2)
+                a = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                                   enable_gqa=h != kv)  # fmt: skip
+                a = a.transpose(1, 2).reshape(batch, count, h * d)
+            x = x + layer.out(a)
             g, u = layer.gate_up(self._norm(x, layer.norm2)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(g) * u)
         return self.head(self._norm(x[:, -1], self.norm))

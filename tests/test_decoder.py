@@ -51,6 +51,22 @@ def test_a_prompt_in_two_chunks_equals_one_step():
     torch.testing.assert_close(decoder.step(ids[:, 6:], 6), one, rtol=1e-5, atol=1e-5)
 
 
+
+def test_decode_steps_match_the_model_on_both_sides_of_the_fused_attention_limit(monkeypatch):
+    """One-token steps up to FUSED_ATTENTION_MAX positions take qcompile_cpu::decode_attention, later ones SDPA:
+    every position's logits equal the model's, batch 2."""
+    import qcompile.decoder as decoder_module
+
+    monkeypatch.setattr(decoder_module, "FUSED_ATTENTION_MAX", 6)
+    model = tiny_llama(seed=5)
+    ids = _ids(2, 11, seed=7)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    decoder = Decoder(model, max_length=16, max_batch=2)
+    decoder.step(ids[:, :1], 0)
+    for t in range(1, 11):
+        torch.testing.assert_close(decoder.step(ids[:, t : t + 1], t), expected[:, t], rtol=1e-5, atol=1e-5)
+
 def test_quantized_projections_are_stacked_and_match_the_quantized_model():
     model = _quantized("int4-g32")
     decoder = Decoder(model, max_length=32)
@@ -113,6 +129,32 @@ def test_cpu_rms_norm_and_rope_ops_match_transformers(dtype):
     with pytest.raises(RuntimeError, match="5 heads of 16 channels"):
         torch.ops.qcompile_cpu.rope_(qkv, cos, sin, 5)  # 5 heads of 16 channels do not fit in 64
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_attention_matches_sdpa(dtype):
+    from qcompile.codegen.cpp import op
+
+    assert op.load()
+    generator = torch.Generator().manual_seed(11)
+    b, h, kv, d, length, start = 2, 6, 2, 16, 10, 6  # three query heads share each key/value head
+    qkv = torch.randn(b, 1, (h + 2 * kv) * d, generator=generator).to(dtype)
+    keys = torch.randn(b, kv, length, d, generator=generator).to(dtype)
+    values = torch.randn(b, kv, length, d, generator=generator).to(dtype)
+    keys_ref, values_ref = keys.clone(), values.clone()
+    out = torch.ops.qcompile_cpu.decode_attention(qkv, keys, values, start, h, kv, d**-0.5)
+    q, k, v = qkv.split((h * d, kv * d, kv * d), dim=-1)
+    keys_ref[:, :, start], values_ref[:, :, start] = k.reshape(b, kv, d), v.reshape(b, kv, d)
+    assert torch.equal(keys, keys_ref) and torch.equal(values, values_ref)  # the new position written, nothing else
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.double().reshape(b, 1, h, d).transpose(1, 2), keys_ref[:, :, : start + 1].double().repeat_interleave(3, 1),
+        values_ref[:, :, : start + 1].double().repeat_interleave(3, 1),
+    ).transpose(1, 2).reshape(b, 1, h * d)  # fmt: skip
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.qcompile_cpu.decode_attention(qkv, keys, values, length, h, kv, d**-0.5)  # past the cache
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.qcompile_cpu.decode_attention(qkv, keys, values, 0, h, 4, d**-0.5)  # 4 key heads: wrong width
 
 def test_the_torch_path_gives_the_same_logits_as_the_cpu_ops():
     model = _quantized("int4-g32")

@@ -7,10 +7,10 @@ same arithmetic with about 25 ops a layer: RMSNorm by ``F.rms_norm``, the query/
 linear and gate/up into another (when their packed tensors can be stacked by output rows), rotary embeddings from a
 table of ``cos``/``sin`` that the model's own rotary module computes once (so every rope scaling it knows applies), a
 static key/value cache written in place, and ``F.scaled_dot_product_attention`` over the filled part. On CPU,
-RMSNorm, the rotary embedding and (up to :data:`FUSED_ATTENTION_MAX` positions) a decode position's cache write and
-attention are one C++ call each (``qcompile_cpu::rms_norm``, ``qcompile_cpu::rope_``,
-``qcompile_cpu::decode_attention`` of ``codegen/cpp/op/decoder_ops.cpp``; torch's own ``F.rms_norm`` runs about
-twenty ops on CPU) where the op library
+RMSNorm with the residual add before it, the rotary embedding, SwiGLU and (up to :data:`FUSED_ATTENTION_MAX`
+positions) a decode position's cache write and attention are one C++ call each (``qcompile_cpu::add_rms_norm``,
+``rope_``, ``silu_mul``, ``decode_attention`` of ``codegen/cpp/op/decoder_ops.cpp``; torch's own ``F.rms_norm``
+runs about twenty ops on CPU) where the op library
 loads and the model is float32 or bfloat16; elsewhere, and under ``torch.compile``, the same math in torch ops.
 
 Shapes: ``step(input_ids [B, T], start)`` writes positions ``start .. start+T-1`` of the cache and returns the logits
@@ -178,6 +178,19 @@ class Decoder(nn.Module):
             return torch.ops.qcompile_cpu.rms_norm(x.contiguous(), weight, self.eps)
         return F.rms_norm(x, (self.hidden,), weight, self.eps)
 
+    def _add_norm(self, x, delta, weight):
+        """The residual add and the next RMSNorm: ``(x + delta, norm(x + delta))``."""
+        if self._fast():
+            return torch.ops.qcompile_cpu.add_rms_norm(x.contiguous(), delta.contiguous(), weight, self.eps)
+        x = x + delta
+        return x, F.rms_norm(x, (self.hidden,), weight, self.eps)
+
+    def _swiglu(self, gate_up):
+        if self._fast():
+            return torch.ops.qcompile_cpu.silu_mul(gate_up.contiguous())
+        g, u = gate_up.chunk(2, dim=-1)
+        return F.silu(g) * u
+
     def _rope(self, x, cos, sin):
         half = self.head_dim // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -204,8 +217,9 @@ class Decoder(nn.Module):
             mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
         fast = self._fast()
         fused = fast and count == 1 and end <= FUSED_ATTENTION_MAX  # cache write and attention in one call
+        normed = self._norm(x, self.layers[0].norm1)
         for i, layer in enumerate(self.layers):
-            y = layer.qkv(self._norm(x, layer.norm1))
+            y = layer.qkv(normed)
             if fast:
                 torch.ops.qcompile_cpu.rope_(y, cos, sin, h + kv)  # the query and key heads, in place
             keys, values = self.keys[i, :batch], self.values[i, :batch]
@@ -221,10 +235,10 @@ class Decoder(nn.Module):
                 a = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
                                                    enable_gqa=h != kv)  # fmt: skip
                 a = a.transpose(1, 2).reshape(batch, count, h * d)
-            x = x + layer.out(a)
-            g, u = layer.gate_up(self._norm(x, layer.norm2)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(g) * u)
-        return self.head(self._norm(x[:, -1], self.norm))
+            x, normed = self._add_norm(x, layer.out(a), layer.norm2)
+            x, normed = self._add_norm(x, layer.down(self._swiglu(layer.gate_up(normed))),
+                                       self.layers[i + 1].norm1 if i + 1 < len(self.layers) else self.norm)
+        return self.head(normed[:, -1])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:

@@ -130,6 +130,27 @@ def test_cpu_rms_norm_and_rope_ops_match_transformers(dtype):
         torch.ops.qcompile_cpu.rope_(qkv, cos, sin, 5)  # 5 heads of 16 channels do not fit in 64
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_add_rms_norm_and_silu_mul_match_torch(dtype):
+    from qcompile.codegen.cpp import op
+
+    assert op.load()
+    generator = torch.Generator().manual_seed(12)
+    x, delta = (torch.randn(2, 3, 40, generator=generator).to(dtype) for _ in range(2))
+    weight = torch.randn(40, generator=generator).to(dtype)
+    total, normed = torch.ops.qcompile_cpu.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, x + delta)  # the residual rounds as torch's add does
+    torch.testing.assert_close(normed, torch.ops.qcompile_cpu.rms_norm(x + delta, weight, 1e-6), rtol=0, atol=0)
+    gate_up = torch.randn(2, 3, 2 * 24, generator=generator).to(dtype)
+    g, u = gate_up.chunk(2, dim=-1)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(torch.ops.qcompile_cpu.silu_mul(gate_up), torch.nn.functional.silu(g) * u, **tol)
+    with pytest.raises(RuntimeError, match="expected equal shapes"):
+        torch.ops.qcompile_cpu.add_rms_norm(x, delta[:, :2].contiguous(), weight, 1e-6)
+    with pytest.raises(RuntimeError, match=r"expected \[\.\.\., 2F\]"):
+        torch.ops.qcompile_cpu.silu_mul(gate_up[..., :47].contiguous())
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_decode_attention_matches_sdpa(dtype):
     from qcompile.codegen.cpp import op

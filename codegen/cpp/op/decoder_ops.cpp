@@ -8,6 +8,10 @@
 //   qcompile_cpu::rope_(qkv [B, T, W], cos [T, D], sin [T, D], heads) -> ()   (in place)
 //       the first `heads` head vectors of D channels of every token: x * cos + rotate_half(x) * sin with
 //       rotate_half(x) = cat(-x[D/2:], x[:D/2]) (transformers' apply_rotary_pos_emb), float32 arithmetic.
+//   qcompile_cpu::add_rms_norm(x, delta, weight, eps) -> (x + delta, rms_norm(x + delta))
+//       the residual add (rounded to the dtype, as torch's add) and the next RMSNorm in one call.
+//   qcompile_cpu::silu_mul(gu [..., 2F]) -> silu(gu[..., :F]) * gu[..., F:]   (F.silu(g) * u: silu rounded, then
+//       the product)
 //   qcompile_cpu::decode_attention(qkv [B, 1, (H + 2 KV) D], keys [B, KV, L, D], values [B, KV, L, D], start, H, KV,
 //                                  scale) -> out [B, 1, H D]
 //       one decode position (its query and key heads already rotated): the key and value heads written to the caches
@@ -24,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <cstring>
 #include <vector>
 
@@ -213,11 +218,74 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor keys, at::Tensor v
     return out;
 }
 
+
+// sum = x + delta (rounded to the dtype, as torch's add), then rms_norm of sum, per row.
+template <class T>
+void add_rms_rows(const T* x, const T* delta, const T* w, T* sum, T* y, int64_t rows, int64_t c, double eps) {
+    at::parallel_for(0, rows, rows >= 64 ? 16 : rows, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t i = 0; i < c; i++) sum[r * c + i] = static_cast<T>(to_f(x[r * c + i]) + to_f(delta[r * c + i]));
+    });
+    rms_rows(sum, w, y, rows, c, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
+                                                double eps) {
+    const char* op = "qcompile_cpu::add_rms_norm";
+    check_input(x, op);
+    check_same(x, delta, op, "delta");
+    check_same(x, weight, op, "weight");
+    const int64_t c = x.size(-1);
+    TORCH_CHECK(delta.sizes() == x.sizes() && weight.dim() == 1 && weight.size(0) == c, op, ": x ", x.sizes(),
+                ", delta ", delta.sizes(), ", weight ", weight.sizes(), " (expected equal shapes and [", c, "])");
+    at::Tensor sum = at::empty_like(x), y = at::empty_like(x);
+    const int64_t rows = c ? x.numel() / c : 0;
+    if (x.scalar_type() == at::kFloat)
+        add_rms_rows(x.data_ptr<float>(), delta.data_ptr<float>(), weight.data_ptr<float>(), sum.data_ptr<float>(),
+                     y.data_ptr<float>(), rows, c, eps);
+    else
+        add_rms_rows(x.data_ptr<c10::BFloat16>(), delta.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(),
+                     sum.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), rows, c, eps);
+    return {sum, y};
+}
+
+// out[..., f] = silu(gu[..., f]) * gu[..., F + f] for gu [..., 2F]: silu rounded to the dtype, then the product, as
+// F.silu(g) * u.
+template <class T>
+void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t f) {
+    at::parallel_for(0, rows, rows >= 64 ? 16 : rows, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t i = 0; i < f; i++) {
+                const float g = to_f(gu[r * 2 * f + i]);
+                const T act = static_cast<T>(g / (1.0f + std::exp(-g)));
+                out[r * f + i] = static_cast<T>(to_f(act) * to_f(gu[r * 2 * f + f + i]));
+            }
+    });
+}
+
+at::Tensor silu_mul(const at::Tensor& gu) {
+    const char* op = "qcompile_cpu::silu_mul";
+    check_input(gu, op);
+    const int64_t c = gu.size(-1);
+    TORCH_CHECK(c % 2 == 0, op, ": gu is ", gu.sizes(), " (expected [..., 2F])");
+    std::vector<int64_t> shape(gu.sizes().begin(), gu.sizes().end());
+    shape.back() = c / 2;
+    at::Tensor out = at::empty(shape, gu.options());
+    const int64_t rows = c ? gu.numel() / c : 0;
+    if (gu.scalar_type() == at::kFloat)
+        silu_mul_rows(gu.data_ptr<float>(), out.data_ptr<float>(), rows, c / 2);
+    else
+        silu_mul_rows(gu.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, c / 2);
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qcompile_cpu, m) {
     m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
     m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads) -> ()", &rope_);
+    m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)", &add_rms_norm);
+    m.def("silu_mul(Tensor gu) -> Tensor", &silu_mul);
     m.def("decode_attention(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int start, int heads, int kv_heads, "
           "float scale) -> Tensor",
           &decode_attention);

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         dtype = DTYPES[dtype_name]
         for scheme in [None, *args.schemes.split(",")]:
             model = compiled(copy.deepcopy(base).to(dtype), scheme, args.inductor)
-            if scheme is not None and args.rounds > 1:  # the float model stays eager: it never shares a compile
+            if scheme is not None and dtype_name in float_models:  # eager float model: it never shares a compile
                 float_tps, tps = interleaved_prefill_tps(float_models[dtype_name], model, ids, args.rounds)
             else:
                 float_tps = tps = prefill_tps(model, ids)

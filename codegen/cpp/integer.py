@@ -1,5 +1,5 @@
 """C++ kernel rows for the integer families: W8A16 / W4A16 (``int-weight-only``), W8A8 (``w8a8-int8``) and W4A8
-(``w4a8-int``). Kernels in ``kernels/weight_only.h``, ``kernels/w8a8.h``, ``kernels/w4a8.h``.
+(``w4a8-int``). Kernels in ``kernels/weight_only.h`` (``_bf16.h``, ``_dequant.h``), ``kernels/w8a8.h``, ``kernels/w4a8.h``.
 
 Each row is a ``supports`` predicate (``None`` when the kernel serves the call, else the reason) and a ``bind``
 that returns a launcher for one call signature (and hands the C++ op its plan). Calls of many tokens (from

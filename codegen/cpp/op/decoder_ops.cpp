@@ -169,26 +169,29 @@ void decode_attention_rows(const T* qkv, T* keys, T* values, T* out, int64_t b, 
             const int64_t at = ((i * kv_heads + j) * lmax + start) * d;
             for (int64_t e = 0; e < d; e++) keys[at + e] = k[e], values[at + e] = v[e];
         }
-    // threads only where the work pays for them (a few thousand multiply-adds per head is less than a thread's wake-up)
-    at::parallel_for(0, b * heads, len * d >= (1 << 14) ? 1 : b * heads, [&](int64_t h0, int64_t h1) {
+    // one task per key/value head (its cache converted once for the query heads that share it); threads only where
+    // the work pays for them (a few thousand multiply-adds a head is less than a thread's wake-up)
+    at::parallel_for(0, b * kv_heads, group * len * d >= (1 << 14) ? 1 : b * kv_heads, [&](int64_t p0, int64_t p1) {
         std::vector<float> kf, vf, qf(d), score(len), acc(d);
-        for (int64_t bh = h0; bh < h1; bh++) {
-            const int64_t i = bh / heads, h = bh % heads, j = h / group;
+        for (int64_t p = p0; p < p1; p++) {
+            const int64_t i = p / kv_heads, j = p % kv_heads;
             const float* kc = as_f32(keys + (i * kv_heads + j) * lmax * d, len * d, kf);
             const float* vc = as_f32(values + (i * kv_heads + j) * lmax * d, len * d, vf);
-            const T* q = qkv + i * w + h * d;
-            for (int64_t e = 0; e < d; e++) qf[e] = to_f(q[e]);
-            float top = -INFINITY;
-            for (int64_t t = 0; t < len; t++) {
-                score[t] = dot_f32(qf.data(), kc + t * d, d) * (float)scale;
-                top = std::max(top, score[t]);
+            for (int64_t h = j * group; h < (j + 1) * group; h++) {
+                const T* q = qkv + i * w + h * d;
+                for (int64_t e = 0; e < d; e++) qf[e] = to_f(q[e]);
+                float top = -INFINITY;
+                for (int64_t t = 0; t < len; t++) {
+                    score[t] = dot_f32(qf.data(), kc + t * d, d) * (float)scale;
+                    top = std::max(top, score[t]);
+                }
+                float total = 0.0f;
+                for (int64_t t = 0; t < len; t++) total += score[t] = std::exp(score[t] - top);
+                std::fill(acc.begin(), acc.end(), 0.0f);
+                for (int64_t t = 0; t < len; t++) axpy_f32(acc.data(), score[t] / total, vc + t * d, d);
+                T* o = out + i * heads * d + h * d;
+                for (int64_t e = 0; e < d; e++) o[e] = static_cast<T>(acc[e]);
             }
-            float total = 0.0f;
-            for (int64_t t = 0; t < len; t++) total += score[t] = std::exp(score[t] - top);
-            std::fill(acc.begin(), acc.end(), 0.0f);
-            for (int64_t t = 0; t < len; t++) axpy_f32(acc.data(), score[t] / total, vc + t * d, d);
-            T* o = out + i * heads * d + h * d;
-            for (int64_t e = 0; e < d; e++) o[e] = static_cast<T>(acc[e]);
         }
     });
 }
